@@ -1,0 +1,299 @@
+"""Frozen configuration dataclasses, one per concern, and dotted command-line overrides.
+
+Every field has a comment; every check in `__post_init__` names the field and the allowed values.
+A config file is a Python file exporting `get_config() -> Config` (see `configs/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A bad configuration value: the message names the field and what is allowed."""
+
+
+def _check_in(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  if value not in allowed:
+    raise ConfigError(f'{field}={value!r} is not allowed; use one of {allowed}')
+
+
+def _check_positive(field: str, value: float, allow_zero: bool = False) -> None:
+  if value < 0 or (value == 0 and not allow_zero):
+    bound = '>= 0' if allow_zero else '> 0'
+    raise ConfigError(f'{field}={value!r} is not allowed; it must be {bound}')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  # Prepared dataset folder (see `python -m heterrec_jax.data.prepare`). Empty: the built-in
+  # synthetic data, prepared once into WORKDIR/data with the synthetic_* settings below.
+  path: str = ''
+  # Items per input sequence (T); a training window holds T + loss.n_step events.
+  max_len: int = 50
+  # Which training window per user: 'last' (the most recent T + n_step events) or 'random'.
+  window: str = 'last'
+  # Seed of the shuffling and of random windows.
+  seed: int = 0
+  # Built-in synthetic data: number of users, items and latent topics, and the generator seed.
+  synthetic_users: int = 2000
+  synthetic_items: int = 1000
+  synthetic_topics: int = 16
+  synthetic_seed: int = 0
+  # Background processes that prepare batches (0: in the training process).
+  workers: int = 0
+
+  def __post_init__(self):
+    _check_positive('data.max_len', self.max_len)
+    _check_in('data.window', self.window, ('last', 'random'))
+    _check_positive('data.workers', self.workers, allow_zero=True)
+    for name in ('synthetic_users', 'synthetic_items', 'synthetic_topics'):
+      _check_positive(f'data.{name}', getattr(self, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  # Which model: 'heterrec' (issue 3); baselines are added by name.
+  name: str = 'heterrec'
+  # HeterRec ablation: 'full', 'no_htfl', 'no_mfk', 'no_hct', 'no_lmp', 'no_tlmp'.
+  variant: str = 'full'
+  # Token width d_f and item width d_k.
+  d_f: int = 64
+  d_k: int = 64
+  # Attention heads (both levels); d_f and d_k must be divisible by it.
+  heads: int = 2
+  # Token-level blocks N1 and item-level blocks N2.
+  n1: int = 2
+  n2: int = 2
+  # FFN hidden width as a multiple of the block width.
+  ffn_mult: int = 4
+  # Dropout on attention outputs and FFNs.
+  dropout: float = 0.2
+  # Number of log time-gap buckets B_t of the learned time-gap bias.
+  time_buckets: int = 128
+  # Dtype of the activations: 'float32' or 'bfloat16' (parameters stay float32).
+  compute_dtype: str = 'float32'
+
+  def __post_init__(self):
+    _check_in('model.variant', self.variant,
+              ('full', 'no_htfl', 'no_mfk', 'no_hct', 'no_lmp', 'no_tlmp'))
+    _check_in('model.compute_dtype', self.compute_dtype, ('float32', 'bfloat16'))
+    for name in ('d_f', 'd_k', 'heads', 'ffn_mult', 'time_buckets'):
+      _check_positive(f'model.{name}', getattr(self, name))
+    _check_positive('model.n1', self.n1, allow_zero=True)
+    _check_positive('model.n2', self.n2, allow_zero=True)
+    for name in ('d_f', 'd_k'):
+      if getattr(self, name) % self.heads:
+        raise ConfigError(f'model.{name}={getattr(self, name)} must be divisible by '
+                          f'model.heads={self.heads}')
+    if not 0.0 <= self.dropout < 1.0:
+      raise ConfigError(f'model.dropout={self.dropout} must be in [0, 1)')
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  # Prediction steps N_step of the LMP loss.
+  n_step: int = 3
+  # Softmax temperature tau.
+  tau: float = 0.05
+  # The null logit c in the denominator: 1.0 as printed in the paper, 0.0 to drop it.
+  null_logit_c: float = 1.0
+  # In-batch negatives: 'same_position' (paper) or 'batch_pool'.
+  negatives: str = 'same_position'
+  # Size M of the shared pool for negatives='batch_pool'.
+  pool_size: int = 1024
+  # Margin lambda_m of the gate of steps i > 1.
+  lambda_m: float = 1.0
+  # Apply the margin gate (False: plain multi-step prediction, the 'w/o LMP' ablation).
+  gate: bool = True
+  # Weight w_tok of the token-level loss (0: the 'w/o t-LMP' ablation).
+  w_tok: float = 1.0
+  # Token kinds (feature names) of the token-level loss; empty: every kind but the item id.
+  token_kinds: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    _check_positive('loss.n_step', self.n_step)
+    _check_positive('loss.tau', self.tau)
+    _check_positive('loss.null_logit_c', self.null_logit_c, allow_zero=True)
+    _check_in('loss.negatives', self.negatives, ('same_position', 'batch_pool'))
+    _check_positive('loss.pool_size', self.pool_size)
+    _check_positive('loss.lambda_m', self.lambda_m, allow_zero=True)
+    _check_positive('loss.w_tok', self.w_tok, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  # Peak learning rate of AdamW.
+  lr: float = 1e-3
+  # Linear warm-up steps, then cosine decay to lr * final_lr_fraction at train.steps.
+  warmup_steps: int = 100
+  final_lr_fraction: float = 0.0
+  # AdamW weight decay.
+  weight_decay: float = 0.0
+  # Global gradient-norm clipping (0: off).
+  clip_norm: float = 1.0
+  # AdamW moments.
+  b1: float = 0.9
+  b2: float = 0.98
+
+  def __post_init__(self):
+    _check_positive('optim.lr', self.lr)
+    _check_positive('optim.warmup_steps', self.warmup_steps, allow_zero=True)
+    _check_positive('optim.weight_decay', self.weight_decay, allow_zero=True)
+    _check_positive('optim.clip_norm', self.clip_norm, allow_zero=True)
+
+
+# Logical axis -> mesh axis. Parameters and activations name logical axes only.
+DEFAULT_RULES = (
+    ('batch', 'data'),
+    ('vocab', 'model'),
+    ('embed', None),
+    ('mlp', 'model'),
+    ('heads', None),
+    ('buckets', None),
+    ('items', 'model'),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  # Devices on the ("data", "model") axes; -1 on one axis takes the remaining devices.
+  data: int = -1
+  model: int = 1
+  # Logical-axis rules: pairs (logical name, mesh axis or None).
+  rules: tuple[tuple[str, str | None], ...] = DEFAULT_RULES
+
+  def __post_init__(self):
+    if (self.data == -1) and (self.model == -1):
+      raise ConfigError('mesh.data and mesh.model cannot both be -1')
+    for name in ('data', 'model'):
+      value = getattr(self, name)
+      if value != -1 and value < 1:
+        raise ConfigError(f'mesh.{name}={value} must be >= 1 or -1')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  # Optimiser steps.
+  steps: int = 2000
+  # Global batch size (sequences per step); must divide by the data-parallel devices.
+  batch_size: int = 128
+  # Seed of parameter initialisation and dropout.
+  seed: int = 0
+  # Validate every this many steps (0: only at the end).
+  eval_every: int = 500
+  # Early stopping: metric to watch and validations without improvement before stopping (0: off).
+  early_stop_metric: str = 'ndcg@10'
+  patience: int = 0
+  # Checkpoint every this many steps (also on SIGTERM and at the end); checkpoints kept.
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+  # Log metrics every this many steps.
+  log_every: int = 50
+
+  def __post_init__(self):
+    _check_positive('train.steps', self.steps)
+    _check_positive('train.batch_size', self.batch_size)
+    for name in ('eval_every', 'patience', 'checkpoint_every', 'log_every'):
+      _check_positive(f'train.{name}', getattr(self, name), allow_zero=True)
+    _check_positive('train.keep_checkpoints', self.keep_checkpoints)
+    _check_in('train.early_stop_metric', self.early_stop_metric, METRIC_NAMES)
+
+
+CUTOFFS = (10, 50, 100, 200)
+METRIC_NAMES = tuple(f'{m}@{k}' for k in CUTOFFS for m in ('recall', 'ndcg')) + ('mrr',)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  # Users scored per evaluation batch.
+  batch_size: int = 256
+  # Remove the items of the input sequence from the candidates (HSTU: on; RecBole: off).
+  exclude_history: bool = False
+  # Items per chunk when computing all item vectors.
+  item_batch_size: int = 4096
+  # Evaluate at most this many users (0: all); for quick validation on big data.
+  max_users: int = 0
+
+  def __post_init__(self):
+    _check_positive('eval.batch_size', self.batch_size)
+    _check_positive('eval.item_batch_size', self.item_batch_size)
+    _check_positive('eval.max_users', self.max_users, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  data: DataConfig = DataConfig()
+  model: ModelConfig = ModelConfig()
+  loss: LossConfig = LossConfig()
+  optim: OptimConfig = OptimConfig()
+  mesh: MeshConfig = MeshConfig()
+  train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
+
+
+def _parse_value(field: str, text: str, kind: Any) -> Any:
+  """Parses `text` as a value of the annotated type `kind`."""
+  kind_text = str(kind)
+  try:
+    if kind is bool or kind_text == 'bool':
+      if text.lower() in ('1', 'true', 'yes'):
+        return True
+      if text.lower() in ('0', 'false', 'no'):
+        return False
+      raise ValueError('expected true or false')
+    if kind is int or kind_text == 'int':
+      return int(text)
+    if kind is float or kind_text == 'float':
+      return float(text)
+    if kind_text.startswith('tuple'):
+      return tuple(x for x in text.split(',') if x)
+    return text
+  except ValueError as e:
+    raise ConfigError(f'{field}={text!r}: {e}') from None
+
+
+def override(config: Any, dotted: str, text: str) -> Any:
+  """Returns `config` with the field named by `dotted` (e.g. 'model.n1') set from `text`."""
+  head, _, rest = dotted.partition('.')
+  fields = {f.name: f for f in dataclasses.fields(config)}
+  if head not in fields:
+    raise ConfigError(f'unknown config field {dotted!r}; fields here: {sorted(fields)}')
+  current = getattr(config, head)
+  if rest:
+    if not dataclasses.is_dataclass(current):
+      raise ConfigError(f'config field {head!r} has no sub-field {rest!r}')
+    return dataclasses.replace(config, **{head: override(current, rest, text)})
+  if dataclasses.is_dataclass(current):
+    raise ConfigError(f'config field {dotted!r} is a group; set one of its fields')
+  hints = typing.get_type_hints(type(config))
+  return dataclasses.replace(config, **{head: _parse_value(dotted, text, hints[head])})
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+  """Applies 'a.b=value' strings in order."""
+  for item in overrides:
+    if '=' not in item:
+      raise ConfigError(f'override {item!r} must look like field.name=value')
+    key, _, value = item.partition('=')
+    config = override(config, key.strip(), value.strip())
+  return config
+
+
+def load_config(path: str | None) -> Config:
+  """Loads `get_config()` from a Python config file; None gives the default Config."""
+  if path is None:
+    return Config()
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f'config file {path} does not exist')
+  spec = importlib.util.spec_from_file_location(f'_heterrec_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path} does not define get_config()')
+  return module.get_config()
