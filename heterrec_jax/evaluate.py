@@ -1,0 +1,161 @@
+"""Full-corpus retrieval evaluation (SPEC section 7) and the `evaluate` command.
+
+    python -m heterrec_jax.evaluate --workdir DIR [--split test|valid|both] [--checkpoint best|latest]
+
+re-evaluates a saved run and prints its Markdown table beside the popularity floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from heterrec_jax import metrics, retrieval, sharding
+from heterrec_jax import state as state_lib
+from heterrec_jax.checkpoint import Checkpointer
+from heterrec_jax.config import Config, ConfigError
+from heterrec_jax.data import pipeline
+from heterrec_jax.data.dataset import Dataset, DatasetError
+from heterrec_jax.state import TrainState
+
+
+def eval_graphdef(tstate: TrainState) -> Any:
+  """The graph of the model alone, in evaluation mode (no dropout)."""
+  model = tstate.model()
+  model.eval()
+  return nnx.split(model)[0]
+
+
+def model_state(state: Any) -> Any:
+  """The model part of a `(model, optimizer)` state."""
+  return state[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _item_chunk(graphdef, state, items_N, tokens_NxS):
+  vectors, _ = nnx.merge(graphdef, state).encode_items(items_N, tokens_NxS)
+  return vectors.astype(jnp.float32)
+
+
+def item_vectors(graphdef: Any, state: Any, dataset: Dataset, chunk: int) -> jax.Array:
+  """V of every item, `[n_items + 1, d_k]`; row 0 (padding) is never a candidate."""
+  tokens = np.asarray(dataset.item_tokens)
+  n = tokens.shape[0]
+  chunk = min(chunk, n)
+  out = []
+  for start in range(0, n, chunk):
+    ids = np.arange(start, start + chunk, dtype=np.int32)
+    ids = np.where(ids < n, ids, 0)
+    out.append(_item_chunk(graphdef, state, jnp.asarray(ids), jnp.asarray(tokens[ids])))
+  return jnp.concatenate(out)[:n]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _eval_step(graphdef, exclude_history, state, items_NxD, batch):
+  model = nnx.merge(graphdef, state)
+  user_BxD = model.user_vector(batch['items'], batch['tokens'], batch['timestamps'],
+                               batch['mask']).astype(jnp.float32)
+  rank_B = retrieval.target_ranks(user_BxD, items_NxD, batch['target'],
+                                  batch['items'], exclude_history)
+  return metrics.metrics_from_ranks(rank_B, batch['valid'])
+
+
+def evaluate(tstate: TrainState, split: str, state: Any | None = None,
+             progress: bool = False) -> dict[str, float]:
+  """Recall/nDCG@{10,50,100,200} and MRR of the model in `state` on `split`."""
+  cfg = tstate.cfg
+  state = model_state(tstate.state if state is None else state)
+  graphdef = eval_graphdef(tstate)
+  items_NxD = item_vectors(graphdef, state, tstate.dataset, cfg.eval.item_batch_size)
+  batches = _eval_batches(cfg, tstate.dataset, split)
+  totals: dict[str, float] = {}
+  for batch in tqdm(batches, desc=f'eval {split}', disable=not progress, leave=False):
+    sums = _eval_step(graphdef, cfg.eval.exclude_history, state, items_NxD,
+                      sharding.global_batch(batch, tstate.mesh))
+    for k, v in sums.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return metrics.finalize(totals)
+
+
+def _eval_batches(cfg: Config, dataset: Dataset, split: str):
+  per_process = cfg.eval.batch_size // jax.process_count()
+  return pipeline.eval_dataset(
+      dataset, split=split, max_len=cfg.data.max_len, batch_size=per_process,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      max_users=cfg.eval.max_users)
+
+
+def popularity(cfg: Config, dataset: Dataset, split: str) -> dict[str, float]:
+  """The floor: every user gets the items ranked by their training-event counts."""
+  scores = retrieval.popularity_scores(np.asarray(dataset.items), dataset.schema.n_items)
+  scores = jnp.asarray(scores, jnp.float32)
+  totals: dict[str, float] = {}
+  for batch in _eval_batches(cfg, dataset, split):
+    rank = _popularity_ranks(scores, jnp.asarray(batch['target']), jnp.asarray(batch['items']),
+                             cfg.eval.exclude_history)
+    for k, v in metrics.metrics_from_ranks(rank, jnp.asarray(batch['valid'])).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  return metrics.finalize(totals)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _popularity_ranks(scores_N, target_B, history_BxT, exclude_history):
+  user_Bx1 = jnp.ones((target_B.shape[0], 1), jnp.float32)
+  return retrieval.target_ranks(user_Bx1, scores_N[:, None], target_B, history_BxT,
+                                exclude_history)
+
+
+def restore_run(workdir: pathlib.Path, which: str = 'best') -> TrainState:
+  """The state of a finished or interrupted run, from its `best` (falling back to its latest)
+  or its `latest` checkpoint."""
+  cfg = state_lib.load_saved_config(workdir)
+  dataset = state_lib.load_dataset(cfg, workdir, progress=False)
+  tstate = state_lib.build_state(cfg, dataset, sharding.make_mesh(cfg.mesh))
+  folders = ['best', 'checkpoints'] if which == 'best' else ['checkpoints']
+  for folder in folders:
+    if (workdir / folder).is_dir():
+      ckpt = Checkpointer(workdir / folder)
+      step = ckpt.latest_step()
+      if step is not None:
+        tstate.state, _ = ckpt.restore(step, tstate.abstract())
+        ckpt.close()
+        return tstate
+      ckpt.close()
+  raise FileNotFoundError(f'no checkpoint in {workdir}/{" or ".join(folders)}')
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m heterrec_jax.evaluate', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--workdir', required=True, help='a training workdir')
+  parser.add_argument('--split', default='both', choices=('valid', 'test', 'both'))
+  parser.add_argument('--checkpoint', default='best', choices=('best', 'latest'),
+                      help='which saved state to evaluate (best falls back to latest)')
+  args = parser.parse_args(argv)
+  sharding.maybe_initialize_distributed()
+  try:
+    tstate = restore_run(pathlib.Path(args.workdir), args.checkpoint)
+  except (ConfigError, DatasetError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  splits = ('valid', 'test') if args.split == 'both' else (args.split,)
+  results = {s: evaluate(tstate, s, progress=True) for s in splits}
+  floor = {s: popularity(tstate.cfg, tstate.dataset, s) for s in splits}
+  print(metrics.format_table({**{f'{tstate.cfg.model.name} ({s})': r for s, r in results.items()},
+                              **{f'popularity ({s})': r for s, r in floor.items()}}))
+  print(json.dumps(results))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
