@@ -257,21 +257,25 @@ def _parse_value(field: str, text: str, kind: Any) -> Any:
     raise ConfigError(f'{field}={text!r}: {e}') from None
 
 
-def override(config: Any, dotted: str, text: str) -> Any:
+def override(config: Any, dotted: str, text: str, prefix: str = '') -> Any:
   """Returns `config` with the field named by `dotted` (e.g. 'model.n1') set from `text`."""
   head, _, rest = dotted.partition('.')
   fields = {f.name: f for f in dataclasses.fields(config)}
   if head not in fields:
-    raise ConfigError(f'unknown config field {dotted!r}; fields here: {sorted(fields)}')
+    raise ConfigError(f'unknown config field {prefix + dotted!r}; fields here: {sorted(fields)}')
   current = getattr(config, head)
   if rest:
     if not dataclasses.is_dataclass(current):
-      raise ConfigError(f'config field {head!r} has no sub-field {rest!r}')
-    return dataclasses.replace(config, **{head: override(current, rest, text)})
+      raise ConfigError(f'config field {prefix + head!r} has no sub-field {rest!r}')
+    return dataclasses.replace(config, **{head: override(current, rest, text, f'{head}.')})
   if dataclasses.is_dataclass(current):
-    raise ConfigError(f'config field {dotted!r} is a group; set one of its fields')
+    raise ConfigError(f'config field {prefix + dotted!r} is a group; set one of its fields')
   hints = typing.get_type_hints(type(config))
-  return dataclasses.replace(config, **{head: _parse_value(dotted, text, hints[head])})
+  value = _parse_value(prefix + dotted, text, hints[head])
+  try:
+    return dataclasses.replace(config, **{head: value})
+  except TypeError as e:
+    raise ConfigError(f'{prefix + dotted}={text!r}: {e}') from None
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:

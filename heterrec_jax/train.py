@@ -46,8 +46,12 @@ def batch_shardings(tstate: state_lib.TrainState, batch: dict[str, Any]) -> dict
   return {k: sharding.batch_sharding(tstate.mesh, np.ndim(v)) for k, v in batch.items()}
 
 
-def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any]) -> Callable:
-  """One jitted step `(state, batch) -> (state, aux)` with in/out shardings, state donated."""
+def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
+                    decorate: Callable = lambda f: f) -> Callable:
+  """One jitted step `(state, batch) -> (state, aux)` with in/out shardings, state donated.
+
+  `decorate` wraps the Python step before jit (tests pass `chex.assert_max_traces`).
+  """
   graphdef, cfg = tstate.graphdef, tstate.cfg
   token_columns = tuple(tstate.model().token_kinds)
 
@@ -64,7 +68,7 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any])
     aux = {**aux, 'loss': loss, 'grad_norm': optax.global_norm(grads)}
     return nnx.state((model, optimizer)), aux
 
-  return jax.jit(step, in_shardings=(tstate.shardings, batch_shardings(tstate, example_batch)),
+  return jax.jit(decorate(step), in_shardings=(tstate.shardings, batch_shardings(tstate, example_batch)),
                  out_shardings=(tstate.shardings, None), donate_argnums=0)
 
 

@@ -1,0 +1,59 @@
+"""Config checks, dotted overrides and config files."""
+
+import pathlib
+
+import pytest
+
+from heterrec_jax import config as config_lib
+from heterrec_jax.config import Config, ConfigError, apply_overrides, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_overrides_set_typed_values():
+  cfg = apply_overrides(Config(), ['model.n1=3', 'loss.tau=0.1', 'loss.gate=false',
+                                   'data.path=/x', 'loss.token_kinds=genre,year'])
+  assert cfg.model.n1 == 3 and isinstance(cfg.model.n1, int)
+  assert cfg.loss.tau == 0.1
+  assert cfg.loss.gate is False
+  assert cfg.data.path == '/x'
+  assert cfg.loss.token_kinds == ('genre', 'year')
+
+
+@pytest.mark.parametrize('override, fragment', [
+    ('model.nope=1', "unknown config field 'model.nope'"),
+    ('model.n1=abc', 'model.n1'),
+    ('loss.negatives=random', "loss.negatives='random' is not allowed"),
+    ('model.variant=tiny', 'model.variant'),
+    ('model=3', 'is a group'),
+    ('model.n1', 'field.name=value'),
+    ('model.d_f=31', 'divisible by model.heads'),
+])
+def test_bad_overrides_name_the_field(override, fragment):
+  with pytest.raises(ConfigError, match=fragment.replace('(', r'\(')):
+    apply_overrides(Config(), [override])
+
+
+@pytest.mark.parametrize('name', ['default', 'tiny', 'paper', 'ml100k'])
+def test_config_files_load(name):
+  cfg = load_config(str(ROOT / 'configs' / f'{name}.py'))
+  assert isinstance(cfg, Config)
+
+
+def test_paper_config_is_the_papers_setting():
+  cfg = load_config(str(ROOT / 'configs' / 'paper.py'))
+  assert (cfg.data.max_len, cfg.model.n1, cfg.model.n2) == (256, 2, 2)
+  assert (cfg.loss.lambda_m, cfg.loss.n_step) == (1.0, 3)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+  with pytest.raises(ConfigError, match='does not exist'):
+    load_config(str(tmp_path / 'none.py'))
+  (tmp_path / 'empty.py').write_text('x = 1\n')
+  with pytest.raises(ConfigError, match='get_config'):
+    load_config(str(tmp_path / 'empty.py'))
+
+
+def test_metric_names_cover_cutoffs():
+  assert config_lib.METRIC_NAMES[:2] == ('recall@10', 'ndcg@10')
+  assert 'mrr' in config_lib.METRIC_NAMES
