@@ -55,9 +55,12 @@ class DataConfig:
       _check_positive(f'data.{name}', getattr(self, name))
 
 
+MODEL_NAMES = ('heterrec', 'sasrec', 'bert4rec', 'pinnerformer', 'hstu')
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  # Which model: 'heterrec' (issue 3); baselines are added by name.
+  # Which model: 'heterrec', or a baseline: 'sasrec', 'bert4rec', 'pinnerformer', 'hstu'.
   name: str = 'heterrec'
   # HeterRec ablation: 'full', 'no_htfl', 'no_mfk', 'no_hct', 'no_lmp', 'no_tlmp'.
   variant: str = 'full'
@@ -79,6 +82,7 @@ class ModelConfig:
   compute_dtype: str = 'float32'
 
   def __post_init__(self):
+    _check_in('model.name', self.name, MODEL_NAMES)
     _check_in('model.variant', self.variant,
               ('full', 'no_htfl', 'no_mfk', 'no_hct', 'no_lmp', 'no_tlmp'))
     _check_in('model.compute_dtype', self.compute_dtype, ('float32', 'bfloat16'))
@@ -96,6 +100,10 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
+  # Which loss: 'default' (the model's own: LMP for HeterRec, Cloze for BERT4Rec, the dense
+  # all-action loss for PinnerFormer, sampled softmax for SASRec and HSTU) or 'sampled_softmax'
+  # (the in-batch sampled softmax of HSTU's public SASRec, to compare architectures under one loss).
+  name: str = 'default'
   # Prediction steps N_step of the LMP loss.
   n_step: int = 3
   # Softmax temperature tau.
@@ -116,6 +124,7 @@ class LossConfig:
   token_kinds: tuple[str, ...] = ()
 
   def __post_init__(self):
+    _check_in('loss.name', self.name, ('default', 'sampled_softmax'))
     _check_positive('loss.n_step', self.n_step)
     _check_positive('loss.tau', self.tau)
     _check_positive('loss.null_logit_c', self.null_logit_c, allow_zero=True)

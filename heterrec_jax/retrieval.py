@@ -165,6 +165,8 @@ def _sharded_top_k(mesh, item_axis, user_axis, k, exclude_history, n_items, user
 
   users, items = P(user_axis, None), P(item_axis, None)
   return jax.shard_map(shard, mesh=mesh, in_specs=(users, items, P(user_axis), users),
+                       # all_gather's result is equal on every item shard, but the varying-axes
+                       # check cannot infer it (no public all_gather_invariant): check off.
                        out_specs=(users, users), check_vma=False)(
                            user_BxD, items_NxD, target_B, history_BxT)
 
@@ -181,7 +183,7 @@ def _sharded_ranks(mesh, item_axis, user_axis, exclude_history, n_items, user_Bx
 
   users = P(user_axis, None)
   return jax.shard_map(shard, mesh=mesh, in_specs=(users, P(item_axis, None), P(user_axis), users),
-                       out_specs=P(user_axis), check_vma=False)(
+                       out_specs=P(user_axis), check_vma=True)(
                            user_BxD, items_NxD, target_B, history_BxT)
 
 
