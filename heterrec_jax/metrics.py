@@ -54,6 +54,19 @@ def metrics_from_ranks(rank_B: jax.Array, valid_B: jax.Array,
   return sums
 
 
+def _report_order(name: str) -> tuple:
+  """Sort key: recall@k, ndcg@k by increasing k, then mrr, then any other key by name."""
+  kind, _, cutoff = name.partition('@')
+  if kind in ('recall', 'ndcg') and cutoff.isdigit():
+    return (0, int(cutoff), kind == 'ndcg', '')
+  return (1, 0, False, '') if name == 'mrr' else (2, 0, False, name)
+
+
+def ordered(names) -> list[str]:
+  """Metric names in report order, whatever order they came in (a jitted dict comes sorted)."""
+  return sorted(names, key=_report_order)
+
+
 def add(totals: Mapping[str, float], sums: Mapping[str, jax.Array | float]) -> dict[str, float]:
   """`totals + sums` key by key, as Python floats (an empty `totals` starts the count)."""
   out = dict(totals)
@@ -72,18 +85,16 @@ def finalize(sums: Mapping[str, jax.Array | float]) -> dict[str, float]:
   if count <= 0:
     raise ValueError(f'cannot average metrics over {count:g} valid rows; the evaluated split '
                      'holds no user (check eval.max_users and the data split)')
-  return {name: float(value) / count for name, value in sums.items() if name != COUNT}
+  return {name: float(sums[name]) / count for name in ordered(sums) if name != COUNT}
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
   """A Markdown table: one row per named result, one column per metric (`digits` decimals).
 
-  Columns follow the order in which metrics first appear across the results ('count' is left
-  out); a metric missing from a row prints as '-'.
+  Columns are every metric of any row in report order ('count' is left out); a metric missing
+  from a row prints as '-'.
   """
-  columns: list[str] = []
-  for row in results.values():
-    columns += [name for name in row if name != COUNT and name not in columns]
+  columns = ordered({name for row in results.values() for name in row} - {COUNT})
   lines = ['| model | ' + ' | '.join(columns) + ' |',
            '|---|' + '---:|' * len(columns)]
   for label, row in results.items():

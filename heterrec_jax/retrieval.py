@@ -138,8 +138,9 @@ def _sharded_inputs(mesh: Mesh, item_axis: str, user_axis: str | None, user_BxD,
   history_BxT = (jnp.zeros((n_users, 1), jnp.int32) if history_BxT is None
                  else jnp.asarray(history_BxT))
   user_mult = 1 if user_axis is None else mesh.shape[user_axis]
-  users = [_pad_rows(jnp.asarray(x), user_mult) for x in (user_BxD, target_B, history_BxT)]
-  return (*users[:1], _pad_rows(jnp.asarray(items_NxD), mesh.shape[item_axis]), *users[1:])
+  user_BxD, target_B, history_BxT = (_pad_rows(jnp.asarray(x), user_mult)
+                                     for x in (user_BxD, target_B, history_BxT))
+  return user_BxD, _pad_rows(jnp.asarray(items_NxD), mesh.shape[item_axis]), target_B, history_BxT
 
 
 def _local(item_axis, n_items, exclude_history, user_bxD, items_nxD, target_b, history_bxT):
@@ -183,7 +184,7 @@ def _sharded_ranks(mesh, item_axis, user_axis, exclude_history, n_items, user_Bx
 
   users = P(user_axis, None)
   return jax.shard_map(shard, mesh=mesh, in_specs=(users, P(item_axis, None), P(user_axis), users),
-                       out_specs=P(user_axis), check_vma=True)(
+                       out_specs=P(user_axis))(
                            user_BxD, items_NxD, target_B, history_BxT)
 
 
