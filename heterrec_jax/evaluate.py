@@ -60,13 +60,18 @@ def item_vectors(graphdef: Any, state: Any, dataset: Dataset, chunk: int) -> jax
   return jnp.concatenate(out)[:n]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _eval_step(graphdef, exclude_history, state, items_NxD, batch):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _eval_step(graphdef, exclude_history, mesh, state, items_NxD, batch):
+  """Metric sums of one batch; with a "model" axis the items are scored shard by shard."""
   model = nnx.merge(graphdef, state)
   user_BxD = model.user_vector(batch['items'], batch['tokens'], batch['timestamps'],
                                batch['mask']).astype(jnp.float32)
-  rank_B = retrieval.target_ranks(user_BxD, items_NxD, batch['target'],
-                                  batch['items'], exclude_history)
+  if mesh is not None and mesh.shape['model'] > 1:
+    rank_B = retrieval.sharded_target_ranks(mesh, user_BxD, items_NxD, batch['target'],
+                                            batch['items'], exclude_history)
+  else:
+    rank_B = retrieval.target_ranks(user_BxD, items_NxD, batch['target'],
+                                    batch['items'], exclude_history)
   return metrics.metrics_from_ranks(rank_B, batch['valid'])
 
 
@@ -80,7 +85,7 @@ def evaluate(tstate: TrainState, split: str, state: Any | None = None,
   batches = _eval_batches(cfg, tstate.dataset, split)
   totals: dict[str, float] = {}
   for batch in tqdm(batches, desc=f'eval {split}', disable=not progress, leave=False):
-    sums = _eval_step(graphdef, cfg.eval.exclude_history, state, items_NxD,
+    sums = _eval_step(graphdef, cfg.eval.exclude_history, tstate.mesh, state, items_NxD,
                       sharding.global_batch(batch, tstate.mesh))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)

@@ -16,6 +16,11 @@ TOKEN_SEQ = 'token_seq'  # several categorical values (multi-valued)
 FLOAT = 'float'  # a number; None or NaN is missing
 
 
+class PrepareError(ValueError):
+  """Bad input to preparation (a malformed line, a missing column, an empty table, a bad
+  option): the message is one line naming the file and line, the column or the flag."""
+
+
 @dataclasses.dataclass
 class Column:
   type: str  # TOKEN, TOKEN_SEQ or FLOAT

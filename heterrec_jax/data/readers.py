@@ -1,0 +1,557 @@
+"""Readers of interaction logs and item tables, one function per format (SPEC section 2).
+
+Every reader returns a `raw.RawData`: the events in file order and the item table with its
+feature columns typed TOKEN, TOKEN_SEQ or FLOAT (`prepare.py` decides the token kinds from
+these types, see `tokenizer.detect_kinds`). Formats:
+
+  recbole     a folder with RecBole atomic files `NAME.inter` and `NAME.item` (`.user` ignored)
+  movielens   raw ml-100k (`u.data`, `u.item`) or ml-1m (`ratings.dat`, `movies.dat`)
+  amazon      Amazon reviews 2014/2018 JSON lines (+ meta with `items=`)
+  amazon2023  Amazon reviews 2023 JSON lines (+ meta with `items=`)
+  csv         CSV, TSV or Parquet with the column names given by the caller
+
+Files ending in `.gz` are read through gzip. Titles are free text and never read as features
+(a title embedding comes in as a multimodal matrix instead). Without an item file the item
+table holds the items of the events, in first-seen order, with no feature columns. Bad input
+raises `PrepareError` with `FILE:LINE: reason`, or naming the missing column and those found.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv as csv_lib
+import datetime
+import gzip
+import json
+import math
+import pathlib
+import re
+import sys
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import tqdm
+
+from heterrec_jax.data.raw import (FLOAT, TOKEN, TOKEN_SEQ, Column, ItemTable, PrepareError,
+                                   RawData)
+
+__all__ = ['PrepareError', 'READERS', 'amazon', 'amazon2023', 'csv', 'movielens', 'recbole']
+
+RECBOLE_TYPES = ('token', 'token_seq', 'float', 'float_seq')
+ML100K_GENRES = ('unknown', 'Action', 'Adventure', 'Animation', "Children's", 'Comedy', 'Crime',
+                 'Documentary', 'Drama', 'Fantasy', 'Film-Noir', 'Horror', 'Musical',
+                 'Mystery', 'Romance', 'Sci-Fi', 'Thriller', 'War', 'Western')
+_BAR_EVERY = 4096  # lines between progress-bar updates
+
+
+# ---------------------------------------------------------------------------------------------
+# Files, lines and values.
+
+
+def open_text(path: str | pathlib.Path, encoding: str = 'utf-8'):
+  """A text stream of `path` (gunzipped when it ends in .gz); lines keep their endings."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise PrepareError(f'{path}: no such file')
+  if path.suffix == '.gz':
+    return gzip.open(path, 'rt', encoding=encoding, newline='')
+  return open(path, encoding=encoding, newline='')  # pylint: disable=consider-using-with
+
+
+def _bar(path: pathlib.Path, progress: bool) -> tqdm.tqdm:
+  return tqdm.tqdm(desc=path.name, unit=' lines', unit_scale=True, file=sys.stderr,
+                   disable=not (progress and sys.stderr.isatty()), mininterval=0.5)
+
+
+def numbered_lines(path: str | pathlib.Path, *, encoding: str = 'utf-8',
+                   progress: bool = True) -> Iterator[tuple[int, str]]:
+  """Yields (line number from 1, line without its end) of a text file, with a progress bar."""
+  path = pathlib.Path(path)
+  line_no = 0
+  with open_text(path, encoding) as f, _bar(path, progress) as bar:
+    try:
+      for line_no, line in enumerate(f, 1):
+        if line_no % _BAR_EVERY == 0:
+          bar.update(_BAR_EVERY)
+        text = line.rstrip('\r\n')
+        yield line_no, text.lstrip('\ufeff') if line_no == 1 else text  # a BOM is no text
+    except UnicodeDecodeError as e:
+      raise PrepareError(f'{path}:{line_no + 1}: not {encoding} text ({e.reason})') from None
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+      raise PrepareError(f'{path}:{line_no + 1}: cannot read ({e})') from None
+
+
+def to_seconds(value: Any, where: str, unit: str = 's') -> int:
+  """Unix seconds from a number (in `unit`: 's' or 'ms'), a numeric string, an ISO date or
+  date-time string (UTC unless it says otherwise) or a datetime."""
+  if isinstance(value, datetime.datetime):
+    return int(_utc(value).timestamp())
+  if isinstance(value, datetime.date):
+    return int(_utc(datetime.datetime(value.year, value.month, value.day)).timestamp())
+  if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+    number = float(value)
+  else:
+    number = _number(str(value))
+    if number is None:
+      return _iso_seconds(str(value), where)
+  if not math.isfinite(number):
+    raise PrepareError(f'{where}: timestamp {value!r} is not a finite number')
+  return int(number // 1000) if unit == 'ms' else int(number)
+
+
+def _utc(moment: datetime.datetime) -> datetime.datetime:
+  return moment.replace(tzinfo=datetime.timezone.utc) if moment.tzinfo is None else moment
+
+
+def _iso_seconds(text: str, where: str) -> int:
+  try:
+    return int(_utc(datetime.datetime.fromisoformat(text.strip())).timestamp())
+  except ValueError:
+    raise PrepareError(f'{where}: timestamp {text!r} is neither a number nor an ISO date') \
+        from None
+
+
+def _number(text: str) -> float | None:
+  """The float of a numeric string, or None."""
+  try:
+    return float(text)
+  except ValueError:
+    return None
+
+
+def parse_price(value: Any) -> float:
+  """A price from a number or a string like '$1,299.99' or '$1.99 - $5.99' (the first number);
+  nan when missing or not a price."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if not isinstance(value, str):
+    return math.nan
+  match = re.match(r'\s*\$?\s*([0-9][0-9,]*(?:\.[0-9]+)?)', value)
+  return float(match.group(1).replace(',', '')) if match else math.nan
+
+
+def _token(value: Any) -> str | None:
+  """A categorical value as text; None for missing or empty."""
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return None
+  text = str(value).strip()
+  return text or None
+
+
+def _tokens(values: Any) -> tuple[str, ...] | None:
+  """A multi-valued entry from a list (nested lists flattened), values de-duplicated in order;
+  None when empty or missing."""
+  flat, stack = [], [values]
+  while stack:
+    value = stack.pop(0)
+    if isinstance(value, (list, tuple, np.ndarray)):
+      stack[:0] = list(value)
+    elif (text := _token(value)) is not None:
+      flat.append(text)
+  return tuple(dict.fromkeys(flat)) or None
+
+
+def _column_index(names: list[str], wanted: str, path: pathlib.Path) -> int:
+  if wanted not in names:
+    raise PrepareError(f'{path}: no column {wanted!r}; columns found: {names}')
+  return names.index(wanted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Assembling RawData.
+
+
+def ids_only_table(items: list[str]) -> ItemTable:
+  """The item table of a format read without an item file: the event items, first-seen order."""
+  return ItemTable(keys=list(dict.fromkeys(items)), columns={})
+
+
+def _raw_data(users: list, items: list, times: list, table: ItemTable | None,
+              source: str) -> RawData:
+  if not items:
+    raise PrepareError(f'{source}: no interactions found (empty input)')
+  return RawData(users=np.asarray(users, dtype=str), items=np.asarray(items, dtype=str),
+                 timestamps=np.asarray(times, dtype=np.int64),
+                 item_table=table if table is not None else ids_only_table(items),
+                 source=source)
+
+
+def _table_from_records(keys: list[str], records: dict[str, list], types: dict[str, str],
+                        source: pathlib.Path) -> ItemTable:
+  """An item table from column lists; columns without any value are left out."""
+  if not keys:
+    raise PrepareError(f'{source}: no items found (empty item file)')
+  columns = {}
+  for name, values in records.items():
+    missing = (lambda v: v is None) if types[name] != FLOAT else math.isnan
+    if not all(missing(v) for v in values):
+      columns[name] = Column(types[name], values)
+  return ItemTable(keys=keys, columns=columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# RecBole atomic files.
+
+
+def _recbole_header(line: str, path: pathlib.Path) -> list[tuple[str, str]]:
+  header = []
+  for field in line.split('\t'):
+    name, sep, kind = field.strip().partition(':')
+    if not sep or kind not in RECBOLE_TYPES:
+      raise PrepareError(f'{path}:1: header field {field!r} is not name:type with type one of '
+                         f'{RECBOLE_TYPES}')
+    header.append((name, kind))
+  return header
+
+
+def _atomic_file(path: pathlib.Path, progress: bool):
+  """(header [(name, type)], iterator of (line number, fields)) of a RecBole atomic file."""
+  lines = numbered_lines(path, progress=progress)
+  first = next(lines, None)
+  if first is None:
+    raise PrepareError(f'{path}: empty file (no header line)')
+  header = _recbole_header(first[1], path)
+
+  def rows():
+    for line_no, line in lines:
+      if not line.strip():
+        continue
+      fields = line.split('\t')
+      if len(fields) != len(header):
+        raise PrepareError(f'{path}:{line_no}: expected {len(header)} tab-separated fields '
+                           f'({", ".join(n for n, _ in header)}), found {len(fields)}')
+      yield line_no, fields
+  return header, rows()
+
+
+def _recbole_files(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path | None]:
+  """The .inter file and its .item file (or None) of a folder or of a given .inter file."""
+  if path.is_dir():
+    inters = sorted(path.glob('*.inter')) + sorted(path.glob('*.inter.gz'))
+    named = [p for p in inters if p.name.split('.inter')[0] == path.name]
+    if len(inters) != 1 and len(named) != 1:
+      raise PrepareError(f'{path}: expected one .inter file (or {path.name}.inter), found '
+                         f'{[p.name for p in inters]}')
+    inter = named[0] if named else inters[0]
+  elif path.is_file():
+    inter = path
+  else:
+    raise PrepareError(f'{path}: no such file or folder')
+  stem = inter.name.split('.inter')[0]
+  items = [inter.with_name(f'{stem}.item{gz}') for gz in ('', '.gz')]
+  return inter, next((p for p in items if p.is_file()), None)
+
+
+def _recbole_value(text: str, kind: str, where: str) -> Any:
+  if kind == 'token':
+    return _token(text)
+  if kind == 'token_seq':
+    return tuple(dict.fromkeys(text.split())) or None
+  if not text.strip():
+    return math.nan
+  number = _number(text)
+  if number is None:
+    raise PrepareError(f'{where}: {text!r} is not a number (the column is float)')
+  return number
+
+
+def _recbole_items(path: pathlib.Path, progress: bool) -> ItemTable:
+  header, rows = _atomic_file(path, progress)
+  names = [n for n, _ in header]
+  key = _column_index(names, 'item_id', path)
+  features = [(i, n, k) for i, (n, k) in enumerate(header) if i != key and k != 'float_seq']
+  keys, records = [], {n: [] for _, n, _ in features}
+  for line_no, fields in rows:
+    keys.append(fields[key].strip())
+    for i, name, kind in features:
+      records[name].append(_recbole_value(fields[i], kind, f'{path}:{line_no}'))
+  types = {n: {'token': TOKEN, 'token_seq': TOKEN_SEQ, 'float': FLOAT}[k]
+           for _, n, k in features}
+  return _table_from_records(keys, records, types, path)
+
+
+def recbole(path: str | pathlib.Path, *, progress: bool = True) -> RawData:
+  """RecBole atomic files: `user_id`, `item_id`, `timestamp` of the .inter file; the .item
+  file's token/token_seq/float columns as features (float_seq columns are ignored)."""
+  inter, item_file = _recbole_files(pathlib.Path(path))
+  header, rows = _atomic_file(inter, progress)
+  names = [n for n, _ in header]
+  cols = [_column_index(names, c, inter) for c in ('user_id', 'item_id', 'timestamp')]
+  users, items, times = [], [], []
+  for line_no, fields in rows:
+    users.append(fields[cols[0]].strip())
+    items.append(fields[cols[1]].strip())
+    times.append(to_seconds(fields[cols[2]], f'{inter}:{line_no}'))
+  table = _recbole_items(item_file, progress) if item_file else None
+  return _raw_data(users, items, times, table, str(inter))
+
+
+# ---------------------------------------------------------------------------------------------
+# MovieLens raw files.
+
+
+def _split_lines(path: pathlib.Path, sep: str, n_fields: int, progress: bool,
+                 encoding: str = 'latin-1') -> Iterator[tuple[str, list[str]]]:
+  """Yields ('FILE:LINE', fields) of a separated file with exactly `n_fields` per line."""
+  for line_no, line in numbered_lines(path, encoding=encoding, progress=progress):
+    if not line.strip():
+      continue
+    fields = line.split(sep)
+    if len(fields) != n_fields:
+      raise PrepareError(f'{path}:{line_no}: expected {n_fields} {sep!r}-separated fields, '
+                         f'found {len(fields)}')
+    yield f'{path}:{line_no}', fields
+
+
+def _events(path: pathlib.Path, sep: str, progress: bool) -> tuple[list, list, list]:
+  """users, items, timestamps of a `user SEP item SEP rating SEP unix-seconds` file."""
+  users, items, times = [], [], []
+  for where, (user, item, _, stamp) in _split_lines(path, sep, 4, progress):
+    users.append(user.strip())
+    items.append(item.strip())
+    times.append(to_seconds(stamp, where))
+  return users, items, times
+
+
+def _ml100k_items(path: pathlib.Path, progress: bool) -> ItemTable:
+  keys, genres, years = [], [], []
+  for where, fields in _split_lines(path, '|', 5 + len(ML100K_GENRES), progress):
+    flags = fields[5:]
+    if any(f not in ('0', '1') for f in flags):
+      raise PrepareError(f'{where}: genre flags must be 0 or 1, found {flags}')
+    keys.append(fields[0].strip())
+    genres.append(tuple(g for g, f in zip(ML100K_GENRES, flags) if f == '1') or None)
+    year = re.search(r'(\d{4})\s*$', fields[2])
+    years.append(float(year.group(1)) if year else math.nan)
+  return _table_from_records(keys, {'genres': genres, 'year': years},
+                             {'genres': TOKEN_SEQ, 'year': FLOAT}, path)
+
+
+def _ml1m_items(path: pathlib.Path, progress: bool) -> ItemTable:
+  keys, genres, years = [], [], []
+  for _, (key, title, genre) in _split_lines(path, '::', 3, progress):
+    keys.append(key.strip())
+    genres.append(tuple(g for g in genre.strip().split('|') if g) or None)
+    year = re.search(r'\((\d{4})\)\s*$', title)
+    years.append(float(year.group(1)) if year else math.nan)
+  return _table_from_records(keys, {'genres': genres, 'year': years},
+                             {'genres': TOKEN_SEQ, 'year': FLOAT}, path)
+
+
+def movielens(path: str | pathlib.Path, *, progress: bool = True) -> RawData:
+  """MovieLens raw files: a folder with ml-100k's `u.data` + `u.item` or ml-1m's `ratings.dat`
+  + `movies.dat`. Features: `genres` (multi-valued) and `year` (release year, numerical)."""
+  folder = pathlib.Path(path)
+  if (folder / 'u.data').is_file():
+    events = _events(folder / 'u.data', '\t', progress)
+    item_file, read_items = folder / 'u.item', _ml100k_items
+  elif (folder / 'ratings.dat').is_file():
+    events = _events(folder / 'ratings.dat', '::', progress)
+    item_file, read_items = folder / 'movies.dat', _ml1m_items
+  else:
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise PrepareError(f'{folder}: neither u.data (ml-100k) nor ratings.dat (ml-1m) found; '
+                       f'files found: {found}')
+  table = read_items(item_file, progress) if item_file.is_file() else None
+  return _raw_data(*events, table, str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# Amazon reviews (JSON lines).
+
+
+def _parse_record(line: str, where: str) -> dict:
+  """One JSON object, or a Python literal dict (the 2014 meta files are written that way)."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    try:
+      record = ast.literal_eval(line)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+      raise PrepareError(f'{where}: not a JSON object (nor a Python literal)') from None
+  if not isinstance(record, dict):
+    raise PrepareError(f'{where}: expected an object, found {type(record).__name__}')
+  return record
+
+
+def _records(path: pathlib.Path, progress: bool) -> Iterator[tuple[str, dict]]:
+  """Yields ('FILE:LINE', record) of a JSON-lines file."""
+  for line_no, line in numbered_lines(path, progress=progress):
+    if line.strip():
+      yield f'{path}:{line_no}', _parse_record(line, f'{path}:{line_no}')
+
+
+def _field(record: dict, name: str, where: str) -> Any:
+  if name not in record:
+    raise PrepareError(f'{where}: no field {name!r}; fields found: {sorted(record)}')
+  return record[name]
+
+
+def _json_events(path: pathlib.Path, fields: tuple[str, str, str], unit: str,
+                 progress: bool) -> tuple[list, list, list]:
+  users, items, times = [], [], []
+  for where, record in _records(path, progress):
+    user, item, stamp = (_field(record, f, where) for f in fields)
+    users.append(str(user).strip())
+    items.append(str(item).strip())
+    times.append(to_seconds(stamp, where, unit))
+  return users, items, times
+
+
+# column -> (types, [record fields tried in order], converter)
+_Spec = dict[str, tuple[str, tuple[str, ...], Callable[[Any], Any]]]
+AMAZON_META: _Spec = {
+    'categories': (TOKEN_SEQ, ('categories', 'category'), _tokens),
+    'main_cat': (TOKEN, ('main_cat',), _token),
+    'brand': (TOKEN, ('brand',), _token),
+    'price': (FLOAT, ('price',), parse_price),
+}
+AMAZON2023_META: _Spec = {
+    'main_category': (TOKEN, ('main_category',), _token),
+    'categories': (TOKEN_SEQ, ('categories',), _tokens),
+    'store': (TOKEN, ('store',), _token),
+    'price': (FLOAT, ('price',), parse_price),
+}
+
+
+def _json_items(path: pathlib.Path, key: str, spec: _Spec, progress: bool) -> ItemTable:
+  keys, records = [], {name: [] for name in spec}
+  for where, record in _records(path, progress):
+    keys.append(str(_field(record, key, where)).strip())
+    for name, (_, fields, convert) in spec.items():
+      value = next((record[f] for f in fields if f in record), None)
+      records[name].append(convert(value))
+  return _table_from_records(keys, records, {n: s[0] for n, s in spec.items()}, path)
+
+
+def amazon(path: str | pathlib.Path, *, items: str | pathlib.Path | None = None,
+           progress: bool = True) -> RawData:
+  """Amazon reviews 2014/2018: `reviewerID, asin, unixReviewTime`; the meta file `items`
+  gives `categories` (2014, list of lists, flattened) or `category` (2018), `main_cat`, `brand`
+  and `price` (numbers or strings like '$12.99')."""
+  path = pathlib.Path(path)
+  events = _json_events(path, ('reviewerID', 'asin', 'unixReviewTime'), 's', progress)
+  table = _json_items(pathlib.Path(items), 'asin', AMAZON_META, progress) if items else None
+  return _raw_data(*events, table, str(path))
+
+
+def amazon2023(path: str | pathlib.Path, *, items: str | pathlib.Path | None = None,
+               progress: bool = True) -> RawData:
+  """Amazon reviews 2023: `user_id, parent_asin, timestamp` (milliseconds); the meta file
+  `items` gives `main_category`, `categories`, `store` and `price`."""
+  path = pathlib.Path(path)
+  events = _json_events(path, ('user_id', 'parent_asin', 'timestamp'), 'ms', progress)
+  table = (_json_items(pathlib.Path(items), 'parent_asin', AMAZON2023_META, progress)
+           if items else None)
+  return _raw_data(*events, table, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV, TSV and Parquet.
+
+
+def _tabular_kind(path: pathlib.Path, sep: str | None) -> str:
+  """'parquet' or the delimiter of a tabular file, from `sep` or the file's extension."""
+  suffixes = [s for s in path.suffixes if s != '.gz']
+  suffix = suffixes[-1].lower() if suffixes else ''
+  if suffix in ('.parquet', '.pq'):
+    return 'parquet'
+  if sep is not None:
+    return sep
+  if suffix in ('.tsv', '.tab'):
+    return '\t'
+  if suffix == '.csv':
+    return ','
+  raise PrepareError(f'{path}: cannot tell the delimiter from the extension {suffix!r}; '
+                     'name the file .csv/.tsv/.parquet or pass --sep')
+
+
+def _read_csv(path: pathlib.Path, sep: str, progress: bool) -> tuple[dict[str, list], list]:
+  """Columns by header name, and the 'FILE:LINE' of each row."""
+  with contextlib.closing(numbered_lines(path, progress=progress)) as lines:
+    reader = csv_lib.reader((line for _, line in lines), delimiter=sep)
+    try:
+      header = next(reader, None)
+      if header is None:
+        raise PrepareError(f'{path}: empty file (no header line)')
+      columns, wheres = {name: [] for name in header}, []
+      for row in reader:
+        if not row:
+          continue
+        where = f'{path}:{reader.line_num}'
+        if len(row) != len(header):
+          raise PrepareError(f'{where}: expected {len(header)} {sep!r}-separated fields, '
+                             f'found {len(row)}')
+        for values, value in zip(columns.values(), row):
+          values.append(value)
+        wheres.append(where)
+    except csv_lib.Error as e:
+      raise PrepareError(f'{path}:{reader.line_num}: {e}') from None
+  return columns, wheres
+
+
+def _read_parquet(path: pathlib.Path) -> tuple[dict[str, list], list]:
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise PrepareError(f'{path}: not a readable Parquet file ({e})') from None
+  columns = {name: table.column(name).to_pylist() for name in table.column_names}
+  return columns, [f'{path}: row {i + 1}' for i in range(table.num_rows)]
+
+
+def _read_tabular(path: pathlib.Path, sep: str | None, progress: bool):
+  if not path.is_file():
+    raise PrepareError(f'{path}: no such file')
+  kind = _tabular_kind(path, sep)
+  return _read_parquet(path) if kind == 'parquet' else _read_csv(path, kind, progress)
+
+
+def _infer_column(values: list, multi_sep: str | None) -> Column:
+  """A feature column from tabular values: lists (or `multi_sep`-joined text for a --multi
+  column) -> TOKEN_SEQ, numbers -> FLOAT, anything else -> TOKEN (text; '' is missing)."""
+  if multi_sep is not None:
+    return Column(TOKEN_SEQ, [_tokens(v.split(multi_sep) if isinstance(v, str) else v)
+                              for v in values])
+  present = [v for v in values if v is not None]
+  if any(isinstance(v, (list, tuple, np.ndarray)) for v in present):
+    return Column(TOKEN_SEQ, [_tokens(v) for v in values])
+  if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+    return Column(FLOAT, [math.nan if v is None else float(v) for v in values])
+  return Column(TOKEN, [_token(v) for v in values])
+
+
+def _tabular_items(path: pathlib.Path, key_col: str, sep: str | None, multi: tuple[str, ...],
+                   multi_sep: str, progress: bool) -> ItemTable:
+  columns, _ = _read_tabular(path, sep, progress)
+  _column_index(list(columns), key_col, path)
+  keys = [str(k).strip() for k in columns.pop(key_col)]
+  if not keys:
+    raise PrepareError(f'{path}: no items found (empty item file)')
+  return ItemTable(keys=keys, columns={
+      name: _infer_column(values, multi_sep if name in multi else None)
+      for name, values in columns.items()})
+
+
+def csv(path: str | pathlib.Path, *, user_col: str, item_col: str, time_col: str,
+        items: str | pathlib.Path | None = None, item_key_col: str | None = None,
+        sep: str | None = None, multi: tuple[str, ...] = (), multi_sep: str = '|',
+        time_unit: str = 's', progress: bool = True) -> RawData:
+  """CSV/TSV (delimiter from the extension or `sep`) or Parquet with named columns; the item
+  file `items` (same kinds of file) is keyed by `item_key_col` (default `item_col`), and its
+  other columns are the features; `multi` columns hold `multi_sep`-joined values."""
+  path = pathlib.Path(path)
+  columns, wheres = _read_tabular(path, sep, progress)
+  for col in (user_col, item_col, time_col):
+    _column_index(list(columns), col, path)
+  users = [str(u).strip() for u in columns[user_col]]
+  items_e = [str(i).strip() for i in columns[item_col]]
+  times = [to_seconds(t, w, time_unit) for t, w in zip(columns[time_col], wheres)]
+  table = (_tabular_items(pathlib.Path(items), item_key_col or item_col, sep, tuple(multi),
+                          multi_sep, progress) if items else None)
+  return _raw_data(users, items_e, times, table, str(path))
+
+
+READERS = {'recbole': recbole, 'movielens': movielens, 'amazon': amazon,
+           'amazon2023': amazon2023, 'csv': csv}

@@ -1,0 +1,197 @@
+"""Building blocks of the Hierarchical Causal Transformer (SPEC section 4).
+
+Pure functions (time-gap buckets, masks, attention) and the small modules built on them
+(multi-head attention, FFN, post-LN block, a stack of blocks with its own time-gap table).
+
+Every sequence here has the layout `[B, T, K, D]`: T items of K tokens each. The token level
+of HCT uses K = the number of token kinds; the item level uses K = 1. Attention logits are
+computed as `[B, H, T, K, T, K]` and the time-gap bias lives on the T x T item grid,
+`bias_BxHxTxT`, broadcast over the K x K token blocks: a per-token `[B, H, L, L]` table
+(L = T*K) is never built. Masks are booleans (True = may attend) broadcastable to
+`[B, T, K, T, K]` (query item, query kind, key item, key kind).
+
+Parameters name LOGICAL axes only (see `config.DEFAULT_RULES`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# The log base of the time-gap buckets (as HSTU): bucket = floor(ln(gap) / LOG_STEP).
+LOG_STEP = 0.301
+# A finite "minus infinity" for masked logits (finite so that no row can become NaN).
+NEG_INF = -1e9
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def time_gap_buckets(ts_BxT: jax.Array, n_buckets: int) -> jax.Array:
+  """`clip(floor(ln(max(|ts_a - ts_b|, 1)) / 0.301), 0, n_buckets - 1)`, int32 `[B, T, T]`.
+
+  The gap is taken in the integer dtype of the timestamps (exact), then logged in float32.
+  """
+  gap_BxTxT = jnp.abs(ts_BxT[:, :, None] - ts_BxT[:, None, :])
+  gap_BxTxT = jnp.maximum(gap_BxTxT, 1).astype(jnp.float32)
+  bucket_BxTxT = jnp.floor(jnp.log(gap_BxTxT) / LOG_STEP)
+  return jnp.clip(bucket_BxTxT, 0, n_buckets - 1).astype(jnp.int32)
+
+
+def time_gap_bias(table_BtxH: jax.Array, ts_BxT: jax.Array) -> jax.Array:
+  """The learned per-head bias of every item pair, `bias_BxHxTxT` (on the item grid)."""
+  buckets_BxTxT = time_gap_buckets(ts_BxT, table_BtxH.shape[0])
+  return jnp.moveaxis(table_BtxH[buckets_BxTxT], -1, 1)
+
+
+def item_causal_mask(mask_BxT: jax.Array) -> jax.Array:
+  """`allowed_BxTxT[b, t, s]`: item t may attend item s.
+
+  True where s <= t and s is a real item, and always on the diagonal: a padded item attends
+  itself only, so no row is fully masked (no NaN) and no real item ever sees a padded one.
+  """
+  n = mask_BxT.shape[1]
+  lower_TxT = jnp.tril(jnp.ones((n, n), bool))
+  eye_TxT = jnp.eye(n, dtype=bool)
+  return (lower_TxT[None] & mask_BxT[:, None, :].astype(bool)) | eye_TxT[None]
+
+
+def block_causal_mask(mask_BxT: jax.Array) -> jax.Array:
+  """Token (t, k) sees every token of the real items t' <= t (its own item always):
+  `[B, T, 1, T, 1]`, broadcast over the K x K token blocks. With K = 1 it is the item-level
+  causal mask."""
+  return item_causal_mask(mask_BxT)[:, :, None, :, None]
+
+
+def token_causal_mask(mask_BxT: jax.Array, n_kinds: int) -> jax.Array:
+  """The standard causal mask over the flat tokens (the 'w/o HCT' ablation), `[B, T, K, T, K]`.
+
+  Token (t, k) sees the tokens of real items t' < t and the tokens (t, k' <= k) of its own item.
+  """
+  n = mask_BxT.shape[1]
+  strict_TxT = jnp.tril(jnp.ones((n, n), bool), k=-1)
+  earlier_BxTxT = strict_TxT[None] & mask_BxT[:, None, :].astype(bool)
+  own_KxK = jnp.tril(jnp.ones((n_kinds, n_kinds), bool))
+  same_TxKxTxK = jnp.eye(n, dtype=bool)[:, None, :, None] & own_KxK[None, :, None, :]
+  return earlier_BxTxT[:, :, None, :, None] | same_TxKxTxK[None]
+
+
+def block_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD: jax.Array,
+                    bias_BxHxTxT: jax.Array, allowed: jax.Array) -> jax.Array:
+  """Softmax((Q K^T + P_tg) / sqrt(d_head) + M) V over the flattened (item, kind) key axes.
+
+  `bias_BxHxTxT` is added to every K x K token block of its item pair by broadcasting;
+  `allowed` (bool, broadcastable to `[B, T, K, T, K]`) is the mask M. Logits and softmax are
+  float32 whatever the input dtype. Returns `[B, T, K, H, D]` in the dtype of `v`.
+  """
+  b, t, k, h, d = q_BxTxKxHxD.shape
+  logits_BxHxTxKxTxK = jnp.einsum('btkhd,bsjhd->bhtksj', q_BxTxKxHxD, k_BxTxKxHxD,
+                                  preferred_element_type=jnp.float32)
+  bias_BxHxTx1xTx1 = bias_BxHxTxT.astype(jnp.float32)[:, :, :, None, :, None]
+  logits_BxHxTxKxTxK = (logits_BxHxTxKxTxK + bias_BxHxTx1xTx1) / math.sqrt(d)
+  logits_BxHxTxKxTxK = jnp.where(allowed[:, None], logits_BxHxTxKxTxK, NEG_INF)
+  probs_BxHxTxKxL = jax.nn.softmax(logits_BxHxTxKxTxK.reshape(b, h, t, k, t * k), axis=-1)
+  probs_BxHxTxKxTxK = probs_BxHxTxKxL.reshape(b, h, t, k, t, k).astype(v_BxTxKxHxD.dtype)
+  return jnp.einsum('bhtksj,bsjhd->btkhd', probs_BxHxTxKxTxK, v_BxTxKxHxD)
+
+
+def dense(d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs: nnx.Rngs,
+          use_bias: bool = True) -> nnx.Linear:
+  """A Linear layer whose kernel names the logical axes `axes` (its bias: the output axis)."""
+  return nnx.Linear(
+      d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nnx.with_partitioning(default_kernel_init, axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
+
+
+def layer_norm(d: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('embed',)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('embed',)))
+
+
+class Mlp(nnx.Module):
+  """Linear -> ReLU -> Linear, `d_in -> d_hidden -> d_out`."""
+
+  def __init__(self, d_in: int, d_hidden: int, d_out: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = dense(d_in, d_hidden, ('embed', 'mlp'), dtype, rngs)
+    self.fc2 = dense(d_hidden, d_out, ('mlp', 'embed'), dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head self-attention over `[B, T, K, D]` with an item-grid bias (eq. 1, 4, 5)."""
+
+  def __init__(self, d: int, heads: int, *, dtype, rngs: nnx.Rngs):
+    self.heads = heads
+    self.query = dense(d, d, ('embed', 'mlp'), dtype, rngs)
+    self.key = dense(d, d, ('embed', 'mlp'), dtype, rngs)
+    self.value = dense(d, d, ('embed', 'mlp'), dtype, rngs)
+    self.out = dense(d, d, ('mlp', 'embed'), dtype, rngs)
+
+  def __call__(self, x_BxTxKxD: jax.Array, bias_BxHxTxT: jax.Array,
+               allowed: jax.Array) -> jax.Array:
+    *lead, d = x_BxTxKxD.shape
+    split = lambda y: y.reshape(*lead, self.heads, d // self.heads)
+    q, k, v = (split(f(x_BxTxKxD)) for f in (self.query, self.key, self.value))
+    out_BxTxKxHxDh = block_attention(q, k, v, bias_BxHxTxT, allowed)
+    return self.out(out_BxTxKxHxDh.reshape(*lead, d))
+
+
+class TransformerBlock(nnx.Module):
+  """Post-LN block (eq. 6-7): `x = LN(x + Drop(MHA(x))); x = LN(x + Drop(FFN(x)))`."""
+
+  def __init__(self, d: int, heads: int, ffn_mult: int, dropout: float, *, dtype,
+               rngs: nnx.Rngs):
+    self.attention = MultiHeadAttention(d, heads, dtype=dtype, rngs=rngs)
+    self.ffn = Mlp(d, ffn_mult * d, d, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(d, dtype, rngs)
+    self.norm2 = layer_norm(d, dtype, rngs)
+    self.drop1 = nnx.Dropout(dropout, rngs=rngs)
+    self.drop2 = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, x_BxTxKxD: jax.Array, bias_BxHxTxT: jax.Array,
+               allowed: jax.Array) -> jax.Array:
+    x = self.norm1(x_BxTxKxD + self.drop1(self.attention(x_BxTxKxD, bias_BxHxTxT, allowed)))
+    return self.norm2(x + self.drop2(self.ffn(x)))
+
+
+class CausalStack(nnx.Module):
+  """`n_blocks` transformer blocks of width `d` sharing one learned time-gap table `[B_t, h]`.
+
+  The bias is computed once per call on the item grid and reused by every block.
+  """
+
+  def __init__(self, d: int, n_blocks: int, *, heads: int, ffn_mult: int, dropout: float,
+               time_buckets: int, dtype, rngs: nnx.Rngs):
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), ('buckets', 'heads'))
+    self.time_gap = nnx.Param(init(rngs.params(), (time_buckets, heads), jnp.float32))
+    self.blocks = nnx.List([TransformerBlock(d, heads, ffn_mult, dropout, dtype=dtype, rngs=rngs)
+                            for _ in range(n_blocks)])
+
+  def __call__(self, x_BxTxKxD: jax.Array, ts_BxT: jax.Array, allowed: jax.Array) -> jax.Array:
+    bias_BxHxTxT = time_gap_bias(self.time_gap[...], ts_BxT)
+    for block in self.blocks:
+      x_BxTxKxD = block(x_BxTxKxD, bias_BxHxTxT, allowed)
+    return x_BxTxKxD
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+  """`x / max(||x||, eps)` along `axis`, computed and returned in float32."""
+  x = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def stacked_init(lead: Sequence[int]):
+  """lecun_normal over the last two axes of a stack of `lead` kernels."""
+  if 0 in lead:  # an empty stack (e.g. no token-loss kinds): nothing to draw
+    return nnx.initializers.zeros_init()
+  batch_axis = tuple(range(len(lead)))
+  return nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=batch_axis)

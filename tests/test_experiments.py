@@ -1,0 +1,425 @@
+"""Experiment sweeps: plans, gathering fake results.json into tables, the scaling plot.
+
+Nothing here trains a model: runs are fake folders written in tmp_path, and the execution path
+is driven through a stand-in for `train.train`.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shlex
+
+import numpy as np
+import pytest
+
+from heterrec_jax import experiments as ex
+from heterrec_jax.config import METRIC_NAMES, apply_overrides, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BASELINES = ('sasrec', 'bert4rec', 'pinnerformer', 'hstu')
+
+
+def _train_command(config, workdir, overrides):
+  return shlex.join(['python', '-m', 'heterrec_jax.train', '--config', config,
+                     '--workdir', str(workdir), *overrides])
+
+
+def _plan(out):
+  return (out / 'plan.txt').read_text().splitlines()
+
+
+def _overrides_of(line):
+  """The dotted overrides of a planned train command, as the train CLI would read them."""
+  words = shlex.split(line)
+  assert words[:3] == ['python', '-m', 'heterrec_jax.train']
+  return words[7:]
+
+
+def test_compare_plan_only_writes_exact_commands(tmp_path):
+  out = tmp_path / 'out'
+  rc = ex.main(['compare', '--data', 'data/ml100k', '--config', 'configs/ml100k.py',
+                '--models', 'heterrec,sasrec,popularity,hstu', '--seeds', '2', '--out', str(out),
+                'model.d_f=32', '--steps', '50', '--plan-only', 'model.d_k=32'])
+  assert rc == 0
+  expected = [_train_command('configs/ml100k.py', out / 'runs' / f'{m}-seed{s}',
+                             [f'model.name={m}', f'train.seed={s}', 'data.path=data/ml100k',
+                              'train.steps=50', 'model.d_f=32', 'model.d_k=32'])
+              for m in ('heterrec', 'sasrec', 'hstu') for s in (0, 1)]
+  assert _plan(out) == expected
+  assert [p.name for p in out.iterdir()] == ['plan.txt']  # nothing else was done
+  for line in expected:  # every command is a valid train command line
+    cfg = apply_overrides(load_config(str(ROOT / 'configs' / 'ml100k.py')), _overrides_of(line))
+    assert (cfg.data.path, cfg.train.steps, cfg.model.d_f, cfg.model.d_k) == (
+        'data/ml100k', 50, 32, 32)
+
+
+def test_compare_plan_default_models_runs_models_times_seeds(tmp_path):
+  assert ex.main(['compare', '--out', str(tmp_path), '--seeds', '3', '--plan-only']) == 0
+  lines = _plan(tmp_path)
+  assert len(lines) == 5 * 3  # popularity is not trained
+  assert not any('popularity' in line for line in lines)
+  names = [shlex.split(line)[6] for line in lines]
+  assert names[:3] == [str(tmp_path / 'runs' / f'heterrec-seed{s}') for s in range(3)]
+
+
+def test_ablation_plan_sets_the_variant(tmp_path):
+  rc = ex.main(['compare', '--variants', 'full,no_htfl,no_tlmp', '--seeds', '2', '--data', 'D',
+                '--out', str(tmp_path), '--plan-only'])
+  assert rc == 0
+  expected = [_train_command('configs/default.py', tmp_path / 'runs' / f'heterrec-{v}-seed{s}',
+                             ['model.name=heterrec', f'model.variant={v}', f'train.seed={s}',
+                              'data.path=D'])
+              for v in ('full', 'no_htfl', 'no_tlmp') for s in (0, 1)]
+  assert _plan(tmp_path) == expected
+
+
+def test_scaling_plan_covers_the_grid_for_both_variants(tmp_path):
+  rc = ex.main(['scaling', '--data', 'D', '--grid', '1x1,2x3', '--out', str(tmp_path),
+                '--plan-only'])
+  assert rc == 0
+  expected = [_train_command('configs/default.py', tmp_path / 'runs' / f'{v}-{a}x{b}-seed0',
+                             ['model.name=heterrec', f'model.variant={v}', f'model.n1={a}',
+                              f'model.n2={b}', 'train.seed=0', 'data.path=D'])
+              for v in ('full', 'no_htfl') for a, b in ((1, 1), (2, 3))]
+  assert _plan(tmp_path) == expected
+
+
+@pytest.mark.parametrize('argv', [
+    ['compare', '--models', 'heterrec,nope'],
+    ['compare', '--models', 'heterrec', '--variants', 'full'],
+    ['compare', 'model.name=sasrec'],
+    ['compare', 'train.seed=3'],
+    ['compare', '--seeds', '0'],
+    ['compare', 'model.d_f=33'],  # checked against the config before anything is written
+    ['scaling', '--grid', '2by2'],
+    ['scaling', 'model.n1=3'],
+])
+def test_bad_sweeps_fail_early_with_a_message(tmp_path, capsys, argv):
+  assert ex.main(argv[:1] + ['--out', str(tmp_path / 'o'), '--plan-only'] + argv[1:]) == 2
+  assert capsys.readouterr().err.startswith('error: ')
+  assert not (tmp_path / 'o' / 'plan.txt').exists()
+
+
+# ---- gathering ------------------------------------------------------------------------------
+
+def _write_run(out, name, test, valid=None, **files):
+  run = out / 'runs' / name
+  run.mkdir(parents=True, exist_ok=True)
+  (run / 'results.json').write_text(json.dumps({'valid': valid or test, 'test': test}))
+  for file, data in files.items():
+    (run / f'{file}.json').write_text(json.dumps(data))
+  return run
+
+
+def _random_metrics(rng, base):
+  return {k: float(base + rng.uniform(0, 0.05)) for k in METRIC_NAMES}
+
+
+@pytest.fixture
+def fake_compare(tmp_path):
+  """Fake runs of a 3-seed comparison: pinnerformer never ran, hstu's seed 2 is missing."""
+  rng = np.random.default_rng(0)
+  out, values = tmp_path / 'cmp', {}
+  for model, base in (('heterrec', 0.30), ('sasrec', 0.20), ('bert4rec', 0.22), ('hstu', 0.26)):
+    for seed in range(3):
+      if (model, seed) != ('hstu', 2):
+        values.setdefault(model, []).append(_random_metrics(rng, base))
+        _write_run(out, f'{model}-seed{seed}', values[model][-1], wall_time={'seconds': 10 + seed})
+  floor = {k: 0.05 for k in METRIC_NAMES}
+  (out / 'runs' / 'sasrec-seed1' / 'popularity.json').write_text(
+      json.dumps({'valid': floor, 'test': floor}))
+  values['popularity'] = [floor]
+  return out, values
+
+
+def _gather(out, *extra):
+  return ex.main(['compare', '--out', str(out), '--config', 'configs/tiny.py', '--gather',
+                  '--seeds', '3', *extra])
+
+
+def test_gather_means_stds_best_baseline_and_gain(fake_compare):
+  out, values = fake_compare
+  assert _gather(out) == 0
+  table = json.loads((out / 'table.json').read_text())
+  for model, runs in values.items():
+    for column in ex.COLUMNS:
+      xs = np.array([r[column] for r in runs])
+      stat = table['rows'][model][column]
+      np.testing.assert_allclose(stat['mean'], xs.mean(), rtol=1e-12)
+      np.testing.assert_allclose(stat['std'], xs.std(ddof=1) if len(xs) > 1 else 0.0, atol=1e-12)
+      assert stat['n'] == len(xs)
+  for column in ex.COLUMNS:
+    means = {m: np.mean([r[column] for r in runs]) for m, runs in values.items() if m != 'heterrec'}
+    best = max(means, key=means.get)
+    assert table['best_baseline'][column] == {'row': best, 'mean': pytest.approx(means[best])}
+    mine = np.mean([r[column] for r in values['heterrec']])
+    assert table['gain_percent'][column] == pytest.approx((mine - means[best]) / means[best] * 100)
+  assert table['missing'] == ['pinnerformer-seed0', 'pinnerformer-seed1', 'pinnerformer-seed2',
+                              'hstu-seed2']
+  assert table['seeds']['hstu'] == [0, 1]
+  assert table['wall_time_s']['heterrec']['mean'] == pytest.approx(11.0)
+
+
+def test_table_markdown_layout(fake_compare):
+  out, _ = fake_compare
+  assert _gather(out) == 0
+  lines = (out / 'table.md').read_text().splitlines()
+  header = ('| Method | Recall@10 | Recall@50 | Recall@100 | Recall@200 | nDCG@10 | nDCG@50 | '
+            'nDCG@100 | nDCG@200 | MRR | n |')
+  start = lines.index(header)
+  rows = [line.split(' | ')[0].lstrip('| ') for line in lines[start + 2:start + 9]]
+  assert rows == ['SASRec', 'BERT4Rec', 'HSTU', 'Popularity', 'HeterRec (ours)',
+                  'Best baseline', 'Improvement']
+  for line in lines[start:start + 9]:
+    assert line.count('|') == len(ex.COLUMNS) + 3
+  table = json.loads((out / 'table.json').read_text())
+  improvement = lines[start + 8].split(' | ')[1:-1]
+  assert improvement == [f'{table["gain_percent"][c]:+.2f}%' for c in ex.COLUMNS]
+  assert lines[start + 7].split(' | ')[1] == 'HSTU'
+  assert any(line.startswith('Missing runs') and 'pinnerformer-seed0' in line for line in lines)
+
+
+def test_gain_keeps_its_sign_and_is_undefined_for_a_zero_baseline(tmp_path):
+  out = tmp_path / 'o'
+  mine = {k: 0.1 for k in METRIC_NAMES}
+  theirs = {k: 0.2 for k in METRIC_NAMES}
+  theirs['mrr'] = 0.0
+  mine['mrr'] = 0.0
+  _write_run(out, 'heterrec-seed0', mine)
+  _write_run(out, 'sasrec-seed0', theirs)
+  assert ex.main(['compare', '--out', str(out), '--models', 'sasrec,heterrec', '--seeds', '1',
+                  '--gather']) == 0
+  table = json.loads((out / 'table.json').read_text())
+  assert table['gain_percent']['recall@50'] == pytest.approx(-50.0)
+  assert table['gain_percent']['mrr'] is None
+  text = (out / 'table.md').read_text()
+  assert '| Improvement | -50.00% |' in text and '| n/a | |' in text
+
+
+def test_gather_without_popularity_lists_it_missing(tmp_path, capsys):
+  out = tmp_path / 'o'
+  _write_run(out, 'heterrec-seed0', {k: 0.1 for k in METRIC_NAMES})
+  assert ex.main(['compare', '--out', str(out), '--models', 'heterrec,popularity', '--seeds',
+                  '2', '--gather']) == 0
+  table = json.loads((out / 'table.json').read_text())
+  assert table['missing'] == ['heterrec-seed1', 'popularity']
+  assert 'missing runs (2): heterrec-seed1, popularity' in capsys.readouterr().err
+
+
+def test_popularity_is_computed_once_when_no_run_has_it(tmp_path, monkeypatch):
+  out, floor = tmp_path / 'o', {k: 0.02 for k in METRIC_NAMES}
+  _write_run(out, 'heterrec-seed0', {k: 0.1 for k in METRIC_NAMES})
+  calls = []
+
+  def fake_compute(sweep, progress):
+    calls.append(sweep.out)
+    (sweep.out / 'popularity.json').write_text(json.dumps({'valid': floor, 'test': floor}))
+    return {'valid': floor, 'test': floor}
+
+  monkeypatch.setattr(ex, 'compute_popularity', fake_compute)
+  argv = ['compare', '--out', str(out), '--models', 'heterrec,popularity', '--seeds', '1']
+  assert ex.main(argv + ['--gather']) == 0  # --gather never computes it
+  assert calls == [] and json.loads((out / 'table.json').read_text())['missing'] == ['popularity']
+  assert ex.main(argv) == 0  # heterrec-seed0 is finished: nothing trains, the floor is computed
+  assert ex.main(argv) == 0  # and read back from OUT/popularity.json afterwards
+  assert calls == [out]
+  table = json.loads((out / 'table.json').read_text())
+  assert table['rows']['popularity']['recall@10']['mean'] == 0.02 and table['missing'] == []
+
+
+def test_popularity_that_cannot_be_computed_is_listed_missing(tmp_path, monkeypatch):
+  def broken(sweep, progress):
+    raise FileNotFoundError('no data')
+
+  monkeypatch.setattr(ex, 'compute_popularity', broken)
+  out = tmp_path / 'o'
+  _write_run(out, 'heterrec-seed0', {k: 0.1 for k in METRIC_NAMES})
+  assert ex.main(['compare', '--out', str(out), '--models', 'heterrec,popularity', '--seeds',
+                  '1']) == 0
+  assert json.loads((out / 'table.json').read_text())['missing'] == ['popularity']
+
+
+def test_ablation_table_rows_and_gain_of_full(tmp_path):
+  out = tmp_path / 'abl'
+  for variant, value in (('full', 0.3), ('no_htfl', 0.2), ('no_mfk', 0.25)):
+    _write_run(out, f'heterrec-{variant}-seed0', {k: value for k in METRIC_NAMES})
+  assert ex.main(['compare', '--out', str(out), '--variants', 'full,no_htfl,no_mfk', '--seeds',
+                  '1', '--gather']) == 0
+  table = json.loads((out / 'table.json').read_text())
+  assert table['best_baseline']['ndcg@50']['row'] == 'no_mfk'
+  assert table['gain_percent']['ndcg@50'] == pytest.approx(20.0)
+  assert table['gain_over_percent']['no_htfl']['ndcg@50'] == pytest.approx(50.0)
+  text = (out / 'table.md').read_text()
+  assert text.startswith('# Ablation (test split')
+  order = [text.index(f'| {name} |') for name in ('w/o HTFL', '— w/o MFK', 'HeterRec',
+                                                   'Best variant', 'Improvement')]
+  assert order == sorted(order)
+
+
+def test_budget_mismatch_is_reported(tmp_path):
+  out = tmp_path / 'o'
+  cfg = load_config(str(ROOT / 'configs' / 'tiny.py'))
+  saved = dataclasses.asdict(cfg)
+  saved['train']['steps'] = 999
+  _write_run(out, 'heterrec-seed0', {k: 0.1 for k in METRIC_NAMES}, config=saved)
+  assert ex.main(['compare', '--out', str(out), '--config', 'configs/tiny.py', '--models',
+                  'heterrec', '--seeds', '1', '--gather']) == 0
+  table = json.loads((out / 'table.json').read_text())
+  assert table['budget']['steps'] == cfg.train.steps
+  assert len(table['warnings']) == 1 and 'heterrec-seed0' in table['warnings'][0]
+
+
+def test_wall_time_falls_back_to_file_times(tmp_path):
+  run = _write_run(tmp_path, 'r', {k: 0.1 for k in METRIC_NAMES})
+  (run / 'config.json').write_text('{}')
+  os.utime(run / 'config.json', (1000.0, 1000.0))
+  os.utime(run / 'results.json', (1042.5, 1042.5))
+  assert ex.wall_seconds(run) == (pytest.approx(42.5), 'file times')
+  (run / 'wall_time.json').write_text(json.dumps({'seconds': 7.0}))
+  assert ex.wall_seconds(run) == (7.0, 'recorded')
+
+
+# ---- running (with a stand-in for train.train) ----------------------------------------------
+
+def test_execute_records_wall_time_skips_finished_and_survives_failures(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_train(cfg, workdir, progress=True):
+    calls.append((cfg.model.name, cfg.train.seed, cfg.train.steps, workdir.name))
+    if (cfg.model.name, cfg.train.seed) == ('sasrec', 1) and len(calls) < 5:
+      raise RuntimeError('boom')
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics = {k: 0.1 * (1 + cfg.train.seed) for k in METRIC_NAMES}
+    (workdir / 'results.json').write_text(json.dumps({'valid': metrics, 'test': metrics}))
+    (workdir / 'popularity.json').write_text(json.dumps({'valid': metrics, 'test': metrics}))
+    return {'status': 'done'}
+
+  monkeypatch.setattr(ex, '_train_fn', lambda: fake_train)
+  out = tmp_path / 'o'
+  argv = ['compare', '--models', 'heterrec,sasrec,popularity', '--seeds', '2', '--out', str(out),
+          '--config', 'configs/tiny.py', '--steps', '3', '--quiet']
+  assert ex.main(argv) == 1  # one run failed
+  assert calls == [('heterrec', 0, 3, 'heterrec-seed0'), ('heterrec', 1, 3, 'heterrec-seed1'),
+                   ('sasrec', 0, 3, 'sasrec-seed0'), ('sasrec', 1, 3, 'sasrec-seed1')]
+  assert 'RuntimeError: boom' in (out / 'runs' / 'sasrec-seed1' / 'error.txt').read_text()
+  for name in ('heterrec-seed0', 'sasrec-seed1'):
+    assert json.loads((out / 'runs' / name / 'wall_time.json').read_text())['attempts'] == 1
+  assert json.loads((out / 'table.json').read_text())['missing'] == ['sasrec-seed1']
+  assert ex.main(argv) == 0  # resumes: only the failed run is trained again
+  assert calls[4:] == [('sasrec', 1, 3, 'sasrec-seed1')]
+  wall = json.loads((out / 'runs' / 'sasrec-seed1' / 'wall_time.json').read_text())
+  assert (wall['attempts'], wall['status']) == (2, 'done')
+  table = json.loads((out / 'table.json').read_text())
+  assert table['missing'] == [] and table['rows']['popularity']['mrr']['mean'] > 0
+
+
+def test_a_preempted_run_ends_the_sweep(tmp_path, monkeypatch):
+  calls = []
+
+  def preempted(cfg, workdir, progress=True):
+    calls.append(workdir.name)
+    return {'status': 'preempted', 'step': 3}
+
+  monkeypatch.setattr(ex, '_train_fn', lambda: preempted)
+  out = tmp_path / 'o'
+  assert ex.main(['compare', '--models', 'heterrec,sasrec', '--seeds', '2', '--out', str(out),
+                  '--quiet']) == 1
+  assert calls == ['heterrec-seed0']
+  assert json.loads((out / 'runs' / 'heterrec-seed0' / 'wall_time.json').read_text())[
+      'status'] == 'preempted'
+
+
+# ---- scaling --------------------------------------------------------------------------------
+
+def test_stack_flops_counts_each_matmul():
+  length, width, mult = 4, 2, 1
+
+  def matmul(a, b, c):
+    return 2 * a * b * c
+
+  expected = (4 * matmul(length, width, width)  # Q, K, V, O projections
+              + matmul(length, width, mult * width) + matmul(length, mult * width, width)  # FFN
+              + matmul(length, width, length) + matmul(length, length, width))  # QK^T, AV
+  assert ex._stack_flops(1, length, width, mult) == expected
+  assert ex._stack_flops(3, length, width, mult) == 3 * expected
+
+
+def test_analytic_flops_scale_with_layers_steps_and_htfl():
+  cfg = load_config(str(ROOT / 'configs' / 'tiny.py'))
+  def flops(steps=10, **model):
+    return ex.analytic_train_flops(apply_overrides(cfg, [f'model.{k}={v}' for k, v in
+                                                         model.items()]), 3, steps)
+  assert flops(steps=20) == 2 * flops(steps=10)
+  assert flops(n1=2) > flops(n1=1) and flops(n2=2) > flops(n2=1)
+  m, t, b = cfg.model, cfg.data.max_len, cfg.train.batch_size
+  token_stage = 3 * b * 10 * ex._stack_flops(m.n1, t * 3, m.d_f, m.ffn_mult)
+  assert flops() - flops(variant='no_htfl') == pytest.approx(token_stage)
+
+
+def test_count_params_counts_only_params():
+  from flax import nnx
+  assert ex.count_params(lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(0))) == 3 * 4 + 4
+  assert ex.count_params(lambda: nnx.BatchNorm(5, rngs=nnx.Rngs(0))) == 2 * 5  # not the stats
+
+
+def test_model_size_counts_the_model_of_a_config_on_its_dataset(tmp_path):
+  from heterrec_jax.data import prepare
+  folder = tmp_path / 'toy'
+  folder.mkdir()
+  (folder / 'toy.inter').write_text('user_id:token\titem_id:token\ttimestamp:float\n' + ''.join(
+      f'u{u}\ti{(u + t) % 5}\t{t}\n' for u in range(4) for t in range(4)))
+  (folder / 'toy.item').write_text('item_id:token\tcolor:token\n' + ''.join(
+      f'i{i}\tc{i % 2}\n' for i in range(5)))
+  assert prepare.main(['--format', 'recbole', '--input', str(folder), '--output',
+                       str(tmp_path / 'ds'), '--quiet']) == 0
+  cfg = apply_overrides(load_config(str(ROOT / 'configs' / 'tiny.py')),
+                        [f'data.path={tmp_path / "ds"}'])
+  sizes = {}
+  for name, extra in (('1x1', []), ('2x1', ['model.n1=2']), ('no_htfl', ['model.variant=no_htfl'])):
+    sizes[name] = ex.model_size(apply_overrides(cfg, extra), tmp_path / 'unused')
+  assert sizes['1x1']['n_kinds'] == 2  # item id, color
+  assert sizes['2x1']['params'] > sizes['1x1']['params'] > sizes['no_htfl']['params'] > 0
+  missing = ex.model_size(apply_overrides(cfg, ['data.path=']), tmp_path / 'nothing')
+  assert 'params' not in missing and 'schema.json' in missing['error']
+
+
+def test_scaling_gather_writes_json_and_plot(tmp_path, monkeypatch):
+  monkeypatch.setattr(ex, 'model_size', lambda cfg, run_dir: {
+      'params': 1000 * (cfg.model.n1 + cfg.model.n2) + (0 if cfg.model.variant == 'full' else 7),
+      'n_kinds': 3})
+  out, rng = tmp_path / 'sc', np.random.default_rng(1)
+  written = {}
+  for variant in ('full', 'no_htfl'):
+    for grid in ('1x1', '2x2'):
+      written[f'{variant}-{grid}'] = _random_metrics(rng, 0.1)
+      run = _write_run(out, f'{variant}-{grid}-seed0', written[f'{variant}-{grid}'])
+  (run / 'flops.json').write_text(json.dumps({'flops_per_step': 1e9}))  # no_htfl-2x2
+  (run / 'metrics.jsonl').write_text('{"step": 20, "split": "train", "loss": 1}\n'
+                                     '{"step": 40, "split": "train", "loss": 1}\n')
+  assert ex.main(['scaling', '--out', str(out), '--grid', '1x1,2x2,3x3', '--config',
+                  'configs/tiny.py', '--gather']) == 0
+  scaling = json.loads((out / 'scaling.json').read_text())
+  points = {ex.point_name(p['variant'], p['n1'], p['n2']): p for p in scaling['points']}
+  assert sorted(points) == ['full-1x1', 'full-2x2', 'full-3x3', 'no_htfl-1x1', 'no_htfl-2x2',
+                            'no_htfl-3x3']
+  assert points['no_htfl-2x2']['train_flops'] == 1e9 * 40
+  assert points['no_htfl-2x2']['flops_source'] == ['recorded']
+  cfg = apply_overrides(load_config(str(ROOT / 'configs' / 'tiny.py')),
+                        ['model.n1=2', 'model.n2=2'])
+  assert points['full-2x2']['train_flops'] == pytest.approx(
+      ex.analytic_train_flops(cfg, 3, cfg.train.steps))
+  assert points['full-2x2']['params'] == 4000 and points['full-2x2']['layers'] == 4
+  assert points['full-1x1']['metrics']['ndcg@50'] == pytest.approx(written['full-1x1']['ndcg@50'])
+  assert points['full-3x3']['metrics'] == {} and points['full-3x3']['missing'] == ['full-3x3-seed0']
+  assert scaling['missing'] == ['full-3x3-seed0', 'no_htfl-3x3-seed0']
+  png = (out / 'scaling.png').read_bytes()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+
+
+def test_steps_trained_reads_the_last_train_step(tmp_path):
+  assert ex.steps_trained(tmp_path, 123) == 123
+  (tmp_path / 'metrics.jsonl').write_text(
+      '{"step": 10, "split": "train"}\n{"step": 10, "split": "valid"}\nnot json\n'
+      '{"step": 30, "split": "train"}\n{"step": 30, "split": "test"}\n')
+  assert ex.steps_trained(tmp_path, 123) == 30

@@ -1,0 +1,180 @@
+"""launch/: every script's dry run prints exactly the commands it would run (and they parse back
+into the intended argv); the sweep runner's real path is checked with local shell commands."""
+
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TRAIN = 'python -m heterrec_jax.train'
+
+
+def _run(argv, env=None, cwd=ROOT):
+  full_env = {**os.environ, **(env or {})}
+  return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60,
+                        check=False)
+
+
+def _lines(result):
+  assert result.returncode == 0, result.stderr
+  return result.stdout.splitlines()
+
+
+# ---- tpu_pod.sh -----------------------------------------------------------------------------
+
+def test_tpu_pod_dry_run_prints_the_gcloud_commands():
+  out = _lines(_run(['bash', 'launch/tpu_pod.sh', '--dry-run', '--name', 'my-pod', '--zone',
+                     'us-central2-b', '--project', 'proj', '--sync', '--setup', '--',
+                     '--config', 'configs/paper.py', '--workdir', '/mnt/shared/runs/paper',
+                     'data.path=/mnt/shared/data/amazon']))
+  ssh = 'gcloud compute tpus tpu-vm ssh my-pod --zone us-central2-b --project proj --worker=all'
+  assert out == [
+      f"{ssh} --command 'mkdir -p heterrec_jax'",
+      'gcloud compute tpus tpu-vm scp --recurse --zone us-central2-b --project proj '
+      '--worker=all heterrec_jax configs launch requirements.txt my-pod:heterrec_jax/',
+      f"{ssh} --command 'cd heterrec_jax && python3 -m venv venv && . venv/bin/activate && "
+      'pip install -q -r requirements.txt && pip install -q -U "jax[tpu]==0.10.2"\'',
+      f"{ssh} --command 'cd heterrec_jax && . venv/bin/activate && {TRAIN} --config "
+      "configs/paper.py --workdir /mnt/shared/runs/paper data.path=/mnt/shared/data/amazon'",
+  ]
+
+
+def test_launch_readme_shows_the_commands_the_scripts_print():
+  readme = (ROOT / 'launch' / 'README.md').read_text().splitlines()
+  tpu = _lines(_run(['bash', 'launch/tpu_pod.sh', '--dry-run', '--name', 'my-pod', '--zone',
+                     'us-central2-b', '--sync', '--setup', '--', '--config', 'configs/paper.py',
+                     '--workdir', '/mnt/shared/runs/paper',
+                     'data.path=/mnt/shared/data/amazon']))
+  gpu = _lines(_run(['bash', 'launch/multi_gpu.sh', '--dry-run', '--hosts', 'gpu-a,gpu-b', '--',
+                     '--config', 'configs/paper.py', '--workdir', '/shared/runs/paper']))
+  for line in tpu + gpu:
+    assert line in readme
+
+
+def test_tpu_pod_quotes_arguments_so_they_survive_two_shells():
+  out = _lines(_run(['bash', 'launch/tpu_pod.sh', '--name', 'p', '--zone', 'z', '--repo',
+                     'my code', '--', '--workdir', "/runs/a b's"], env={'DRY_RUN': '1'}))
+  assert len(out) == 1
+  argv = shlex.split(out[0])
+  assert argv[:9] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'p', '--zone', 'z',
+                      '--worker=all']
+  assert argv[9] == '--command'
+  assert shlex.split(argv[10]) == ['cd', 'my code', '&&', '.', 'venv/bin/activate', '&&',
+                                   'python', '-m', 'heterrec_jax.train', '--workdir',
+                                   "/runs/a b's"]
+
+
+def test_tpu_pod_requires_name_and_zone():
+  result = _run(['bash', 'launch/tpu_pod.sh', '--dry-run', '--zone', 'z'])
+  assert result.returncode == 2 and 'required' in result.stderr and not result.stdout
+
+
+# ---- multi_gpu.sh ---------------------------------------------------------------------------
+
+def test_multi_gpu_single_process_gets_no_distributed_env():
+  out = _lines(_run(['bash', 'launch/multi_gpu.sh', '--dry-run', '--', '--config',
+                     'configs/tiny.py']))
+  assert out == [f'{TRAIN} --config configs/tiny.py']
+
+
+def test_multi_gpu_one_process_per_local_gpu():
+  out = _lines(_run(['bash', 'launch/multi_gpu.sh', '--gpus-per-host', '2', '--', '--workdir',
+                     'runs/x'], env={'DRY_RUN': '1'}))
+  assert out == [
+      f'env JAX_COORDINATOR_ADDRESS=localhost:12355 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID={i} '
+      f'CUDA_VISIBLE_DEVICES={i} {TRAIN} --workdir runs/x' for i in (0, 1)]
+
+
+def test_multi_gpu_hosts_over_ssh():
+  out = _lines(_run(['bash', 'launch/multi_gpu.sh', '--dry-run', '--hosts', 'gpu-a,gpu-b',
+                     '--gpus-per-host', '2', '--coordinator', '10.0.0.1:9999', '--',
+                     '--config', 'configs/paper.py']))
+  expected = []
+  for pid, (host, gpu) in enumerate([('gpu-a', 0), ('gpu-a', 1), ('gpu-b', 0), ('gpu-b', 1)]):
+    expected.append(
+        f"ssh {host} 'cd heterrec_jax && . venv/bin/activate && env "
+        f'JAX_COORDINATOR_ADDRESS=10.0.0.1:9999 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID={pid} '
+        f"CUDA_VISIBLE_DEVICES={gpu} {TRAIN} --config configs/paper.py'")
+  assert out == expected
+
+
+def test_multi_gpu_one_process_per_host_uses_the_first_host_as_coordinator():
+  out = _lines(_run(['bash', 'launch/multi_gpu.sh', '--dry-run', '--hosts', 'a,b']))
+  assert [shlex.split(line)[:2] for line in out] == [['ssh', 'a'], ['ssh', 'b']]
+  assert [shlex.split(shlex.split(line)[2])[6:10] for line in out] == [
+      ["env", "JAX_COORDINATOR_ADDRESS=a:12355", "JAX_NUM_PROCESSES=2", f"JAX_PROCESS_ID={i}"]
+      for i in (0, 1)]
+
+
+# ---- sweep.py -------------------------------------------------------------------------------
+
+PLAN = [f'{TRAIN} --config configs/tiny.py --workdir OUT/runs/m-seed{s} train.seed={s}'
+        for s in range(3)]
+
+
+def _sweep(tmp_path, *args):
+  plan = tmp_path / 'plan.txt'
+  if not plan.exists():
+    plan.write_text('# a comment\n\n' + '\n'.join(PLAN) + '\n')
+  return _run([sys.executable, str(ROOT / 'launch' / 'sweep.py'), '--plan', str(plan), *args],
+              cwd=tmp_path)
+
+
+def test_sweep_dry_run_round_robin_over_ssh_hosts(tmp_path):
+  out = _lines(_sweep(tmp_path, '--machines', 'gpu-a,gpu-b', '--per-machine', '2', '--dry-run'))
+  hosts = ['gpu-a', 'gpu-b', 'gpu-a']
+  assert out == [f"ssh {h} 'cd heterrec_jax && . venv/bin/activate && {c}'"
+                 for h, c in zip(hosts, PLAN)]
+  assert not (tmp_path / 'logs').exists()
+
+
+def test_sweep_dry_run_on_tpus(tmp_path):
+  out = _lines(_sweep(tmp_path, '--kind', 'tpu', '--machines', 'pod-a,pod-b', '--zone', 'z',
+                      '--project', 'proj', '--repo', 'code', '--venv', '', '--dry-run'))
+  pods = ['pod-a', 'pod-b', 'pod-a']
+  assert out == [f"gcloud compute tpus tpu-vm ssh {p} --zone z --project proj --worker=all "
+                 f"--command 'cd code && {c}'" for p, c in zip(pods, PLAN)]
+
+
+def test_sweep_skips_finished_runs(tmp_path):
+  done = tmp_path / 'OUT' / 'runs' / 'm-seed1'
+  done.mkdir(parents=True)
+  (done / 'results.json').write_text('{}')
+  out = _lines(_sweep(tmp_path, '--kind', 'local', '--dry-run'))
+  assert out == [shlex.join(['bash', '-c', PLAN[0]]), shlex.join(['bash', '-c', PLAN[2]])]
+  assert len(_lines(_sweep(tmp_path, '--kind', 'local', '--dry-run', '--no-skip-done'))) == 3
+
+
+def test_sweep_runs_locally_with_logs_wall_times_and_concurrency(tmp_path):
+  (tmp_path / 'w1').mkdir()
+  # The first command succeeds only if the second one runs at the same time.
+  wait_for_b = ("sh -c 'for i in $(seq 100); do [ -f b.flag ] && exit 0; sleep 0.1; done; "
+                "exit 1' --workdir w1")
+  (tmp_path / 'plan.txt').write_text('\n'.join([
+      wait_for_b, 'touch b.flag; echo made b --workdir w2', "sh -c 'exit 3' --workdir w3"]) + '\n')
+  result = _sweep(tmp_path, '--kind', 'local', '--per-machine', '2')
+  assert result.returncode == 1, result.stderr  # the third command fails
+  records = json.loads((tmp_path / 'logs' / 'sweep.json').read_text())
+  assert [r['status'] for r in records] == ['done', 'done', 'failed (exit 3)']
+  assert [r['machine'] for r in records] == ['local'] * 3
+  assert 'made b' in (tmp_path / 'logs' / '001-w2.log').read_text()
+  wall = json.loads((tmp_path / 'w1' / 'wall_time.json').read_text())
+  assert wall['status'] == 'done' and wall['attempts'] == 1 and wall['seconds'] > 0
+  assert not (tmp_path / 'w2').exists()  # a workdir not visible here is left alone
+
+
+def test_sweep_requires_machines_and_zone(tmp_path):
+  assert _sweep(tmp_path, '--dry-run').returncode == 2
+  assert _sweep(tmp_path, '--kind', 'tpu', '--machines', 'p', '--dry-run').returncode == 2
+
+
+@pytest.mark.parametrize('script', ['tpu_pod.sh', 'multi_gpu.sh'])
+def test_shell_scripts_print_help(script):
+  result = _run(['bash', f'launch/{script}', '--help'])
+  assert result.returncode == 0 and '--dry-run' in result.stdout
+  assert 'set -e' not in result.stdout  # the comment header only

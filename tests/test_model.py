@@ -1,0 +1,248 @@
+"""HeterRec: shapes for every variant, causality by gradients, HTFL details, the public API."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from heterrec_jax.config import ConfigError, LossConfig, ModelConfig
+from heterrec_jax.data.dataset import Feature, Schema
+from heterrec_jax.model import HeterRec
+
+N_ITEMS, B, T, N_STEP = 10, 3, 4, 2
+FEATURES = (Feature('item_id', 'categorical', 0, 1, N_ITEMS + 2),
+            Feature('genre', 'multi', 1, 3, 6),
+            Feature('price', 'numerical', 4, 1, 5),
+            Feature('image', 'multimodal', 5, 2, 17))
+SCHEMA = Schema(FEATURES, n_users=5, n_items=N_ITEMS, n_events=40)
+K, S = SCHEMA.n_kinds, SCHEMA.n_sub
+VARIANTS = ('full', 'no_htfl', 'no_mfk', 'no_hct', 'no_lmp', 'no_tlmp')
+
+
+def _item_tokens(seed=0):
+  """int32 [n_items + 1, S]; row 0 (the padding item) is all zeros."""
+  rng = np.random.default_rng(seed)
+  rows = np.concatenate([np.arange(N_ITEMS + 1)[:, None] + 1, rng.integers(0, 6, (N_ITEMS + 1, 3)),
+                         rng.integers(0, 6, (N_ITEMS + 1, 1)),
+                         rng.integers(1, 17, (N_ITEMS + 1, 2))], axis=1)
+  rows[0] = 0
+  return rows.astype(np.int32)
+
+
+TOKENS = _item_tokens()
+RAW = {'image': np.random.default_rng(1).normal(size=(N_ITEMS + 1, 6)).astype(np.float32)}
+
+
+def _model(variant='full', dropout=0.0, **loss):
+  cfg = ModelConfig(variant=variant, d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2,
+                    dropout=dropout, time_buckets=8)
+  model = HeterRec(SCHEMA, cfg, LossConfig(n_step=N_STEP, **loss), rngs=nnx.Rngs(0),
+                   embeddings=RAW)
+  model.eval()
+  return model
+
+
+def _batch(w=T + N_STEP, seed=2):
+  """Right-aligned windows: sequence 0 is left-padded, sequence 2 is all padding."""
+  rng = np.random.default_rng(seed)
+  items = rng.integers(1, N_ITEMS + 1, (B, w)).astype(np.int32)
+  mask = np.ones((B, w), bool)
+  mask[0, :2] = False
+  mask[2] = False
+  items = np.where(mask, items, 0)
+  ts = np.cumsum(rng.integers(1, 10**5, (B, w)), axis=1).astype(np.int32)
+  return {'items': items, 'tokens': TOKENS[items], 'timestamps': np.where(mask, ts, 0),
+          'mask': mask}
+
+
+def _user_args(batch, t=T):
+  return tuple(batch[k][:, :t] for k in ('items', 'tokens', 'timestamps', 'mask'))
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_forward_shapes_and_finite_for_every_variant(variant):
+  model = _model(variant, dropout=0.1)
+  model.train()
+  out = jax.jit(lambda m, b: m.forward(b))(model, _batch())
+  n_tok = len(model.token_kinds)
+  assert n_tok == (0 if variant in ('no_htfl', 'no_tlmp') else 3)
+  chex.assert_shape(out['queries'], (N_STEP, B, T, 12))
+  chex.assert_shape(out['targets'], (B, T + N_STEP, 12))
+  chex.assert_shape(out['token_queries'], (N_STEP, n_tok, B, T, 8))
+  chex.assert_shape(out['token_targets'], (n_tok, B, T + N_STEP, 8))
+  chex.assert_tree_all_finite(out)
+  np.testing.assert_allclose(jnp.linalg.norm(out['queries'], axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(out['targets'], axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ('full', 'no_htfl', 'no_hct'))
+def test_user_vector_is_first_head_at_last_position(variant):
+  model = _model(variant)
+  batch = _batch()
+  user = jax.jit(lambda m, *a: m.user_vector(*a))(model, *_user_args(batch))
+  chex.assert_shape(user, (B, 12))
+  chex.assert_tree_all_finite(user)
+  queries = jax.jit(lambda m, b: m.forward(b)['queries'])(model, batch)
+  np.testing.assert_allclose(user, queries[0, :, -1], atol=1e-5)
+
+
+def test_encode_items_any_leading_shape_and_token_targets():
+  model = _model()
+  encode = jax.jit(lambda m, i, t: m.encode_items(i, t))
+  items = np.arange(6, dtype=np.int32).reshape(2, 3)
+  vec, tok = encode(model, items, TOKENS[items])
+  chex.assert_shape((vec, tok), ((2, 3, 12), (2, 3, K, 8)))
+  flat_vec, _ = encode(model, items.reshape(-1), TOKENS[items.reshape(-1)])
+  np.testing.assert_allclose(vec.reshape(6, 12), flat_vec, atol=1e-6)
+  batch = _batch()
+  out = jax.jit(lambda m, b: m.forward(b))(model, batch)
+  _, slots = encode(model, batch['items'], batch['tokens'])
+  for s, (_, k, _, _) in enumerate(model.token_kinds):
+    np.testing.assert_allclose(out['token_targets'][s], slots[:, :, k], atol=1e-6)
+
+
+def _full_mask_inputs():
+  batch = _batch(w=T)
+  batch['mask'][:] = True
+  items, tokens, ts, mask = _user_args(batch)
+  return items, tokens, ts, mask
+
+
+def _grad_norms(fn, x):
+  """`norms[t, ...] = sum |d sum(fn(x)[:, t]) / dx|` over the batch and feature axes of x:
+  `[T, *x.shape[1:-1]]` (one jitted Jacobian instead of a gradient per position)."""
+  # A random projection, not a plain sum: the sum of a LayerNorm output over its features is
+  # constant (zero gradient) at initialisation.
+  probe = lambda y: y * jax.random.normal(jax.random.key(1), y.shape[-1:], y.dtype)
+  per_t = lambda x: jnp.sum(probe(fn(x)), axis=(0, -1)).reshape(-1)
+  jac = jax.jit(jax.jacrev(per_t))(x)
+  return np.abs(np.asarray(jac)).sum(axis=(1, -1))
+
+
+def test_token_level_is_block_causal_by_gradients():
+  """Every token (t, k) depends on ALL K tokens of items <= t (its own item's later kinds too,
+  which a plain token-causal mask would hide) and on no token of a later item."""
+  model = _model()
+  items, tokens, ts, mask = _full_mask_inputs()
+  h0 = model.htfl(items, tokens)
+  fn = lambda h: model.encode_tokens(h, ts, mask)[1].reshape(B, T * K, -1)
+  norms = _grad_norms(fn, h0)  # [T * K query tokens, T, K]
+  for i in range(T * K):
+    t = i // K
+    assert np.all(norms[i, t + 1:] == 0), (i, norms[i])
+    assert np.all(norms[i, :t + 1] > 0), (i, norms[i])
+
+
+def test_user_output_is_causal_by_gradients():
+  model = _model()
+  items, tokens, ts, mask = _full_mask_inputs()
+  h0 = model.htfl(items, tokens)
+  norms = _grad_norms(lambda h: model.encode_tokens(h, ts, mask)[0], h0)  # [T, T, K]
+  for t in range(T):
+    assert np.all(norms[t, t + 1:] == 0), (t, norms[t])
+    assert np.all(norms[t, :t + 1] > 0), (t, norms[t])  # every token of items <= t
+
+
+def test_padded_items_are_invisible_by_gradients():
+  model = _model()
+  items, tokens, ts, mask = _full_mask_inputs()
+  mask[:, :2] = False
+  h0 = model.htfl(items, tokens)
+  norms_TxK = _grad_norms(lambda h: model.encode_tokens(h, ts, mask)[0], h0)[T - 1]
+  assert np.all(norms_TxK[:2] == 0) and np.all(norms_TxK[2:] > 0), norms_TxK
+
+
+def test_item_level_is_causal_by_gradients():
+  model = _model()
+  _, _, ts, mask = _full_mask_inputs()
+  x = jax.random.normal(jax.random.key(0), (B, T, 12))
+  norms = _grad_norms(lambda x: model.encode_item_level(x, ts, mask), x)  # [T, T]
+  for t in range(T):
+    assert np.all(norms[t, t + 1:] == 0) and np.all(norms[t, :t + 1] > 0), (t, norms[t])
+
+
+def test_no_hct_token_does_not_see_later_tokens():
+  model = _model('no_hct')
+  items, tokens, ts, mask = _full_mask_inputs()
+  h0 = model.htfl(items, tokens)
+  fn = lambda h: model.encode_tokens(h, ts, mask)[1].reshape(B, T * K, -1)
+  norms = _grad_norms(fn, h0).reshape(T * K, T * K)  # [query token, key token], flat order
+  for i in range(T * K):
+    assert np.all(norms[i, i + 1:] == 0) and np.all(norms[i, :i + 1] > 0), (i, norms[i])
+
+
+def test_no_htfl_has_no_token_stage():
+  model = _model('no_htfl')
+  user, tok = jax.jit(lambda m, *a: m.encode_user(*a))(model, *_user_args(_batch()))
+  assert tok is None
+  chex.assert_shape(user, (B, T, 12))
+  assert model.token_stage is None
+  assert model.token_kinds == ()
+
+
+def test_padded_items_produce_no_nan():
+  for variant in ('full', 'no_hct', 'no_htfl'):
+    model = _model(variant)
+    user, tok = jax.jit(lambda m, *a: m.encode_user(*a))(model, *_user_args(_batch()))
+    chex.assert_tree_all_finite((user, tok))
+
+
+def test_multi_valued_mean_masks_padding():
+  model = _model()
+  table = np.asarray(model.htfl.features[1].embed.embedding[...])
+  ids = jnp.array([[2, 4, 0], [0, 0, 0], [5, 0, 5]], jnp.int32)
+  got = np.asarray(model.htfl.features[1](None, ids))
+  np.testing.assert_allclose(got[0], (table[2] + table[4]) / 2, atol=1e-6)
+  np.testing.assert_allclose(got[1], 0.0)
+  np.testing.assert_allclose(got[2], table[5], atol=1e-6)
+
+
+def test_htfl_tokens_and_slot_embedding():
+  model = _model()
+  h0 = np.asarray(model.htfl(jnp.array([3]), TOKENS[[3]]))
+  slot = np.asarray(model.htfl.slot_embedding[...])
+  item_table = np.asarray(model.htfl.features[0].embed.embedding[...])
+  np.testing.assert_allclose(h0[0, 0], item_table[TOKENS[3, 0]] + slot[0], atol=1e-6)
+  groups = np.asarray(model.htfl.features[3].embedding[...])  # [Z, rows, d_f / Z]
+  image = np.concatenate([groups[z, TOKENS[3, 5 + z]] for z in range(2)])
+  np.testing.assert_allclose(h0[0, 3], image + slot[3], atol=1e-6)
+
+
+def test_no_mfk_uses_frozen_raw_embedding():
+  model = _model('no_mfk')
+  params = jax.tree_util.keystr(nnx.state(model, nnx.Param))
+  assert 'raw_embedding' not in params
+  raw = model.htfl.features[3]
+  np.testing.assert_allclose(raw.raw_embedding[...], RAW['image'])
+  with pytest.raises(ConfigError, match='no_mfk'):
+    HeterRec(SCHEMA, ModelConfig(variant='no_mfk', d_f=8, d_k=8), LossConfig(),
+             rngs=nnx.Rngs(0))
+
+
+def test_token_kinds_resolution_and_errors():
+  assert [n for n, *_ in _model().token_kinds] == ['genre', 'price', 'image']
+  assert _model().token_kinds[0] == ('genre', 1, 1, 3)
+  assert _model(token_kinds=('price',)).token_kinds == (('price', 2, 4, 1),)
+  assert _model(w_tok=0.0).token_kinds == ()
+  with pytest.raises(ConfigError, match='loss.token_kinds'):
+    _model(token_kinds=('colour',))
+  with pytest.raises(ConfigError, match='model.d_f'):
+    HeterRec(SCHEMA, ModelConfig(d_f=9, d_k=8, heads=1), LossConfig(), rngs=nnx.Rngs(0))
+
+
+def test_parameters_name_logical_axes_and_are_float32():
+  cfg = ModelConfig(d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2, time_buckets=8,
+                    compute_dtype='bfloat16')
+  model = HeterRec(SCHEMA, cfg, LossConfig(n_step=N_STEP), rngs=nnx.Rngs(0))
+  allowed = {None, 'vocab', 'embed', 'mlp', 'heads', 'buckets', 'items', 'batch'}
+  for path, var in jax.tree.leaves_with_path(nnx.state(model, nnx.Param),
+                                             is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    names = var.get_metadata().get('out_sharding')
+    assert names is not None and len(names) == var[...].ndim, jax.tree_util.keystr(path)
+    assert set(names) <= allowed and var[...].dtype == jnp.float32
+  table = model.htfl.features[0].embed.embedding
+  assert table.get_metadata()['out_sharding'] == ('vocab', 'embed')
+  out = jax.jit(lambda m, b: m.forward(b))(model, _batch())
+  chex.assert_tree_all_finite(out)

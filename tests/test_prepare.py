@@ -1,0 +1,186 @@
+"""prepare_dataset and the prepare command: layout, determinism, filtering, failures."""
+
+import json
+
+import numpy as np
+import pytest
+
+from heterrec_jax.data import prepare, tokenizer
+from heterrec_jax.data.dataset import Dataset
+from heterrec_jax.data.raw import FLOAT, TOKEN, TOKEN_SEQ, Column, ItemTable, PrepareError, RawData
+
+OPTIONS = tokenizer.Options(groups=2, n_bins=4)
+
+
+def _raw(events, keys=('a', 'b', 'c', 'd', 'e', 'f'), embedding=True):
+  """RawData from (user, item, ts) triples and a small item table."""
+  users, items, times = zip(*events)
+  n = len(keys)
+  table = ItemTable(keys=list(keys), columns={
+      'genre': Column(TOKEN_SEQ, [('x', 'y'), ('y',), None, ('x',), ('y',), ('x',)][:n]),
+      'brand': Column(TOKEN, ['p', 'q', 'p', 'p', None, 'q'][:n]),
+      'price': Column(FLOAT, [1.0, 2.0, np.nan, 4.0, 5.0, 6.0][:n])})
+  embeddings = {'text': np.random.default_rng(0).normal(size=(n, 4))} if embedding else {}
+  return RawData(users=np.array(users), items=np.array(items),
+                 timestamps=np.array(times, np.int64), item_table=table,
+                 embeddings=embeddings, source='test')
+
+
+EVENTS = [('u2', 'b', 5), ('u1', 'a', 3), ('u2', 'a', 1), ('u1', 'c', 3), ('u3', 'a', 1),
+          ('u1', 'b', 2), ('u2', 'd', 5), ('u2', 'e', 0)]
+
+
+def test_layout_sorting_and_filtering(tmp_path):
+  out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', options=OPTIONS, progress=False)
+  ds = Dataset.load(out)
+  assert (out / 'user_keys.txt').read_text().split() == ['u2', 'u1']  # first appearance
+  assert (out / 'item_keys.txt').read_text().split() == ['<pad>', 'a', 'b', 'c', 'd', 'e', 'f']
+  # u2: ties at ts 5 keep file order (b before d); u3 (1 event) dropped.
+  assert ds.user_events(0)[0].tolist() == [5, 1, 2, 4]
+  assert ds.user_events(0)[1].tolist() == [0, 1, 5, 5]
+  assert ds.user_events(1)[0].tolist() == [2, 1, 3]
+  assert ds.offsets.tolist() == [0, 4, 7]
+  assert ds.item_tokens[0].tolist() == [0] * ds.schema.n_sub
+  assert [f.name for f in ds.schema.features] == ['item_id', 'genre', 'brand', 'price', 'text']
+  assert ds.embeddings['text'].shape == (7, 4) and not ds.embeddings['text'][0].any()
+  report = json.loads((out / 'report.json').read_text())
+  assert (report['users'], report['items'], report['events']) == (2, 6, 7)
+  assert (report['dropped_users'], report['dropped_user_events']) == (1, 1)
+  assert report['items_without_events'] == 1  # 'f' stays in the corpus
+  assert report['features']['text']['codes_used'] and report['features']['price']['bins'] >= 1
+  assert json.loads((out / 'schema.json').read_text())['split'] == {'kind': 'loo'}
+
+
+def _folder_bytes(folder):
+  return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_same_input_gives_byte_identical_folders(tmp_path):
+  raw = _raw(EVENTS)
+  raw.embeddings['text'] = np.random.default_rng(0).normal(size=(6, 8))
+  opts = tokenizer.Options(groups=2, pca_dim=4)
+  a = prepare.prepare_dataset(raw, tmp_path / 'a', options=opts, progress=False)
+  raw_b = _raw(EVENTS)
+  raw_b.embeddings['text'] = np.random.default_rng(0).normal(size=(6, 8))
+  b = prepare.prepare_dataset(raw_b, tmp_path / 'b', options=opts, progress=False)
+  assert 'tokenizer_text_pca_components.npy' in _folder_bytes(a)
+  assert _folder_bytes(a) == _folder_bytes(b)
+
+
+@pytest.mark.parametrize('mode', ['keep', 'drop'])
+def test_unknown_items_keep_or_drop(tmp_path, mode):
+  events = EVENTS + [('u1', 'zz', 9), ('u2', 'yy', 9), ('u1', 'zz', 10)]
+  out = prepare.prepare_dataset(_raw(events), tmp_path / 'ds', unknown_items=mode,
+                                options=OPTIONS, progress=False)
+  report = json.loads((out / 'report.json').read_text())
+  assert (report['unknown_item_events'], report['unknown_items']) == (3, 2)
+  keys = (out / 'item_keys.txt').read_text().split()
+  ds = Dataset.load(out)
+  if mode == 'keep':
+    assert keys[7:] == ['zz', 'yy'] and report['events'] == 10  # first-seen order
+    row = ds.item_tokens[7]
+    assert row[0] == 8 and row[-2:].tolist() == [0, 0]  # known id, no embedding
+  else:
+    assert len(keys) == 7 and report['events'] == 7
+
+
+def test_all_users_dropped_leaves_existing_output_untouched(tmp_path):
+  out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', options=OPTIONS, progress=False)
+  before = _folder_bytes(out)
+  with pytest.raises(PrepareError, match='every user has fewer than --min-events=9'):
+    prepare.prepare_dataset(_raw(EVENTS), out, min_events=9, options=OPTIONS, progress=False)
+  assert _folder_bytes(out) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ds']  # no temporary folder left
+
+
+def test_failed_tokenizer_leaves_output_untouched(tmp_path):
+  out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', options=OPTIONS, progress=False)
+  before = _folder_bytes(out)
+  with pytest.raises(PrepareError, match='--groups=3'):
+    prepare.prepare_dataset(_raw(EVENTS), out, options=tokenizer.Options(groups=3),
+                            progress=False)
+  assert _folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ['ds']
+
+
+def test_time_split_cutoff(tmp_path):
+  out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', split='time',
+                                cutoff='1970-01-01', options=OPTIONS, progress=False)
+  assert json.loads((out / 'schema.json').read_text())['split'] == {'kind': 'time', 'cutoff': 0}
+  assert prepare.parse_cutoff('2020-01-02') == 1577923200
+  with pytest.raises(PrepareError, match='--split time needs --cutoff'):
+    prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'x', split='time', progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _recbole(tmp_path, rows):
+  folder = tmp_path / 'toy'
+  folder.mkdir()
+  (folder / 'toy.inter').write_text('user_id:token\titem_id:token\ttimestamp:float\n'
+                                    + ''.join(r + '\n' for r in rows))
+  (folder / 'toy.item').write_text('item_id:token\tyear:token\tclass:token_seq\n'
+                                   'i1\t1990\tA B\ni2\tunkonwn\tB\ni3\t1999\tC\n')
+  return folder
+
+
+ROWS = ['u1\ti1\t1', 'u1\ti2\t2', 'u1\ti3\t3', 'u2\ti2\t1', 'u2\ti3\t2', 'u2\ti1\t4']
+
+
+def test_cli_twice_is_byte_identical(tmp_path, capsys):
+  folder = _recbole(tmp_path, ROWS)
+  np.save(tmp_path / 'emb.npy', np.arange(48, dtype=np.float32).reshape(3, 16) % 7)
+  args = ['--format', 'recbole', '--input', str(folder), '--embedding',
+          f'title={tmp_path / "emb.npy"}', '--groups', '4', '--quiet',
+          '--numerical', 'year', '--multi', 'class']  # 3 items: too few to trust detection
+  assert prepare.main(args + ['--output', str(tmp_path / 'a')]) == 0
+  assert prepare.main(args + ['--output', str(tmp_path / 'b')]) == 0
+  assert _folder_bytes(tmp_path / 'a') == _folder_bytes(tmp_path / 'b')
+  ds = Dataset.load(tmp_path / 'a')
+  assert [(f.name, f.kind) for f in ds.schema.features] == [
+      ('item_id', 'categorical'), ('year', 'numerical'), ('class', 'multi'),
+      ('title', 'multimodal')]
+  assert ds.item_tokens[2, 1] == 0  # 'unkonwn' year: the missing bin
+  assert capsys.readouterr().out == ''
+
+
+def test_cli_malformed_line_is_one_line_exit_2(tmp_path, capsys):
+  folder = _recbole(tmp_path, ROWS[:2] + ['u1\ti3'])
+  assert prepare.main(['--format', 'recbole', '--input', str(folder), '--output',
+                       str(tmp_path / 'out'), '--quiet']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'Traceback' not in err
+  assert f'{folder / "toy.inter"}:4: expected 3 tab-separated fields' in err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_cli_embedding_rows_must_match(tmp_path, capsys):
+  folder = _recbole(tmp_path, ROWS)
+  emb = tmp_path / 'emb.npy'
+  np.save(emb, np.ones((5, 8)))
+  assert prepare.main(['--format', 'recbole', '--input', str(folder), '--output',
+                       str(tmp_path / 'out'), '--embedding', f'e={emb}', '--quiet']) == 2
+  err = capsys.readouterr().err
+  assert f'--embedding {emb} has 5 rows but the item table has 3 items' in err
+
+
+def test_cli_embedding_ids_align_rows(tmp_path):
+  folder = _recbole(tmp_path, ROWS)
+  np.save(tmp_path / 'emb.npy', np.array([[3.0, 3.0], [1.0, 1.0]]))
+  (tmp_path / 'ids.txt').write_text('i3\ni1\n')
+  assert prepare.main(['--format', 'recbole', '--input', str(folder), '--output',
+                       str(tmp_path / 'out'), '--embedding', f'e={tmp_path / "emb.npy"}',
+                       '--embedding-ids', str(tmp_path / 'ids.txt'), '--groups', '2',
+                       '--quiet']) == 0
+  ds = Dataset.load(tmp_path / 'out')
+  np.testing.assert_array_equal(ds.embeddings['e'], [[0, 0], [1, 1], [0, 0], [3, 3]])
+  f = ds.schema.feature('e')
+  assert ds.item_tokens[2, f.offset:].tolist() == [0, 0]  # i2 has no embedding row
+
+
+def test_cli_synthetic(tmp_path):
+  pytest.importorskip('heterrec_jax.data.synthetic')
+  assert prepare.main(['--format', 'synthetic', '--users', '40', '--items-count', '30',
+                       '--topics', '3', '--output', str(tmp_path / 'syn'), '--quiet']) == 0
+  assert Dataset.load(tmp_path / 'syn').schema.n_items >= 30
