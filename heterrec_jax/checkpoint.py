@@ -33,6 +33,9 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, record: dict[str, Any],
            data_iter: Any | None = None) -> None:
+    """Saves under `step`; a step already saved (the same state) is left as it is."""
+    if step in self._manager.all_steps():
+      return
     items = {'state': ocp.args.StandardSave(state), 'record': ocp.args.JsonSave(record)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)

@@ -60,7 +60,8 @@ def export_run(workdir: pathlib.Path, output: pathlib.Path, which: str = 'best',
   tstate = evaluate_lib.restore_run(workdir, which)
   cfg, dataset = tstate.cfg, tstate.dataset
   graphdef = evaluate_lib.eval_graphdef(tstate)
-  state = jax.device_get(evaluate_lib.model_state(tstate.state))
+  # One device, jax arrays: the exported tower closes over them as constants.
+  state = jax.tree.map(jnp.asarray, jax.device_get(evaluate_lib.model_state(tstate.state)))
   items = evaluate_lib.item_vectors(graphdef, state, dataset, cfg.eval.item_batch_size)
   tower = user_tower(graphdef, state)
   n_users, t, s = dataset.schema.n_users, cfg.data.max_len, dataset.schema.n_sub

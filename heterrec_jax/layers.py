@@ -183,10 +183,13 @@ class CausalStack(nnx.Module):
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
-  """`x / max(||x||, eps)` along `axis`, computed and returned in float32."""
+  """`x / max(||x||, eps)` along `axis`, computed and returned in float32.
+
+  Written with `rsqrt` of the clamped squared norm so the gradient is finite at x = 0 too.
+  """
   x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  squared = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
 def stacked_init(lead: Sequence[int]):

@@ -98,7 +98,7 @@ class MultimodalToken(nnx.Module):
   def __call__(self, items: jax.Array, ids_xZ: jax.Array) -> jax.Array:
     del items
     z = ids_xZ.shape[-1]
-    groups_xZxG = self.embedding[...][jnp.arange(z), ids_xZ]
+    groups_xZxG = jnp.asarray(self.embedding[...])[jnp.arange(z), ids_xZ]
     return groups_xZxG.reshape(*ids_xZ.shape[:-1], -1).astype(self.dtype)
 
 
@@ -112,7 +112,7 @@ class RawModalToken(nnx.Module):
 
   def __call__(self, items: jax.Array, ids_xZ: jax.Array) -> jax.Array:
     del ids_xZ
-    return self.proj(self.raw_embedding[...][items])
+    return self.proj(jnp.asarray(self.raw_embedding[...])[items])
 
 
 def _raw_matrix(feature: Feature, embeddings: dict | None, n_items: int) -> np.ndarray:

@@ -15,12 +15,10 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from heterrec_jax import sharding
+from heterrec_jax import baselines, sharding
 from heterrec_jax.config import Config, ConfigError
 from heterrec_jax.data.dataset import Dataset
 from heterrec_jax.model import HeterRec
-
-MODELS = ('heterrec',)
 
 
 def load_dataset(cfg: Config, workdir: pathlib.Path, progress: bool = True) -> Dataset:
@@ -41,8 +39,10 @@ def load_dataset(cfg: Config, workdir: pathlib.Path, progress: bool = True) -> D
 
 
 def build_model(cfg: Config, dataset: Dataset, seed: int) -> nnx.Module:
-  if cfg.model.name not in MODELS:
-    raise ConfigError(f'model.name={cfg.model.name!r} is not allowed; use one of {MODELS}')
+  """HeterRec, or the baseline named by `model.name` (`baselines.py`)."""
+  if cfg.model.name != 'heterrec':
+    return baselines.build_baseline(dataset.schema, cfg.model, cfg.loss, nnx.Rngs(seed),
+                                    cfg.data.max_len)
   embeddings = dict(dataset.embeddings) if cfg.model.variant == 'no_mfk' else None
   return HeterRec(dataset.schema, cfg.model, cfg.loss, rngs=nnx.Rngs(seed),
                   embeddings=embeddings)

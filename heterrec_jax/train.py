@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import evaluate as evaluate_lib
+from heterrec_jax import baseline_loss, evaluate as evaluate_lib
 from heterrec_jax import loss as loss_lib
 from heterrec_jax import metrics, sharding, state as state_lib
 from heterrec_jax.checkpoint import Checkpointer
@@ -61,7 +61,9 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
 
     def loss_fn(model):
       outputs = model.forward(batch)
-      return loss_lib.heterrec_loss(outputs, batch, token_columns, cfg.loss, rng)
+      if cfg.model.name == 'heterrec':
+        return loss_lib.model_loss(outputs, batch, token_columns, cfg.loss, rng)
+      return baseline_loss.baseline_loss(cfg.model.name, outputs, batch, cfg.loss, rng)
 
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)

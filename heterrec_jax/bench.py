@@ -1,0 +1,194 @@
+"""Benchmarks, one subcommand each.
+
+    python -m heterrec_jax.bench data --input DIR [--max-len 200] [--n-step 3] \\
+        [--batch-size 128] [--batches 200] [--warmup 10] [--window last|random] [--workers 0]
+
+    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] [key=value ...]
+
+`data` times the training input pipeline (`data.pipeline.train_dataset`) on a prepared folder:
+it draws `--warmup` batches, then times `--batches` more, and prints a human line then, last,
+one JSON object (`windows_per_s`, `batches_per_s`, `seconds`, the settings). Pin it to one core
+with `taskset -c 0` to measure the per-core rate.
+
+`train` times the jitted, sharded train step of a config (its data: `data.path`, or the built-in
+synthetic data prepared into a temporary folder) on two fixed batches, after `--warmup` steps
+that include the compilation. It prints, last, one JSON object with `step_time_s`,
+`sequences_per_s`, `tokens_per_s` (B x T x K tokens of the token level), `flops_per_step` (XLA's
+cost analysis of the compiled step), `matmul_ceiling_flops_per_s` (a 2048 x 2048 float32 matmul
+timed in the same run, best of 5), `fraction_of_ceiling` and `peak_memory_bytes` (arguments +
+outputs + temporaries - donated aliases, from XLA's memory analysis of the compiled step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from heterrec_jax import sharding, state as state_lib, train as train_lib
+from heterrec_jax.config import Config, ConfigError, apply_overrides, load_config
+from heterrec_jax.data import pipeline
+from heterrec_jax.data.dataset import Dataset, DatasetError
+
+
+def bench_data(input_dir: str, *, max_len: int = 200, n_step: int = 3, batch_size: int = 128,
+               batches: int = 200, warmup: int = 10, window: str = 'last', workers: int = 0,
+               seed: int = 0) -> dict[str, Any]:
+  """Training windows per second of the input pipeline on the folder `input_dir`."""
+  if batches < 1 or warmup < 0:
+    raise ConfigError(f'--batches={batches} must be >= 1 and --warmup={warmup} >= 0')
+  dataset = Dataset.load(input_dir)
+  ds = pipeline.train_dataset(dataset, max_len=max_len, n_step=n_step, batch_size=batch_size,
+                              seed=seed, window=window, workers=workers)
+  it = iter(ds)
+  try:
+    for _ in range(warmup):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    seconds = time.perf_counter() - start
+  finally:
+    if workers:
+      it.close()
+  return {'benchmark': 'data', 'input': str(dataset.path), 'windows_per_s': batches * batch_size
+          / seconds, 'batches_per_s': batches / seconds, 'seconds': seconds, 'batches': batches,
+          'warmup': warmup, 'batch_size': batch_size, 'max_len': max_len, 'n_step': n_step,
+          'window': window, 'workers': workers, 'n_sub': dataset.schema.n_sub}
+
+
+def _run_data(args: argparse.Namespace) -> dict[str, Any]:
+  result = bench_data(args.input, max_len=args.max_len, n_step=args.n_step,
+                      batch_size=args.batch_size, batches=args.batches, warmup=args.warmup,
+                      window=args.window, workers=args.workers, seed=args.seed)
+  print(f'data: {result["windows_per_s"]:,.0f} training windows/s ({result["batches_per_s"]:,.1f} '
+        f'batches of {args.batch_size} x {args.max_len}+{args.n_step} events/s, {args.window} '
+        f'windows, {args.workers} workers) on {result["input"]}')
+  return result
+
+
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser('data', help='training windows per second of the input pipeline')
+  p.add_argument('--input', required=True, help='a prepared dataset folder')
+  p.add_argument('--max-len', type=int, default=200, help='T, events per input')
+  p.add_argument('--n-step', type=int, default=3, help='N_step; a window holds T + N_step')
+  p.add_argument('--batch-size', type=int, default=128)
+  p.add_argument('--batches', type=int, default=200, help='batches timed')
+  p.add_argument('--warmup', type=int, default=10, help='batches drawn before timing')
+  p.add_argument('--window', default='last', choices=pipeline.WINDOWS)
+  p.add_argument('--workers', type=int, default=0, help='background worker processes')
+  p.add_argument('--seed', type=int, default=0)
+
+
+# ---- train ----------------------------------------------------------------------------------
+
+
+def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
+  """float32 FLOP/s of one large `n x n` matmul on the default device (best of `repeats`)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
+  """(FLOPs per step from XLA's cost analysis, peak bytes from its memory analysis)."""
+  compiled = step.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost['flops']) if cost and 'flops' in cost else None
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes)
+  return flops, peak
+
+
+def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10,
+                warmup: int = 2) -> dict[str, Any]:
+  """Times `steps` train steps of `cfg` after `warmup` (compile included in warm-up)."""
+  dataset = state_lib.load_dataset(cfg, workdir, progress=False)
+  tstate = state_lib.build_state(cfg, dataset, sharding.make_mesh(cfg.mesh))
+  if steps < 1 or warmup < 1:
+    raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
+  data_iter = train_lib.train_iterator(cfg, tstate)
+  batches = [sharding.global_batch(next(data_iter), tstate.mesh) for _ in range(2)]
+  step = train_lib.make_train_step(tstate, batches[0])
+  flops, peak = compiled_costs(step, tstate.state, batches[0])
+  state = tstate.state
+  for i in range(warmup):
+    state, aux = step(state, batches[i % 2])
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for i in range(steps):
+    state, aux = step(state, batches[i % 2])
+  jax.block_until_ready((state, aux))
+  step_time = (time.perf_counter() - t0) / steps
+  ceiling = matmul_ceiling()
+  b, t, k = cfg.train.batch_size, cfg.data.max_len, dataset.schema.n_kinds
+  return {'benchmark': 'train', 'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
+          'batch_size': b, 'max_len': t, 'tokens_per_item': k, 'step_time_s': step_time,
+          'sequences_per_s': b / step_time, 'tokens_per_s': b * t * k / step_time,
+          'flops_per_step': flops, 'matmul_ceiling_flops_per_s': ceiling,
+          'fraction_of_ceiling': flops / step_time / ceiling if flops else None,
+          'peak_memory_bytes': peak}
+
+
+def _run_train(args: argparse.Namespace) -> dict[str, Any]:
+  cfg = apply_overrides(load_config(args.config), args.overrides)
+  with tempfile.TemporaryDirectory(prefix='heterrec-bench-') as tmp:
+    result = bench_train(cfg, pathlib.Path(tmp), steps=args.steps, warmup=args.warmup)
+  result = {'config': args.config, 'overrides': args.overrides, **result}
+  print(f'train: {result["step_time_s"] * 1e3:.1f} ms/step, {result["sequences_per_s"]:,.1f} '
+        f'sequences/s, {result["tokens_per_s"]:,.0f} tokens/s on {result["devices"]} '
+        f'{result["platform"]} device(s)')
+  return result
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser('train', help='train-step time, throughput, FLOPs and memory of a config')
+  p.add_argument('--config', default=str(train_lib.DEFAULT_CONFIG), help='a config file')
+  p.add_argument('--steps', type=int, default=10, help='steps timed')
+  p.add_argument('--warmup', type=int, default=2, help='steps before timing (compile included)')
+  p.add_argument('overrides', nargs='*', help='dotted overrides such as train.batch_size=8')
+
+
+# Subcommand name -> (adds its parser, runs it and returns its JSON result).
+COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    'data': (_data_parser, _run_data),
+    'train': (_train_parser, _run_train),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m heterrec_jax.bench', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  for add_parser, _ in COMMANDS.values():
+    add_parser(sub)
+  args = parser.parse_args(argv)
+  try:
+    result = COMMANDS[args.command][1](args)
+  except (ConfigError, DatasetError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

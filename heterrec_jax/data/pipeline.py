@@ -1,0 +1,235 @@
+"""Training and evaluation batches from a prepared dataset folder (SPEC sections 2 and 9).
+
+A batch is a dict of NumPy arrays, the per-process part of the global batch:
+
+  items       int32 [B, L]     item indices, 0 = padding
+  tokens      int32 [B, L, S]  `dataset.item_tokens[items]` (row 0 is the padding item)
+  timestamps  int32 [B, L]     seconds since the first real event of the row, 0 on padding
+  mask        bool  [B, L]     True on real events
+
+Rows are RIGHT-aligned: the most recent event is in the last column, padding on the left.
+Training batches have L = max_len + n_step; evaluation batches have L = max_len and also
+
+  target      int32 [B]        the item to retrieve
+  valid       bool  [B]        False on the rows that pad the last batch
+
+Training is a Grain pipeline (`train_dataset`): the users with a training window, sharded by
+process, shuffled each epoch, repeated forever, batched, then one vectorised gather per batch;
+its iterator has `get_state`/`set_state` and is checkpointed with the model. Evaluation
+(`eval_dataset`) is a plain re-iterable of fixed-size batches, the same count on every process.
+Split boundaries come from `splits.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import grain
+from absl import flags
+import numpy as np
+
+from heterrec_jax.config import ConfigError
+from heterrec_jax.data import splits
+from heterrec_jax.data.dataset import Dataset, DatasetError
+
+WINDOWS = ('last', 'random')
+EVAL_SPLITS = ('valid', 'test')
+Batch = dict[str, np.ndarray]
+_ENDLESS = 2**62  # batch numbers of the training stream: never exhausted
+
+
+def windows(dataset: Dataset, starts_B: np.ndarray, ends_B: np.ndarray, length: int) -> Batch:
+  """The last `length` events of `[starts_B, ends_B)` (absolute event indices), right-aligned.
+
+  Rows with `starts_B == ends_B` come out as all padding.
+  """
+  items_E, ts_E = np.asarray(dataset.items), np.asarray(dataset.timestamps)
+  first_B = np.maximum(starts_B, ends_B - length)
+  pos_BxL = (ends_B - length)[:, None] + np.arange(length)
+  mask_BxL = pos_BxL >= first_B[:, None]
+  pos_BxL = np.where(mask_BxL, pos_BxL, 0)
+  items_BxL = items_E[pos_BxL]
+  items_BxL *= mask_BxL
+  first_ts_B = ts_E[np.minimum(first_B, max(len(ts_E) - 1, 0))]
+  ts_BxL = (ts_E[pos_BxL] - first_ts_B[:, None]).astype(np.int32)
+  ts_BxL *= mask_BxL
+  tokens_BxLxS = np.take(np.asarray(dataset.item_tokens), items_BxL, axis=0)
+  return {'items': items_BxL.astype(np.int32, copy=False), 'tokens': tokens_BxLxS,
+          'timestamps': ts_BxL, 'mask': mask_BxL}
+
+
+class _Reloadable:
+  """Holds a `Dataset`; pickles as its folder path (Grain workers reload it memory-mapped)
+  instead of copying the arrays into every worker process."""
+
+  def __init__(self, dataset: Dataset):
+    self.dataset = dataset
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = dict(self.__dict__)
+    if (self.dataset.path / 'schema.json').is_file():
+      state['dataset'] = self.dataset.path
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    if not isinstance(state['dataset'], Dataset):
+      state['dataset'] = Dataset.load(state['dataset'])
+    self.__dict__.update(state)
+
+
+class TrainWindows(_Reloadable):
+  """Grain transform: a batch of user ids `[B]` -> a training batch of `length` columns.
+
+  Called as `f(users_B)` (the last window of each training part) or, as a Grain random map,
+  `f(users_B, rng)` (a window ending at a uniform end point in [2, n_train] of each part).
+  """
+
+  def __init__(self, dataset: Dataset, split: splits.Split, length: int):
+    super().__init__(dataset)
+    self.start_U, self.end_U, self.length = split.train_start, split.train_end, length
+
+  def __call__(self, users_B: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
+    starts_B, ends_B = self.start_U[users_B], self.end_U[users_B]
+    if rng is not None:
+      ends_B = starts_B + rng.integers(splits.MIN_TRAIN_EVENTS, ends_B - starts_B + 1)
+    return windows(self.dataset, starts_B, ends_B, self.length)
+
+
+class ShuffledUsers:
+  """Grain transform: a batch number -> the user ids `[B]` of that batch.
+
+  The stream of users is epoch after epoch of `users`, each epoch in its own seeded order
+  (a permutation from `(seed, epoch)`); batch `i` is positions `[i * B, (i + 1) * B)` of that
+  stream, so epochs run into each other and no batch is short. The order of the current
+  epochs is cached, so a batch costs O(B), not O(n_users).
+  """
+
+  def __init__(self, users: np.ndarray, batch_size: int, seed: int):
+    self.users, self.batch_size, self.seed = users, batch_size, seed
+    self._orders: dict[int, np.ndarray] = {}
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, '_orders': {}}  # workers build their own cache
+
+  def order(self, epoch: int) -> np.ndarray:
+    """The users in the order of `epoch`."""
+    if epoch not in self._orders:
+      if len(self._orders) >= 4:
+        self._orders.pop(min(self._orders))
+      rng = np.random.default_rng([self.seed, epoch])
+      self._orders[epoch] = self.users[rng.permutation(len(self.users))]
+    return self._orders[epoch]
+
+  def __call__(self, step: int) -> np.ndarray:
+    n = len(self.users)
+    pos_B = int(step) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    epoch_B, index_B = np.divmod(pos_B, n)
+    users_B = np.empty(self.batch_size, np.int64)
+    for epoch in range(int(epoch_B[0]), int(epoch_B[-1]) + 1):
+      rows = epoch_B == epoch
+      users_B[rows] = self.order(epoch)[index_B[rows]]
+    return users_B
+
+
+def train_dataset(dataset: Dataset, *, max_len: int, n_step: int, batch_size: int, seed: int,
+                  window: str = 'last', process_index: int = 0, process_count: int = 1,
+                  workers: int = 0) -> grain.IterDataset:
+  """The endless, shuffled training batches of this process (`batch_size` rows each).
+
+  Users with a training window (`splits.train_users`) are sharded `[process_index::
+  process_count]` and streamed epoch after epoch, each epoch in its own order (`ShuffledUsers`).
+  `window='random'` draws each window's end from a generator seeded by `seed` and the batch
+  number (reproducible, different in every epoch). `workers > 0` builds batches in that many
+  background processes; the batches are the same as with 0.
+  """
+  _check_train_args(max_len, n_step, batch_size, window, process_index, process_count, workers)
+  if not 0 <= seed < 2**32:
+    raise ConfigError(f'seed={seed} must be in [0, 2**32)')
+  split = splits.dataset_split(dataset)
+  users = splits.train_users(split)[process_index::process_count]
+  if not len(users):
+    raise DatasetError(f'{dataset.path}: no training window for process {process_index} of '
+                       f'{process_count} (users need >= {splits.MIN_TRAIN_EVENTS} training events)')
+  gather = TrainWindows(dataset, split, max_len + n_step)
+  ds = grain.MapDataset.range(_ENDLESS).seed(seed).map(ShuffledUsers(users, batch_size, seed))
+  ds = ds.map(gather) if window == 'last' else ds.random_map(gather)
+  ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
+  if workers:
+    _allow_unparsed_absl_flags()
+    ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ids
+
+
+def _allow_unparsed_absl_flags() -> None:
+  """Grain's `mp_prefetch` reads absl flags, which raise in programs that never parse them
+  (ours use argparse; google/grain#1355): their defaults are what we want."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _check_train_args(max_len, n_step, batch_size, window, process_index, process_count,
+                      workers) -> None:
+  for name, value, least in (('max_len', max_len, 1), ('n_step', n_step, 0),
+                             ('batch_size', batch_size, 1), ('workers', workers, 0),
+                             ('process_count', process_count, 1)):
+    if value < least:
+      raise ConfigError(f'{name}={value} must be >= {least}')
+  if window not in WINDOWS:
+    raise ConfigError(f'window={window!r} is not allowed; use one of {WINDOWS}')
+  if not 0 <= process_index < process_count:
+    raise ConfigError(f'process_index={process_index} is not in [0, {process_count})')
+
+
+class EvalBatches:
+  """The evaluation batches of one process: re-iterable, `len()` = number of batches."""
+
+  def __init__(self, dataset: Dataset, users: np.ndarray, targets_U: np.ndarray, max_len: int,
+               batch_size: int, n_batches: int):
+    self.dataset, self.targets_U, self.max_len = dataset, targets_U, max_len
+    self.batch_size, self.n_batches = batch_size, n_batches
+    self.users = np.full(n_batches * batch_size, -1, np.int64)  # -1: a padding row
+    self.users[:len(users)] = users
+
+  def __len__(self) -> int:
+    return self.n_batches
+
+  def __iter__(self) -> Iterator[Batch]:
+    for b in range(self.n_batches):
+      yield self.batch(self.users[b * self.batch_size:(b + 1) * self.batch_size])
+
+  def batch(self, users_B: np.ndarray) -> Batch:
+    """The inputs (the `max_len` events before the target) and targets of `users_B`."""
+    valid_B = users_B >= 0
+    ends_B = np.where(valid_B, self.targets_U[np.maximum(users_B, 0)], 0)
+    starts_B = np.where(valid_B, np.asarray(self.dataset.offsets)[np.maximum(users_B, 0)], 0)
+    batch = windows(self.dataset, starts_B, ends_B, self.max_len)
+    target_B = np.where(valid_B, np.asarray(self.dataset.items)[ends_B], 0).astype(np.int32)
+    return {**batch, 'target': target_B, 'valid': valid_B}
+
+
+def eval_users(dataset: Dataset, split: str, max_users: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(users, target index of every user): the users (ascending) with a `split` target and at
+  least one event before it, the first `max_users` of them when `max_users > 0`."""
+  if split not in EVAL_SPLITS:
+    raise ConfigError(f'split={split!r} is not allowed; use one of {EVAL_SPLITS}')
+  targets_U = splits.dataset_split(dataset).target(split)
+  users = np.flatnonzero(targets_U > np.asarray(dataset.offsets)[:-1])  # -1 fails too
+  return (users[:max_users] if max_users > 0 else users), targets_U
+
+
+def eval_dataset(dataset: Dataset, *, split: str, max_len: int, batch_size: int,
+                 process_index: int = 0, process_count: int = 1,
+                 max_users: int = 0) -> EvalBatches:
+  """The `split` ('valid' or 'test') examples of this process, in fixed-size batches.
+
+  Users are sharded `[process_index::process_count]`; every process yields
+  ceil(ceil(n_users / process_count) / batch_size) batches of exactly `batch_size` rows, the
+  last ones padded with `valid=False` rows (items 0, mask False, target 0), so a jitted step
+  compiles once and hosts stay in lockstep.
+  """
+  _check_train_args(max_len, 0, batch_size, 'last', process_index, process_count, 0)
+  users, targets_U = eval_users(dataset, split, max_users)
+  n_batches = math.ceil(math.ceil(len(users) / process_count) / batch_size)
+  return EvalBatches(dataset, users[process_index::process_count], targets_U, max_len,
+                     batch_size, n_batches)

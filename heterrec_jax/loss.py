@@ -1,0 +1,227 @@
+"""The Listwise Multi-step Prediction (LMP) loss of HeterRec (SPEC section 6), as pure JAX
+functions, and `model_loss`, which picks it or the in-batch sampled softmax of HSTU's public
+SASRec (`baseline_loss.sampled_softmax_loss`, shared with the baselines) by `loss.name`.
+
+Shapes: N = n_step, B sequences, T query positions, W = window length (T + N), D width,
+S sub-ids of a key, M pool slots. Positions are 0-based: at step i the query at position t
+predicts the target at position t + i. Step loss (eq. 8-12), in log space:
+
+  L_i = mean over counted (b, t) of  logsumexp([log c, s+/tau, s-/tau ...]) - s+/tau
+
+with c = `null_logit_c` (c = 0: no term). All steps are computed at once (a leading N axis,
+one einsum for all steps); only the token kinds are a Python loop (their n_sub differ). Masks,
+not the layout, say which events are real: right-aligned windows are not assumed.
+
+Choices where SPEC is silent:
+  * T is read from the queries (`queries.shape[2]`); targets may be longer than T + N.
+  * 'batch_pool': ONE pool per call, shared by every step, query and token kind (the token
+    level uses the token vectors and token ids of the same pool positions). Candidates are the
+    real positions w >= 1 of the batch. The pool has the static size
+    M = min(pool_size, B * (W - 1)) and is drawn uniformly WITHOUT replacement (a uniform random
+    key per position, non-candidates keyed below every candidate, then `top_k`); when there
+    are fewer candidates than M, the extra slots hold non-candidates and are masked as padding.
+    The pool may contain the positive's own position: it is masked as an accidental hit.
+  * The margin gate of step i > 1 is not chained: it compares with the step-(i-1) positive
+    logit of the same (b, t) whatever the gate of step i-1 decided. It also requires that
+    positive to exist (mask[b, t + i - 1]); with right-aligned windows this always holds.
+  * Token level, kind s: a negative is masked when it is the positive's item OR has the same
+    token of kind s (all n_sub sub-ids equal). The gate of step i uses the token-level positive
+    logits of kind s at steps i - 1 and i (each level is gated by its own logits).
+  * A step with no counted position contributes 0 (never NaN). Masked logits are a finite
+    -1e9, as in `layers`.
+  * aux 'token_loss' (and 'token_loss_step{i}') is the UNWEIGHTED sum over kinds and steps;
+    the loss is `item_loss + w_tok * token_loss`. 'gate_fraction_step{i}' (i > 1) is of the
+    item level: counted / valid positions (1 with the gate off, 0 when nothing is valid).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from heterrec_jax.baseline_loss import sampled_softmax_loss
+from heterrec_jax.config import LossConfig
+
+NEG_INF = -1e9
+
+# (flat index into the B*W positions `[M]` int32, real slot `[M]` bool) of a 'batch_pool'.
+Pool = tuple[jax.Array, jax.Array]
+
+
+def sample_pool(mask_BxW: jax.Array, pool_size: int, rng: jax.Array) -> Pool:
+  """The shared negative pool: M = min(pool_size, B*(W-1)) distinct positions drawn uniformly
+  without replacement among the real positions w >= 1; slots beyond the number of candidates
+  hold non-candidates and are marked not real."""
+  b, w = mask_BxW.shape
+  m = min(pool_size, b * (w - 1))
+  cand_BW = (mask_BxW.astype(bool) & (jnp.arange(w) >= 1)[None]).reshape(-1)
+  score_BW = jnp.where(cand_BW, jax.random.uniform(rng, (b * w,)), -1.0)
+  _, index_M = jax.lax.top_k(score_BW, m)
+  return index_M.astype(jnp.int32), cand_BW[index_M]
+
+
+def _gather(x_BxWx: jax.Array, index_M: jax.Array) -> jax.Array:
+  """Rows of the flattened B*W positions: `[B, W, ...] -> [M, ...]`."""
+  return x_BxWx.reshape(-1, *x_BxWx.shape[2:])[index_M]
+
+
+def _shifted(x_BxWx: jax.Array, n: int, t: int) -> jax.Array:
+  """The target positions of every step: `out[i-1, b, t] = x[b, t + i]`, `[N, B, T, ...]`."""
+  return jnp.stack([x_BxWx[:, i:i + t] for i in range(1, n + 1)])
+
+
+def lmp_step_logits(q_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
+                    pool: Pool | None = None) -> tuple[jax.Array, jax.Array]:
+  """Dot products (not divided by tau) of every step: positives `[N, B, T]` and negatives,
+  `[N, B, T, B]` (target position t + i of every sequence c) or `[N, B, T, M]` (the pool)."""
+  n, _, t, _ = q_NxBxTxD.shape
+  tgt_NxBxTxD = _shifted(targets_BxWxD, n, t)
+  pos_NxBxT = jnp.einsum('nbtd,nbtd->nbt', q_NxBxTxD, tgt_NxBxTxD)
+  if pool is None:
+    return pos_NxBxT, jnp.einsum('nbtd,nctd->nbtc', q_NxBxTxD, tgt_NxBxTxD)
+  return pos_NxBxT, jnp.einsum('nbtd,md->nbtm', q_NxBxTxD, _gather(targets_BxWxD, pool[0]))
+
+
+def _hits(keys_pos: list[jax.Array], keys_neg: list[jax.Array]) -> jax.Array:
+  """True where, for some key, every sub-id of the negative equals the positive's."""
+  same = [jnp.all(a == b, axis=-1) for a, b in zip(keys_pos, keys_neg)]
+  return functools.reduce(jnp.logical_or, same)
+
+
+def negative_mask(keys: tuple[jax.Array, ...], mask_BxW: jax.Array, n: int, t: int,
+                  pool: Pool | None = None) -> jax.Array:
+  """Which negatives count, `[N, B, T, B]` or `[N, B, T, M]`: real, not the query's own
+  sequence (same_position), no accidental hit on any of `keys` (each int `[B, W, S_j]`)."""
+  keys_pos = [_shifted(k, n, t)[:, :, :, None] for k in keys]
+  if pool is None:
+    b = mask_BxW.shape[0]
+    keys_neg = [jnp.swapaxes(_shifted(k, n, t), 1, 2)[:, None] for k in keys]
+    real_Nx1xTxC = jnp.swapaxes(_shifted(mask_BxW, n, t), 1, 2)[:, None]
+    ok = real_Nx1xTxC & ~jnp.eye(b, dtype=bool)[:, None, :]
+  else:
+    keys_neg = [_gather(k, pool[0])[None, None, None] for k in keys]
+    ok = pool[1][None, None, None]
+  return ok & ~_hits(keys_pos, keys_neg)
+
+
+def step_loss(pos_xBxT: jax.Array, neg_xBxTxN: jax.Array, neg_ok_xBxTxN: jax.Array,
+              counted_xBxT: jax.Array, tau: float, null_logit_c: float) -> jax.Array:
+  """`-log(e^{s+/tau} / (c + e^{s+/tau} + sum_ok e^{s-/tau}))` averaged over the counted
+  positions (0 when none), computed with logsumexp; leading axes (steps) are kept."""
+  pos_xBxT = pos_xBxT / tau
+  parts = [pos_xBxT[..., None], jnp.where(neg_ok_xBxTxN, neg_xBxTxN / tau, NEG_INF)]
+  if null_logit_c > 0:
+    parts.append(jnp.full_like(parts[0], math.log(null_logit_c)))
+  lse_xBxT = jax.nn.logsumexp(jnp.concatenate(parts, axis=-1), axis=-1)
+  total = jnp.sum(jnp.where(counted_xBxT, lse_xBxT - pos_xBxT, 0.0), axis=(-2, -1))
+  return total / _count(counted_xBxT)
+
+
+def _count(x_xBxT: jax.Array) -> jax.Array:
+  """The number of True entries per leading index, at least 1, as float32."""
+  return jnp.maximum(jnp.sum(x_xBxT, axis=(-2, -1)), 1).astype(jnp.float32)
+
+
+def margin_gate(prev_xBxT: jax.Array, pos_xBxT: jax.Array, tau: float,
+                lambda_m: float) -> jax.Array:
+  """`e^{s_prev/tau} > e^{s/tau} + lambda_m` in log space, bool, no gradient."""
+  prev_xBxT, pos_xBxT = jax.lax.stop_gradient((prev_xBxT / tau, pos_xBxT / tau))
+  if lambda_m > 0:
+    pos_xBxT = jnp.logaddexp(pos_xBxT, math.log(lambda_m))
+  return jax.lax.stop_gradient(prev_xBxT > pos_xBxT)
+
+
+def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
+                     keys: tuple[jax.Array, ...], mask_BxW: jax.Array, cfg: LossConfig,
+                     pool: Pool | None) -> tuple[jax.Array, jax.Array]:
+  """The step losses `[N]` of one level (the items or one token kind) and the fraction of
+  valid positions each step counted `[N]` (1 where the gate is off)."""
+  n, _, t, _ = queries_NxBxTxD.shape
+  pos_NxBxT, neg_NxBxTxC = lmp_step_logits(queries_NxBxTxD, targets_BxWxD, pool)
+  valid_NxBxT = mask_BxW[None, :, :t] & _shifted(mask_BxW, n, t)
+  counted_NxBxT = valid_NxBxT
+  if cfg.gate and n > 1:
+    # Steps 2..N, each against the positive logit of the step before it.
+    gate_xBxT = margin_gate(pos_NxBxT[:-1], pos_NxBxT[1:], cfg.tau, cfg.lambda_m)
+    later_xBxT = valid_NxBxT[1:] & valid_NxBxT[:-1] & gate_xBxT
+    counted_NxBxT = jnp.concatenate([valid_NxBxT[:1], later_xBxT])
+  ok_NxBxTxC = negative_mask(keys, mask_BxW, n, t, pool)
+  losses_N = step_loss(pos_NxBxT, neg_NxBxTxC, ok_NxBxTxC, counted_NxBxT, cfg.tau,
+                       cfg.null_logit_c)
+  fractions_N = jnp.sum(counted_NxBxT, axis=(1, 2)) / _count(valid_NxBxT)
+  return losses_N, fractions_N
+
+
+def _check_outputs(outputs: dict[str, jax.Array], token_columns) -> None:
+  """The token-level outputs must match `token_columns` and the number of steps."""
+  n, n_tok = outputs['token_queries'].shape[:2]
+  if n_tok != len(token_columns):
+    raise ValueError(f"outputs['token_queries'] has {n_tok} token kinds but token_columns "
+                     f'names {len(token_columns)}: {token_columns}')
+  if n_tok and n != outputs['queries'].shape[0]:
+    raise ValueError(f"outputs['token_queries'] has {n} steps, outputs['queries'] "
+                     f"{outputs['queries'].shape[0]}")
+
+
+def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_columns,
+             cfg: LossConfig, pool: Pool | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`heterrec_loss` with the 'batch_pool' pool given (None: 'same_position' negatives)."""
+  f32 = lambda name: outputs[name].astype(jnp.float32)
+  _check_outputs(outputs, token_columns)
+  mask_BxW = batch['mask'].astype(bool)
+  item_key_BxWx1 = batch['items'][..., None]
+  item_steps, fractions = lmp_level_losses(f32('queries'), f32('targets'), (item_key_BxWx1,),
+                                           mask_BxW, cfg, pool)
+  token_steps = jnp.zeros_like(item_steps)
+  queries_NxSxBxTxD, targets_SxBxWxD = f32('token_queries'), f32('token_targets')
+  for s, (_, _, offset, n_sub) in enumerate(token_columns):
+    keys = (item_key_BxWx1, batch['tokens'][..., offset:offset + n_sub])
+    steps, _ = lmp_level_losses(queries_NxSxBxTxD[:, s], targets_SxBxWxD[s], keys, mask_BxW,
+                                cfg, pool)
+    token_steps = token_steps + steps
+  return _total(item_steps, token_steps, fractions, cfg.w_tok)
+
+
+def _total(item_N: jax.Array, token_N: jax.Array, fraction_N: jax.Array, w_tok: float):
+  """`L = sum_i (L_i^item + w_tok * sum_s L_i^{token_s})` and its parts."""
+  item_loss, token_loss = jnp.sum(item_N), jnp.sum(token_N)
+  aux = {'item_loss': item_loss, 'token_loss': token_loss}
+  for i in range(1, item_N.shape[0] + 1):
+    aux[f'item_loss_step{i}'] = item_N[i - 1]
+    aux[f'token_loss_step{i}'] = token_N[i - 1]
+    if i > 1:
+      aux[f'gate_fraction_step{i}'] = fraction_N[i - 1]
+  return item_loss + w_tok * token_loss, aux
+
+
+def heterrec_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_columns,
+                  cfg: LossConfig, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The LMP loss (item level + token level) of `HeterRec.forward` outputs.
+
+  `token_columns`: `model.token_kinds`, (name, kind, column offset, n_sub) per token kind, in
+  the order of the n_tok axis. `rng` draws the pool of negatives='batch_pool'.
+  Returns (loss, aux of float32 scalars).
+  """
+  pool = None
+  if cfg.negatives == 'batch_pool':
+    pool = sample_pool(batch['mask'], cfg.pool_size, rng)
+  return lmp_loss(outputs, batch, token_columns, cfg, pool)
+
+
+def sampled_softmax_heterrec(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
+                             cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`sampled_softmax_loss` on HeterRec's step-1 queries (loss.name='sampled_softmax')."""
+  loss = sampled_softmax_loss(outputs['queries'][0], outputs['targets'], batch['items'],
+                              batch['mask'], cfg.tau)
+  return loss, {'item_loss': loss, 'token_loss': jnp.zeros((), jnp.float32)}
+
+
+def model_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_columns,
+               cfg: LossConfig, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """HeterRec's loss as `cfg.name` says: 'default' (LMP) or 'sampled_softmax'."""
+  if cfg.name == 'default':
+    return heterrec_loss(outputs, batch, token_columns, cfg, rng)
+  return sampled_softmax_heterrec(outputs, batch, cfg)
