@@ -36,6 +36,7 @@ Choices where SPEC is silent:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -225,3 +226,14 @@ def model_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token
   if cfg.name == 'default':
     return heterrec_loss(outputs, batch, token_columns, cfg, rng)
   return sampled_softmax_heterrec(outputs, batch, cfg)
+
+
+def ablated(cfg: LossConfig, variant: str) -> LossConfig:
+  """The loss settings of a HeterRec ablation: 'no_lmp' is multi-step prediction without the
+  margin gate (plain MTP), 'no_tlmp' drops the token-level term (w_tok = 0); the other
+  variants change the model, not the loss."""
+  if variant == 'no_lmp':
+    return dataclasses.replace(cfg, gate=False)
+  if variant == 'no_tlmp':
+    return dataclasses.replace(cfg, w_tok=0.0)
+  return cfg

@@ -62,7 +62,8 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
     def loss_fn(model):
       outputs = model.forward(batch)
       if cfg.model.name == 'heterrec':
-        return loss_lib.model_loss(outputs, batch, token_columns, cfg.loss, rng)
+        loss_cfg = loss_lib.ablated(cfg.loss, cfg.model.variant)
+        return loss_lib.model_loss(outputs, batch, token_columns, loss_cfg, rng)
       return baseline_loss.baseline_loss(cfg.model.name, outputs, batch, cfg.loss, rng)
 
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
