@@ -24,7 +24,7 @@ from heterrec_jax import metrics, retrieval, sharding
 from heterrec_jax import state as state_lib
 from heterrec_jax.checkpoint import Checkpointer
 from heterrec_jax.config import Config, ConfigError
-from heterrec_jax.data import pipeline
+from heterrec_jax.data import pipeline, splits
 from heterrec_jax.data.dataset import Dataset, DatasetError
 from heterrec_jax.state import TrainState
 
@@ -101,8 +101,11 @@ def _eval_batches(cfg: Config, dataset: Dataset, split: str):
 
 
 def popularity(cfg: Config, dataset: Dataset, split: str) -> dict[str, float]:
-  """The floor: every user gets the items ranked by their training-event counts."""
-  scores = retrieval.popularity_scores(np.asarray(dataset.items), dataset.schema.n_items)
+  """The floor: every user gets the items ranked by their training-event counts (validation
+  and test targets are not counted)."""
+  items_E = np.asarray(dataset.items)
+  train_E = splits.training_events(splits.dataset_split(dataset), items_E.size)
+  scores = retrieval.popularity_scores(items_E[train_E], dataset.schema.n_items)
   scores = jnp.asarray(scores, jnp.float32)
   totals: dict[str, float] = {}
   for batch in _eval_batches(cfg, dataset, split):

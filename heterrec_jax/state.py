@@ -93,6 +93,36 @@ def build_state(cfg: Config, dataset: Dataset, mesh: jax.sharding.Mesh) -> Train
   return TrainState(cfg, dataset, mesh, graphdef, state, shardings)
 
 
+# Config groups and fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = ('train.steps', 'train.eval_every', 'train.patience', 'train.log_every',
+                     'train.checkpoint_every', 'train.keep_checkpoints', 'eval.', 'data.workers')
+
+
+def check_resumable(cfg: Config, workdir: pathlib.Path) -> None:
+  """Refuses to resume a run in `workdir` whose saved config differs in what shapes the state
+  or the data stream (the model, the loss, the optimiser, the data, the batch, the seed)."""
+  if not (workdir / 'config.json').is_file():
+    return
+  saved = _flatten(json.loads((workdir / 'config.json').read_text()))
+  new = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg))))
+  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k)
+                   and not k.startswith(RESUMABLE_CHANGES))
+  if changed:
+    diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:6])
+    raise ConfigError(f'{workdir} holds a run with another config ({diffs}); resume it with its '
+                      'own config, or train into another --workdir')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
 def save_config(cfg: Config, workdir: pathlib.Path) -> None:
   (workdir / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + '\n')
 

@@ -131,6 +131,8 @@ class Trainer:
   def __init__(self, cfg: Config, workdir: pathlib.Path, progress: bool = True):
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
     workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / 'checkpoints').is_dir():
+      state_lib.check_resumable(cfg, workdir)
     if jax.process_index() == 0:
       state_lib.save_config(cfg, workdir)
     dataset = state_lib.load_dataset(cfg, workdir, progress)

@@ -57,3 +57,12 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_metric_names_cover_cutoffs():
   assert config_lib.METRIC_NAMES[:2] == ('recall@10', 'ndcg@10')
   assert 'mrr' in config_lib.METRIC_NAMES
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+  from heterrec_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  cfg = Config()
+  state_lib.save_config(cfg, tmp_path)
+  state_lib.check_resumable(apply_overrides(cfg, ['train.steps=5', 'eval.batch_size=8']), tmp_path)
+  with pytest.raises(ConfigError, match=r'model.d_f: 64 -> 32'):
+    state_lib.check_resumable(apply_overrides(cfg, ['model.d_f=32']), tmp_path)

@@ -81,3 +81,16 @@ def test_bad_split():
     splits.compute_split(offsets, ts, {'kind': 'time'})
   with pytest.raises(ValueError, match='valid or test'):
     splits.leave_one_out(offsets).target('train')
+
+
+def test_training_events_marks_exactly_the_training_parts():
+  rng = np.random.default_rng(7)
+  counts = rng.integers(0, 6, 40)
+  offsets = np.concatenate([[0], np.cumsum(counts)])
+  split = splits.leave_one_out(offsets)
+  got = splits.training_events(split, int(offsets[-1]))
+  want = np.zeros(int(offsets[-1]), bool)
+  for u in range(40):
+    for e in range(split.train_start[u], split.train_end[u]):
+      want[e] = True
+  np.testing.assert_array_equal(got, want)

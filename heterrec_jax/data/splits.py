@@ -89,6 +89,14 @@ def dataset_split(dataset) -> Split:
   return compute_split(dataset.offsets, dataset.timestamps, dataset.schema.split)
 
 
+def training_events(split: Split, n_events: int) -> np.ndarray:
+  """bool `[n_events]`: True for the events of the users' training parts."""
+  delta_E = np.zeros(n_events + 1, np.int64)
+  np.add.at(delta_E, split.train_start, 1)
+  np.add.at(delta_E, split.train_end, -1)
+  return np.cumsum(delta_E[:-1]) > 0
+
+
 def train_users(split: Split) -> np.ndarray:
   """The users (int64, ascending) whose training part holds at least 2 events."""
   return np.flatnonzero(split.n_train() >= MIN_TRAIN_EVENTS)
