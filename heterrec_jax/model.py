@@ -251,8 +251,10 @@ class HeterRec(nnx.Module):
       self.item_stage = _stack(cfg, cfg.d_k, cfg.n2, dtype, rngs)
     self.item_tower = ItemTower(k, cfg, dtype=dtype, rngs=rngs)
     self.heads = StackedHeads((loss_cfg.n_step,), cfg.d_k, dtype=dtype, rngs=rngs)
-    self.token_heads = StackedHeads((loss_cfg.n_step, len(self.token_kinds)), cfg.d_f,
-                                    dtype=dtype, rngs=rngs)
+    # No token-level loss (no_htfl, no_tlmp, w_tok = 0): no heads (Orbax cannot save
+    # zero-size arrays).
+    self.token_heads = (StackedHeads((loss_cfg.n_step, len(self.token_kinds)), cfg.d_f,
+                                     dtype=dtype, rngs=rngs) if self.token_kinds else None)
 
   # ---- user tower -------------------------------------------------------------------------
 

@@ -77,3 +77,12 @@ def test_no_mfk_replaces_quantised_codes_by_the_raw_embedding():
   kinds_ablated = [type(f).__name__ for f in ablated.htfl.features]
   changed = [(a, b) for a, b in zip(kinds_full, kinds_ablated) if a != b]
   assert changed == [('MultimodalToken', 'RawModalToken')]
+
+
+def test_variants_without_token_loss_have_no_empty_arrays_to_checkpoint():
+  """Orbax cannot save zero-size arrays: no token-level loss means no token heads at all."""
+  for variant in ('no_htfl', 'no_tlmp'):
+    model = _model(variant)
+    assert model.token_heads is None
+    sizes = [np.size(x) for x in jax.tree.leaves(nnx.state(model))]
+    assert min(sizes) > 0, variant
