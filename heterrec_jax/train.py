@@ -68,7 +68,7 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
 
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
-    aux = {**aux, 'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    aux = {**aux, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
     return nnx.state((model, optimizer)), aux
 
   return jax.jit(decorate(step), in_shardings=(tstate.shardings, batch_shardings(tstate, example_batch)),
