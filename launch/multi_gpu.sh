@@ -53,20 +53,8 @@ PER_HOST=$(( GPUS_PER_HOST > 0 ? GPUS_PER_HOST : 1 ))
 N_PROCESSES=$(( ${#HOST_LIST[@]} * PER_HOST ))
 COORDINATOR="${COORDINATOR:-${HOST_LIST[0]}:12355}"
 
-# Shell-quotes one word only when it needs it, so printed commands stay readable.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-join_quoted() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(quote "$word")"; done
-  printf '%s' "$out"
-}
+# quote, join_quoted
+source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
 
 # Fills CMD with the command of process $1 on host $2 (GPU $3, or -1 for all of them).
 process_command() {

@@ -47,20 +47,8 @@ if [[ -z "$NAME" || -z "$ZONE" ]]; then
   exit 2
 fi
 
-# Shell-quotes one word only when it needs it, so printed commands stay readable.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-join_quoted() {
-  local out="" word
-  for word in "$@"; do out+="${out:+ }$(quote "$word")"; done
-  printf '%s' "$out"
-}
+# quote, join_quoted
+source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
 
 # Prints the command, then runs it unless this is a dry run.
 run() {
