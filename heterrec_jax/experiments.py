@@ -13,6 +13,12 @@ differ. Runs go to OUT/runs/NAME; a run whose results.json exists is skipped, so
 same command again resumes a sweep. `--plan-only` writes OUT/plan.txt (one train command per run,
 for `launch/sweep.py`) and nothing else; `--gather` only builds the tables or the plot from the
 finished runs. See docs/experiments.md.
+
+`--tune loss.tau=0.05,0.1,0.2,0.5` (compare and ablation) gives every row its own value of one
+field, chosen on validation: first the seed-0 run of each row at every value (OUT/runs/ROW-tauV-
+seed0), then the value with the best validation `train.early_stop_metric` is trained with the
+other seeds; the seed-0 run at the chosen value is reused, so tuning costs (values - 1) extra runs
+per row. The table reports the chosen value per row and every tuning run's validation score.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ DISPLAY = {'heterrec': 'HeterRec (ours)', 'sasrec': 'SASRec', 'bert4rec': 'BERT4
            'pinnerformer': 'PinnerFormer', 'hstu': 'HSTU', POPULARITY: 'Popularity',
            'full': 'HeterRec', 'no_htfl': 'w/o HTFL', 'no_mfk': '— w/o MFK',
            'no_hct': 'w/o HCT', 'no_lmp': 'w/o LMP', 'no_tlmp': 'w/o t-LMP'}
+# Config groups --tune may choose per row (not the data, budget or selection metric).
+TUNABLE = ('model.', 'loss.', 'optim.')
 # Sample standard deviation over seeds (ddof = 1); a single seed gets 0.
 STD_DDOF = 1
 
@@ -60,6 +68,19 @@ class Run:
 
 
 @dataclasses.dataclass(frozen=True)
+class Tuning:
+  """One config field tuned per row on validation, over `values` (as written on the command
+  line), by the validation `metric` of each row's seed-0 runs (higher is better)."""
+  field: str  # e.g. 'loss.tau'
+  values: tuple[str, ...]
+  metric: str
+
+  def tag(self, value: str) -> str:
+    """The part of a run name that says the value: 'tau0.05' for loss.tau=0.05."""
+    return f'{self.field.rpartition(".")[2]}{value}'
+
+
+@dataclasses.dataclass(frozen=True)
 class Sweep:
   """The runs of one experiment and what they share."""
   kind: str  # 'compare', 'ablation' or 'scaling'
@@ -69,6 +90,8 @@ class Sweep:
   runs: tuple[Run, ...]
   groups: tuple[str, ...]  # rows (models or variants) or scaling points, in order
   proposed: str = 'heterrec'  # the row the gain is computed for ('full' in the ablation)
+  # With a Tuning, `runs` are the untuned runs: `tuning_runs` and `tuned` give the real ones.
+  tuning: Tuning | None = None
 
   def run_dir(self, run: Run) -> pathlib.Path:
     return self.out / 'runs' / run.name
@@ -137,6 +160,60 @@ def scaling_runs(grid: list[tuple[int, int]], variants: list[str], seeds: int) -
           for v in variants for n1, n2 in grid for s in range(seeds)]
 
 
+def parse_tune(text: str) -> tuple[str, tuple[str, ...]]:
+  """'loss.tau=0.05,0.2' -> ('loss.tau', ('0.05', '0.2')); at least two distinct values."""
+  field, sep, values = text.partition('=')
+  if not sep or not field.strip():
+    raise ConfigError(f'--tune={text!r} must look like field.name=V1,V2 (e.g. '
+                      'loss.tau=0.05,0.1,0.2,0.5)')
+  names = parse_list('--tune', values)
+  if len(names) < 2:
+    raise ConfigError(f'--tune={text!r}: give at least two values to choose from')
+  return field.strip(), tuple(names)
+
+
+def with_value(run: Run, tuning: Tuning, value: str) -> Run:
+  """`run` with the tuned field set to `value` (its name says the value)."""
+  stem = run.name.rpartition('-seed')[0]
+  return Run(f'{stem}-{tuning.tag(value)}-seed{run.seed}', run.group, run.seed,
+             run.overrides + (f'{tuning.field}={value}',))
+
+
+def tuning_runs(sweep: Sweep) -> list[Run]:
+  """The seed-0 run of every row at every value of the tuned field (none without --tune)."""
+  if sweep.tuning is None:
+    return []
+  return [with_value(run, sweep.tuning, value) for run in sweep.runs if run.seed == 0
+          for value in sweep.tuning.values]
+
+
+def tuning_choices(sweep: Sweep) -> dict[str, dict[str, Any]]:
+  """Per row: {'scores': {value: validation metric or None while unfinished}, 'chosen': the
+  best value (the first listed on a tie), or None until every value of the row has finished}."""
+  out = {}
+  for run in tuning_runs(sweep):
+    results = read_json(sweep.run_dir(run) / 'results.json') or {}
+    score = results.get('valid', {}).get(sweep.tuning.metric)
+    value = run.overrides[-1].partition('=')[2]
+    out.setdefault(run.group, {'scores': {}})['scores'][value] = score
+  for row in out.values():
+    scores = row['scores']
+    done = all(v is not None for v in scores.values())
+    row['chosen'] = max(scores, key=lambda v: (scores[v], -list(scores).index(v))) if done else None
+  return out
+
+
+def tuned(sweep: Sweep) -> Sweep:
+  """The sweep whose runs are the table's: every seed of a row at its chosen value. A row whose
+  tuning has not finished keeps no runs (the table lists its tuning runs as missing)."""
+  if sweep.tuning is None:
+    return sweep
+  choices = tuning_choices(sweep)
+  runs = [with_value(run, sweep.tuning, choices[run.group]['chosen']) for run in sweep.runs
+          if choices.get(run.group, {}).get('chosen') is not None]
+  return dataclasses.replace(sweep, runs=tuple(runs), tuning=None)
+
+
 def resolve_config(path: str) -> str:
   """The config file to load: as given, else relative to the repository root."""
   if pathlib.Path(path).is_file() or not (ROOT / path).is_file():
@@ -162,16 +239,34 @@ def command(sweep: Sweep, run: Run) -> str:
 
 def check_configs(sweep: Sweep) -> None:
   """Builds every run's config, so that a bad override fails before anything runs."""
-  for run in sweep.runs:
+  for run in sweep.runs + tuple(tuning_runs(sweep)):
     run_config(sweep, run)
 
 
+def planned_runs(sweep: Sweep) -> tuple[list[Run], list[str]]:
+  """The runs that can be planned now (the tuning runs, then the seeds of every row whose value
+  is chosen, each run once) and the rows still waiting on their tuning runs."""
+  if sweep.tuning is None:
+    return list(sweep.runs), []
+  final = tuned(sweep)
+  runs = list({r.name: r for r in tuning_runs(sweep) + list(final.runs)}.values())
+  waiting = [g for g in sweep.groups if g != POPULARITY
+             and all(r.group != g for r in final.runs)]
+  return runs, waiting
+
+
 def write_plan(sweep: Sweep) -> pathlib.Path:
-  """OUT/plan.txt: one command per run (configs are checked first, nothing is run)."""
+  """OUT/plan.txt: one command per run (configs are checked first, nothing is run). With
+  --tune, the seeds of a row are planned once its tuning runs have finished: run --plan-only
+  again then."""
   check_configs(sweep)
+  runs, waiting = planned_runs(sweep)
   sweep.out.mkdir(parents=True, exist_ok=True)
   path = sweep.out / 'plan.txt'
-  path.write_text(''.join(command(sweep, run) + '\n' for run in sweep.runs))
+  path.write_text(''.join(command(sweep, run) + '\n' for run in runs))
+  if waiting:
+    print(f'rows waiting on their tuning runs ({", ".join(waiting)}): once those have finished, '
+          'run the same command again for the plan of their other seeds', file=sys.stderr)
   return path
 
 
@@ -218,21 +313,37 @@ def run_one(sweep: Sweep, run: Run, progress: bool) -> str:
   return status
 
 
-def execute(sweep: Sweep, progress: bool = True) -> list[str]:
-  """Runs every unfinished run in order; returns the names of the runs that did not finish.
-  A preempted run (SIGTERM: it checkpointed and returned) ends the sweep: the machine is going
-  away; running the same command again resumes."""
+def execute_runs(sweep: Sweep, runs: list[Run], progress: bool) -> tuple[list[str], bool]:
+  """Runs every unfinished run of `runs` in order; returns the names of those that did not
+  finish, and whether a run was preempted (SIGTERM: it checkpointed and returned), which ends
+  the sweep: the machine is going away; running the same command again resumes."""
   unfinished = []
-  for i, run in enumerate(sweep.runs):
-    print(f'[{i + 1}/{len(sweep.runs)}] {run.name}', file=sys.stderr)
+  for i, run in enumerate(runs):
+    print(f'[{i + 1}/{len(runs)}] {run.name}', file=sys.stderr)
     status = run_one(sweep, run, progress)
     if status not in ('done', 'skipped'):
       print(f'  {run.name}: {status}', file=sys.stderr)
       unfinished.append(run.name)
     if status == 'preempted':
-      unfinished += [r.name for r in sweep.runs[i + 1:]]
-      break
-  return unfinished
+      return unfinished + [r.name for r in runs[i + 1:]], True
+  return unfinished, False
+
+
+def execute(sweep: Sweep, progress: bool = True) -> list[str]:
+  """Trains the sweep (with --tune: the tuning runs, then the other seeds at each row's chosen
+  value); returns the names of the runs that did not finish."""
+  if sweep.tuning is None:
+    return execute_runs(sweep, list(sweep.runs), progress)[0]
+  print(f'tuning {sweep.tuning.field} over {", ".join(sweep.tuning.values)} on validation '
+        f'{sweep.tuning.metric}', file=sys.stderr)
+  unfinished, preempted = execute_runs(sweep, tuning_runs(sweep), progress)
+  if preempted:
+    return unfinished
+  final = tuned(sweep)
+  for group, row in tuning_choices(sweep).items():
+    if row['chosen'] is not None:
+      print(f'  {group}: {sweep.tuning.field}={row["chosen"]}', file=sys.stderr)
+  return unfinished + execute_runs(final, list(final.runs), progress)[0]
 
 
 # ---- gathering ------------------------------------------------------------------------------
@@ -377,7 +488,11 @@ def comparison(rows: dict[str, dict], proposed: str) -> dict[str, Any]:
 def build_table(sweep: Sweep, split: str, compute_popularity: bool,
                 progress: bool) -> dict[str, Any]:
   """Gathers the finished runs of a compare/ablation sweep into the table dict (table.json)."""
-  found, missing = collect(sweep, split)
+  tuning = tuning_summary(sweep)
+  missing = tuning['missing'] if tuning else []
+  sweep = tuned(sweep)
+  found, missing_runs = collect(sweep, split)
+  missing += missing_runs
   rows, seeds = {}, {}
   for group in sweep.groups:
     if group == POPULARITY:
@@ -393,8 +508,26 @@ def build_table(sweep: Sweep, split: str, compute_popularity: bool,
   table = comparison(rows, sweep.proposed)
   table.update(kind=sweep.kind, split=split, seeds=seeds, missing=missing, budget=plan,
                warnings=warnings, config=sweep.config, overrides=list(sweep.common),
-               std_ddof=STD_DDOF, wall_time_s=wall_times(sweep))
+               std_ddof=STD_DDOF, wall_time_s=wall_times(sweep), tuning=tuning)
   return table
+
+
+def tuning_summary(sweep: Sweep) -> dict[str, Any] | None:
+  """table.json's 'tuning': the field, values and metric, per row the validation score of each
+  value and the chosen one, the unfinished tuning runs, and the summed wall time of each row's
+  tuning runs."""
+  if sweep.tuning is None:
+    return None
+  runs = tuning_runs(sweep)
+  seconds: dict[str, float] = {}
+  for run in runs:
+    s, _ = wall_seconds(sweep.run_dir(run))
+    if s is not None:
+      seconds[run.group] = seconds.get(run.group, 0.0) + s
+  missing = [r.name for r in runs if not (sweep.run_dir(r) / 'results.json').is_file()]
+  return {'field': sweep.tuning.field, 'values': list(sweep.tuning.values),
+          'metric': sweep.tuning.metric, 'rows': tuning_choices(sweep), 'missing': missing,
+          'wall_time_s': seconds}
 
 
 def label(column: str) -> str:
@@ -443,7 +576,7 @@ def markdown(table: dict) -> str:
   for name in _row_order(table):
     n = len(table['seeds'][name]) if table['seeds'][name] else 1
     cells = [_cell(table, name, c) for c in COLUMNS]
-    lines.append(f'| {DISPLAY.get(name, name)} | ' + ' | '.join(cells) + f' | {n} |')
+    lines.append(f'| {_method(table, name)} | ' + ' | '.join(cells) + f' | {n} |')
   best = [DISPLAY.get(table['best_baseline'][c]['row'], '?') if c in table['best_baseline']
           else 'n/a' for c in COLUMNS]
   lines.append(f'| Best {other} | ' + ' | '.join(best) + ' | |')
@@ -452,7 +585,38 @@ def markdown(table: dict) -> str:
   lines += ['', f'Improvement: (HeterRec - best {other}) / best {other} x 100, per column, on the '
             f'means; the best {other} is in italics. std: ddof={table["std_ddof"]} over seeds; '
             'n: runs gathered (popularity is deterministic: one evaluation).']
-  return '\n'.join(lines + _footer(table)) + '\n'
+  return '\n'.join(lines + _tuning_lines(table) + _footer(table)) + '\n'
+
+
+def _method(table: dict, name: str) -> str:
+  """The row's display name, with its tuned value when the sweep tuned one."""
+  tuning = table.get('tuning')
+  chosen = tuning and tuning['rows'].get(name, {}).get('chosen')
+  short = tuning['field'].rpartition('.')[2] if tuning else ''
+  return f'{DISPLAY.get(name, name)} ({short}={chosen})' if chosen else DISPLAY.get(name, name)
+
+
+def _tuning_lines(table: dict) -> list[str]:
+  """The validation score of every tuning run, the chosen value in bold."""
+  tuning = table.get('tuning')
+  if not tuning:
+    return []
+  head = ['Method', *[f'{tuning["field"]}={v}' for v in tuning['values']], 'tuning wall time (s)']
+  lines = ['', f'## Tuning: validation {label(tuning["metric"])} of each row\'s seed-0 run', '',
+           f'Each row is trained with the value of `{tuning["field"]}` whose seed-0 run has the '
+           f'best validation {label(tuning["metric"])} (`train.early_stop_metric`); that run is '
+           'also the row\'s seed 0 above.', '',
+           '| ' + ' | '.join(head) + ' |', '| --- |' + ' ---: |' * (len(head) - 1)]
+  for name, row in tuning['rows'].items():
+    cells = []
+    for value in tuning['values']:
+      score = row['scores'].get(value)
+      text = 'n/a' if score is None else f'{score:.4f}'
+      cells.append(f'**{text}**' if value == row['chosen'] else text)
+    seconds = tuning['wall_time_s'].get(name)
+    cells.append('n/a' if seconds is None else f'{seconds:.0f}')
+    lines.append(f'| {DISPLAY.get(name, name)} | ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def _footer(table: dict) -> list[str]:
@@ -678,6 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
   compare.add_argument('--variants', default=None,
                        help='HeterRec variants: the ablation table instead (e.g. '
                             f'{",".join(VARIANTS)})')
+  compare.add_argument('--tune', default=None, metavar='FIELD=V1,V2,...',
+                       help='choose one config field per row on validation, e.g. '
+                            'loss.tau=0.05,0.1,0.2,0.5 (seed-0 runs at every value, then the '
+                            'other seeds at the best; default: no tuning)')
   _common_flags(compare, seeds=3)
   scaling = sub.add_parser('scaling', help='the (N1, N2) grid with and without HTFL (Figure 3)')
   scaling.add_argument('--grid', default='1x1,1x2,2x2,3x3', help='N1xN2 points (default: '
@@ -705,17 +873,26 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
     runs = scaling_runs(grid, variants, args.seeds)
     groups = tuple(dict.fromkeys(r.group for r in runs))
     return Sweep('scaling', args.config, out, common, tuple(runs), groups, 'full')
-  common = common_overrides(args.data, args.steps, args.overrides, reserved)
+  field, values = parse_tune(args.tune) if args.tune is not None else (None, ())
+  if field is not None and not field.startswith(TUNABLE):
+    raise ConfigError(f'--tune {field}: the data, budget and selection metric are the same for '
+                      f'every row; tune a field of {", ".join(TUNABLE)}')
+  common = common_overrides(args.data, args.steps, args.overrides,
+                            reserved + ((field,) if field else ()))
+  tuning = None
+  if field is not None:
+    base = apply_overrides(load_config(resolve_config(args.config)), list(common))
+    tuning = Tuning(field, values, base.train.early_stop_metric)
   if args.variants is not None:
     if args.models is not None:
       raise ConfigError('give --models (the baseline table) or --variants (the ablation), '
                         'not both')
     variants = parse_list('--variants', args.variants, VARIANTS)
     return Sweep('ablation', args.config, out, common, tuple(ablation_runs(variants, args.seeds)),
-                 tuple(variants), 'full')
+                 tuple(variants), 'full', tuning)
   models = parse_list('--models', args.models or DEFAULT_MODELS, MODEL_NAMES + (POPULARITY,))
   return Sweep('compare', args.config, out, common, tuple(compare_runs(models, args.seeds)),
-               tuple(models), 'heterrec')
+               tuple(models), 'heterrec', tuning)
 
 
 def report(sweep: Sweep, args: argparse.Namespace, compute_popularity: bool) -> list[str]:
@@ -749,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     sweep = make_sweep(args)
     if args.plan_only:
-      print(f'wrote {write_plan(sweep)} ({len(sweep.runs)} runs)', file=sys.stderr)
+      path = write_plan(sweep)
+      print(f'wrote {path} ({len(path.read_text().splitlines())} runs)', file=sys.stderr)
       return 0
     failed = []
     if not args.gather:

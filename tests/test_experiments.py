@@ -94,6 +94,12 @@ def test_scaling_plan_covers_the_grid_for_both_variants(tmp_path):
     ['compare', 'model.d_f=33'],  # checked against the config before anything is written
     ['scaling', '--grid', '2by2'],
     ['scaling', 'model.n1=3'],
+    ['compare', '--tune', 'loss.tau=0.1'],  # one value: nothing to choose
+    ['compare', '--tune', 'loss.tau'],
+    ['compare', '--tune', 'train.steps=10,20'],  # the budget is the same for every row
+    ['compare', '--tune', 'loss.tau=0.1,0.2', 'loss.tau=0.3'],
+    ['compare', '--tune', 'loss.tau=0.1,-1'],  # a value the config refuses
+    ['compare', '--tune', 'loss.tua=0.1,0.2'],
 ])
 def test_bad_sweeps_fail_early_with_a_message(tmp_path, capsys, argv):
   assert ex.main(argv[:1] + ['--out', str(tmp_path / 'o'), '--plan-only'] + argv[1:]) == 2
@@ -328,6 +334,93 @@ def test_a_preempted_run_ends_the_sweep(tmp_path, monkeypatch):
   assert calls == ['heterrec-seed0']
   assert json.loads((out / 'runs' / 'heterrec-seed0' / 'wall_time.json').read_text())[
       'status'] == 'preempted'
+
+
+# ---- tuning one field per row on validation --------------------------------------------------
+
+def _fake_tuned_train(calls, score):
+  """A stand-in for train.train whose validation ndcg@10 is score(model, tau)."""
+  def train(cfg, workdir, progress=True):
+    calls.append(workdir.name)
+    valid = {k: 0.01 for k in METRIC_NAMES}
+    valid['ndcg@10'] = score(cfg.model.name, cfg.loss.tau)
+    test = {k: cfg.loss.tau + 0.001 * cfg.train.seed for k in METRIC_NAMES}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'results.json').write_text(json.dumps({'valid': valid, 'test': test}))
+    return {'status': 'done'}
+  return train
+
+
+def test_tune_chooses_per_row_on_validation_and_reuses_seed0(tmp_path, monkeypatch):
+  calls = []
+  best = {'heterrec': 0.2, 'sasrec': 0.5}
+  monkeypatch.setattr(ex, '_train_fn', lambda: _fake_tuned_train(
+      calls, lambda m, tau: 1.0 - abs(tau - best[m])))
+  out = tmp_path / 'o'
+  assert ex.main(['compare', '--models', 'heterrec,sasrec', '--seeds', '3', '--out', str(out),
+                  '--config', 'configs/tiny.py', '--tune', 'loss.tau=0.05,0.2,0.5',
+                  '--quiet']) == 0
+  tuning = [f'{m}-tau{v}-seed0' for m in ('heterrec', 'sasrec') for v in ('0.05', '0.2', '0.5')]
+  seeds = [f'heterrec-tau0.2-seed{s}' for s in (1, 2)] + [f'sasrec-tau0.5-seed{s}' for s in (1, 2)]
+  assert calls == tuning + seeds  # the chosen seed-0 run is not trained twice
+  table = json.loads((out / 'table.json').read_text())
+  assert table['seeds'] == {'heterrec': [0, 1, 2], 'sasrec': [0, 1, 2]}
+  # The rows are the chosen value's runs: test metric = tau + 0.001 * seed.
+  assert table['rows']['heterrec']['mrr']['mean'] == pytest.approx(0.201)
+  assert table['rows']['sasrec']['mrr']['mean'] == pytest.approx(0.501)
+  rows = table['tuning']['rows']
+  assert (rows['heterrec']['chosen'], rows['sasrec']['chosen']) == ('0.2', '0.5')
+  assert rows['sasrec']['scores'] == {'0.05': pytest.approx(0.55), '0.2': pytest.approx(0.7),
+                                      '0.5': pytest.approx(1.0)}
+  assert (table['tuning']['metric'], table['tuning']['missing']) == ('ndcg@10', [])
+  text = (out / 'table.md').read_text()
+  assert '| HeterRec (ours) (tau=0.2) |' in text and '| SASRec (tau=0.5) |' in text
+  assert '| SASRec | 0.5500 | 0.7000 | **1.0000** |' in text
+  assert ex.main(['compare', '--models', 'heterrec,sasrec', '--seeds', '3', '--out', str(out),
+                  '--config', 'configs/tiny.py', '--tune', 'loss.tau=0.05,0.2,0.5',
+                  '--quiet']) == 0
+  assert len(calls) == 10  # everything finished: a second run trains nothing
+
+
+def test_tune_ties_go_to_the_first_value_listed(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(ex, '_train_fn', lambda: _fake_tuned_train(calls, lambda m, tau: 0.5))
+  out = tmp_path / 'o'
+  assert ex.main(['compare', '--models', 'sasrec', '--seeds', '1', '--out', str(out),
+                  '--config', 'configs/tiny.py', '--tune', 'loss.tau=0.3,0.1', '--quiet']) == 0
+  assert json.loads((out / 'table.json').read_text())['tuning']['rows']['sasrec']['chosen'] == '0.3'
+
+
+def test_tune_plan_only_plans_the_seeds_once_tuning_has_finished(tmp_path, capsys):
+  out = tmp_path / 'o'
+  argv = ['compare', '--models', 'hstu,popularity', '--seeds', '2', '--out', str(out), '--data',
+          'D', '--tune', 'optim.lr=0.001,0.01', '--plan-only']
+  assert ex.main(argv) == 0
+  expected = [_train_command('configs/default.py', out / 'runs' / f'hstu-lr{v}-seed0',
+                             ['model.name=hstu', 'train.seed=0', f'optim.lr={v}', 'data.path=D'])
+              for v in ('0.001', '0.01')]
+  assert _plan(out) == expected
+  assert 'waiting on their tuning runs (hstu)' in capsys.readouterr().err
+  valid = {k: 0.1 for k in METRIC_NAMES}
+  _write_run(out, 'hstu-lr0.001-seed0', valid, valid)
+  assert ex.main(argv) == 0 and _plan(out) == expected  # one value unfinished: still waiting
+  _write_run(out, 'hstu-lr0.01-seed0', valid, dict(valid, **{'ndcg@10': 0.2}))
+  assert ex.main(argv) == 0
+  assert _plan(out) == expected + [_train_command(
+      'configs/default.py', out / 'runs' / 'hstu-lr0.01-seed1',
+      ['model.name=hstu', 'train.seed=1', 'optim.lr=0.01', 'data.path=D'])]
+
+
+def test_tune_gather_lists_unfinished_tuning_runs_missing(tmp_path):
+  out = tmp_path / 'o'
+  valid = {k: 0.1 for k in METRIC_NAMES}
+  _write_run(out, 'heterrec-full-tau0.1-seed0', valid)
+  assert ex.main(['compare', '--variants', 'full,no_hct', '--seeds', '1', '--out', str(out),
+                  '--tune', 'loss.tau=0.1,0.2', '--gather']) == 0
+  table = json.loads((out / 'table.json').read_text())
+  assert table['missing'] == ['heterrec-full-tau0.2-seed0', 'heterrec-no_hct-tau0.1-seed0',
+                              'heterrec-no_hct-tau0.2-seed0']
+  assert table['rows'] == {} and table['tuning']['rows']['full']['chosen'] is None
 
 
 # ---- scaling --------------------------------------------------------------------------------
