@@ -12,11 +12,16 @@ with `taskset -c 0` to measure the per-core rate.
 
 `train` times the jitted, sharded train step of a config (its data: `data.path`, or the built-in
 synthetic data prepared into a temporary folder) on two fixed batches, after `--warmup` steps
-that include the compilation. It prints, last, one JSON object with `step_time_s`,
+that include the compilation. It prints, last, one JSON object with `compile_s` (lowering and
+compiling the train step; served from JAX's persistent cache when `JAX_COMPILATION_CACHE_DIR`
+is set and holds it, named in `compilation_cache`), `step_time_s`,
 `sequences_per_s`, `tokens_per_s` (B x T x K tokens of the token level), `flops_per_step` (XLA's
 cost analysis of the compiled step), `matmul_ceiling_flops_per_s` (a 2048 x 2048 float32 matmul
 timed in the same run, best of 5), `fraction_of_ceiling` and `peak_memory_bytes` (arguments +
-outputs + temporaries - donated aliases, from XLA's memory analysis of the compiled step).
+outputs + temporaries - donated aliases, from XLA's memory analysis of the compiled step), and,
+from the process's resource usage over the timed steps, `minor_page_faults_per_step` and
+`system_cpu_fraction` (kernel CPU time / all CPU time): on a CPU host, high values mean the
+allocator hands the step's large buffers back to the kernel and faults them in again every step.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import math
 import pathlib
+import resource
 import sys
 import tempfile
 import time
@@ -121,31 +127,38 @@ def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
 def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10,
                 warmup: int = 2) -> dict[str, Any]:
   """Times `steps` train steps of `cfg` after `warmup` (compile included in warm-up)."""
-  dataset = state_lib.load_dataset(cfg, workdir, progress=False)
-  tstate = state_lib.build_state(cfg, dataset, sharding.make_mesh(cfg.mesh))
   if steps < 1 or warmup < 1:
     raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
+  dataset = state_lib.load_dataset(cfg, workdir, progress=False)
+  tstate = state_lib.build_state(cfg, dataset, sharding.make_mesh(cfg.mesh))
   data_iter = train_lib.train_iterator(cfg, tstate)
   batches = [sharding.global_batch(next(data_iter), tstate.mesh) for _ in range(2)]
   step = train_lib.make_train_step(tstate, batches[0])
+  t_compile = time.perf_counter()
   flops, peak = compiled_costs(step, tstate.state, batches[0])
+  compile_s = time.perf_counter() - t_compile
   state = tstate.state
   for i in range(warmup):
     state, aux = step(state, batches[i % 2])
   jax.block_until_ready(state)
-  t0 = time.perf_counter()
+  usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for i in range(steps):
     state, aux = step(state, batches[i % 2])
   jax.block_until_ready((state, aux))
   step_time = (time.perf_counter() - t0) / steps
+  usage1 = resource.getrusage(resource.RUSAGE_SELF)
+  cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
   ceiling = matmul_ceiling()
   b, t, k = cfg.train.batch_size, cfg.data.max_len, dataset.schema.n_kinds
   return {'benchmark': 'train', 'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
-          'batch_size': b, 'max_len': t, 'tokens_per_item': k, 'step_time_s': step_time,
+          'batch_size': b, 'max_len': t, 'tokens_per_item': k, 'compile_s': compile_s,
+          'compilation_cache': jax.config.jax_compilation_cache_dir, 'step_time_s': step_time,
           'sequences_per_s': b / step_time, 'tokens_per_s': b * t * k / step_time,
           'flops_per_step': flops, 'matmul_ceiling_flops_per_s': ceiling,
           'fraction_of_ceiling': flops / step_time / ceiling if flops else None,
-          'peak_memory_bytes': peak}
+          'peak_memory_bytes': peak,
+          'minor_page_faults_per_step': (usage1.ru_minflt - usage0.ru_minflt) / steps,
+          'system_cpu_fraction': (usage1.ru_stime - usage0.ru_stime) / cpu if cpu else None}
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:

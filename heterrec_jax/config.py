@@ -203,6 +203,9 @@ class TrainConfig:
   keep_checkpoints: int = 2
   # Log metrics every this many steps.
   log_every: int = 50
+  # Persistent XLA compilation cache shared by runs (a resumed or repeated run and the seeds of
+  # a sweep skip compilation); '' turns it off. JAX_COMPILATION_CACHE_DIR, when set, wins.
+  compile_cache_dir: str = '~/.cache/heterrec_jax/xla'
 
   def __post_init__(self):
     _check_positive('train.steps', self.steps)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import metrics, retrieval, sharding
+from heterrec_jax import compile_cache, metrics, retrieval, sharding
 from heterrec_jax import state as state_lib
 from heterrec_jax.checkpoint import Checkpointer
 from heterrec_jax.config import Config, ConfigError
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   sharding.maybe_initialize_distributed()
   try:
+    compile_cache.enable(state_lib.load_saved_config(pathlib.Path(args.workdir))
+                         .train.compile_cache_dir)
     tstate = restore_run(pathlib.Path(args.workdir), args.checkpoint)
   except (ConfigError, DatasetError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -95,7 +95,8 @@ def build_state(cfg: Config, dataset: Dataset, mesh: jax.sharding.Mesh) -> Train
 
 # Config groups and fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = ('train.steps', 'train.eval_every', 'train.patience', 'train.log_every',
-                     'train.checkpoint_every', 'train.keep_checkpoints', 'eval.', 'data.workers')
+                     'train.checkpoint_every', 'train.keep_checkpoints', 'train.compile_cache_dir',
+                     'eval.', 'data.workers')
 
 
 def check_resumable(cfg: Config, workdir: pathlib.Path) -> None:

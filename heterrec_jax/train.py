@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import baseline_loss, evaluate as evaluate_lib
+from heterrec_jax import baseline_loss, compile_cache, evaluate as evaluate_lib
 from heterrec_jax import loss as loss_lib
 from heterrec_jax import metrics, sharding, state as state_lib
 from heterrec_jax.checkpoint import Checkpointer
@@ -130,6 +130,7 @@ class Trainer:
 
   def __init__(self, cfg: Config, workdir: pathlib.Path, progress: bool = True):
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
+    compile_cache.enable(cfg.train.compile_cache_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / 'checkpoints').is_dir():
       state_lib.check_resumable(cfg, workdir)

@@ -1,0 +1,56 @@
+"""The bench command: its JSON output and its errors (no timing is asserted: timings are noisy;
+the benchmarks measure, the tests check what they report)."""
+
+import json
+import math
+import pathlib
+
+import pytest
+
+from heterrec_jax import bench, state as state_lib
+from heterrec_jax.config import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = str(ROOT / 'configs' / 'tiny.py')
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+  cfg = load_config(TINY)
+  return state_lib.load_dataset(cfg, tmp_path_factory.mktemp('bench-data'), progress=False).path
+
+
+def _last_json(capsys):
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_train_reports_cost_memory_and_host_overhead(tiny_data, capsys):
+  assert bench.main(['train', '--config', TINY, '--steps', '2', '--warmup', '1',
+                     f'data.path={tiny_data}']) == 0
+  result = _last_json(capsys)
+  assert result['benchmark'] == 'train' and result['batch_size'] == 16
+  for key in ('compile_s', 'step_time_s', 'flops_per_step', 'matmul_ceiling_flops_per_s',
+              'peak_memory_bytes'):
+    assert math.isfinite(result[key]) and result[key] > 0, key
+  assert result['sequences_per_s'] == pytest.approx(16 / result['step_time_s'])
+  assert result['minor_page_faults_per_step'] >= 0
+  assert result['system_cpu_fraction'] is None or 0.0 <= result['system_cpu_fraction'] <= 1.0
+
+
+def test_bench_data_reports_windows_per_second(tiny_data, capsys):
+  assert bench.main(['data', '--input', str(tiny_data), '--max-len', '6', '--batch-size', '8',
+                     '--batches', '3', '--warmup', '1']) == 0
+  result = _last_json(capsys)
+  assert result['windows_per_s'] == pytest.approx(3 * 8 / result['seconds'])
+  assert (result['batches'], result['max_len'], result['n_step']) == (3, 6, 3)
+
+
+@pytest.mark.parametrize('argv', [
+    ['train', '--config', TINY, '--steps', '0'],
+    ['train', '--config', TINY, 'model.heads=3'],
+    ['data', '--input', '/nonexistent/folder'],
+    ['data', '--input', '.', '--batches', '0'],
+])
+def test_bench_bad_input_is_one_clear_error(argv, capsys):
+  assert bench.main(argv) == 2
+  assert capsys.readouterr().err.startswith('error: ')
