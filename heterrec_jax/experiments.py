@@ -525,9 +525,11 @@ def tuning_summary(sweep: Sweep) -> dict[str, Any] | None:
     if s is not None:
       seconds[run.group] = seconds.get(run.group, 0.0) + s
   missing = [r.name for r in runs if not (sweep.run_dir(r) / 'results.json').is_file()]
-  return {'field': sweep.tuning.field, 'values': list(sweep.tuning.values),
-          'metric': sweep.tuning.metric, 'rows': tuning_choices(sweep), 'missing': missing,
-          'wall_time_s': seconds}
+  summary = {'field': sweep.tuning.field, 'values': list(sweep.tuning.values),
+             'metric': sweep.tuning.metric, 'rows': tuning_choices(sweep), 'missing': missing,
+             'wall_time_s': seconds}
+  summary['at_grid_edge'] = at_grid_edge(summary)
+  return summary
 
 
 def label(column: str) -> str:
@@ -593,7 +595,7 @@ def _method(table: dict, name: str) -> str:
   tuning = table.get('tuning')
   chosen = tuning and tuning['rows'].get(name, {}).get('chosen')
   short = tuning['field'].rpartition('.')[2] if tuning else ''
-  return f'{DISPLAY.get(name, name)} ({short}={chosen})' if chosen else DISPLAY.get(name, name)
+  return f'{DISPLAY.get(name, name)}, {short}={chosen}' if chosen else DISPLAY.get(name, name)
 
 
 def _tuning_lines(table: dict) -> list[str]:
@@ -616,7 +618,17 @@ def _tuning_lines(table: dict) -> list[str]:
     seconds = tuning['wall_time_s'].get(name)
     cells.append('n/a' if seconds is None else f'{seconds:.0f}')
     lines.append(f'| {DISPLAY.get(name, name)} | ' + ' | '.join(cells) + ' |')
+  edge = [DISPLAY.get(n, n) for n in at_grid_edge(tuning)]
+  if edge:
+    lines += ['', f'Chosen at an end of the values tried: {", ".join(edge)}. The best value may '
+              'lie beyond it: widen `--tune` (finished runs are reused).']
   return lines
+
+
+def at_grid_edge(tuning: dict) -> list[str]:
+  """The rows whose chosen value is the first or the last of the values tried."""
+  ends = (tuning['values'][0], tuning['values'][-1])
+  return [name for name, row in tuning['rows'].items() if row['chosen'] in ends]
 
 
 def _footer(table: dict) -> list[str]:

@@ -374,8 +374,10 @@ def test_tune_chooses_per_row_on_validation_and_reuses_seed0(tmp_path, monkeypat
                                       '0.5': pytest.approx(1.0)}
   assert (table['tuning']['metric'], table['tuning']['missing']) == ('ndcg@10', [])
   text = (out / 'table.md').read_text()
-  assert '| HeterRec (ours) (tau=0.2) |' in text and '| SASRec (tau=0.5) |' in text
+  assert '| HeterRec (ours), tau=0.2 |' in text and '| SASRec, tau=0.5 |' in text
   assert '| SASRec | 0.5500 | 0.7000 | **1.0000** |' in text
+  assert table['tuning']['at_grid_edge'] == ['sasrec']  # 0.5 is the last value tried
+  assert 'Chosen at an end of the values tried: SASRec.' in text
   assert ex.main(['compare', '--models', 'heterrec,sasrec', '--seeds', '3', '--out', str(out),
                   '--config', 'configs/tiny.py', '--tune', 'loss.tau=0.05,0.2,0.5',
                   '--quiet']) == 0
