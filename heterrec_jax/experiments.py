@@ -191,11 +191,13 @@ def tuning_choices(sweep: Sweep) -> dict[str, dict[str, Any]]:
   """Per row: {'scores': {value: validation metric or None while unfinished}, 'chosen': the
   best value (the first listed on a tie), or None until every value of the row has finished}."""
   out = {}
-  for run in tuning_runs(sweep):
-    results = read_json(sweep.run_dir(run) / 'results.json') or {}
-    score = results.get('valid', {}).get(sweep.tuning.metric)
-    value = run.overrides[-1].partition('=')[2]
-    out.setdefault(run.group, {'scores': {}})['scores'][value] = score
+  for run in sweep.runs:
+    if run.seed != 0:
+      continue
+    for value in sweep.tuning.values:
+      results = read_json(sweep.run_dir(with_value(run, sweep.tuning, value)) / 'results.json')
+      score = (results or {}).get('valid', {}).get(sweep.tuning.metric)
+      out.setdefault(run.group, {'scores': {}})['scores'][value] = score
   for row in out.values():
     scores = row['scores']
     done = all(v is not None for v in scores.values())
@@ -618,7 +620,7 @@ def _tuning_lines(table: dict) -> list[str]:
     seconds = tuning['wall_time_s'].get(name)
     cells.append('n/a' if seconds is None else f'{seconds:.0f}')
     lines.append(f'| {DISPLAY.get(name, name)} | ' + ' | '.join(cells) + ' |')
-  edge = [DISPLAY.get(n, n) for n in at_grid_edge(tuning)]
+  edge = [DISPLAY.get(n, n) for n in tuning['at_grid_edge']]
   if edge:
     lines += ['', f'Chosen at an end of the values tried: {", ".join(edge)}. The best value may '
               'lie beyond it: widen `--tune` (finished runs are reused).']
