@@ -11,8 +11,8 @@ one JSON object (`windows_per_s`, `batches_per_s`, `seconds`, the settings). Pin
 with `taskset -c 0` to measure the per-core rate.
 
 `train` times the jitted, sharded train step of a config (its data: `data.path`, or the built-in
-synthetic data prepared into a temporary folder) on two fixed batches, after `--warmup` steps
-that include the compilation. It prints, last, one JSON object with `compile_s` (lowering and
+synthetic data prepared into a temporary folder) on two fixed batches, after compiling it and
+`--warmup` untimed steps. It prints, last, one JSON object with `compile_s` (lowering and
 compiling the train step; served from JAX's persistent cache when `JAX_COMPILATION_CACHE_DIR`
 is set and holds it, named in `compilation_cache`), `step_time_s`,
 `sequences_per_s`, `tokens_per_s` (B x T x K tokens of the token level), `flops_per_step` (XLA's
@@ -126,7 +126,7 @@ def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
 
 def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10,
                 warmup: int = 2) -> dict[str, Any]:
-  """Times `steps` train steps of `cfg` after `warmup` (compile included in warm-up)."""
+  """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps."""
   if steps < 1 or warmup < 1:
     raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
   dataset = state_lib.load_dataset(cfg, workdir, progress=False)
@@ -176,7 +176,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser('train', help='train-step time, throughput, FLOPs and memory of a config')
   p.add_argument('--config', default=str(train_lib.DEFAULT_CONFIG), help='a config file')
   p.add_argument('--steps', type=int, default=10, help='steps timed')
-  p.add_argument('--warmup', type=int, default=2, help='steps before timing (compile included)')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps after the compilation')
   p.add_argument('overrides', nargs='*', help='dotted overrides such as train.batch_size=8')
 
 
