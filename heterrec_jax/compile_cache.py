@@ -1,8 +1,8 @@
 """JAX's persistent compilation cache, pointed at a directory shared by runs.
 
 Compiling HeterRec's train step takes tens of seconds on a CPU (minutes for big models on
-TPU); with the cache a resumed run, a re-run, the evaluation command and the seeds of a sweep
-load the compiled programs instead (`docs/training.md` has the measured saving). JAX keys an
+TPU); with the cache a resumed run, a re-run, `evaluate`, `export` and the seeds of a sweep
+load the compiled programs instead (`docs/benchmarks.md` has the measured saving). JAX keys an
 entry on the program, the compile options and the backend, so a changed model or config simply
 misses. The cache is trusted code: keep it in a directory only you can write.
 """

@@ -127,6 +127,7 @@ def restore_run(workdir: pathlib.Path, which: str = 'best') -> TrainState:
   """The state of a finished or interrupted run, from its `best` (falling back to its latest)
   or its `latest` checkpoint."""
   cfg = state_lib.load_saved_config(workdir)
+  compile_cache.enable(cfg.train.compile_cache_dir)
   dataset = state_lib.load_dataset(cfg, workdir, progress=False)
   tstate = state_lib.build_state(cfg, dataset, sharding.make_mesh(cfg.mesh))
   folders = ['best', 'checkpoints'] if which == 'best' else ['checkpoints']
@@ -152,8 +153,6 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   sharding.maybe_initialize_distributed()
   try:
-    compile_cache.enable(state_lib.load_saved_config(pathlib.Path(args.workdir))
-                         .train.compile_cache_dir)
     tstate = restore_run(pathlib.Path(args.workdir), args.checkpoint)
   except (ConfigError, DatasetError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -27,8 +27,8 @@ Choices where SPEC is silent:
   * Token level, kind s: a negative is masked when it is the positive's item OR has the same
     token of kind s (all n_sub sub-ids equal). The gate of step i uses the token-level positive
     logits of kind s at steps i - 1 and i (each level is gated by its own logits).
-  * A step with no counted position contributes 0 (never NaN). Masked logits are a finite
-    -1e9, as in `layers`.
+  * A step with no counted position contributes 0 (never NaN). Masked logits are the finite
+    `layers.NEG_INF`.
   * aux 'token_loss' (and 'token_loss_step{i}') is the UNWEIGHTED sum over kinds and steps;
     the loss is `item_loss + w_tok * token_loss`. 'gate_fraction_step{i}' (i > 1) is of the
     item level: counted / valid positions (1 with the gate off, 0 when nothing is valid).
@@ -45,8 +45,7 @@ import jax.numpy as jnp
 
 from heterrec_jax.baseline_loss import sampled_softmax_loss
 from heterrec_jax.config import LossConfig
-
-NEG_INF = -1e9
+from heterrec_jax.layers import NEG_INF
 
 # (flat index into the B*W positions `[M]` int32, real slot `[M]` bool) of a 'batch_pool'.
 Pool = tuple[jax.Array, jax.Array]
@@ -132,7 +131,7 @@ def margin_gate(prev_xBxT: jax.Array, pos_xBxT: jax.Array, tau: float,
   prev_xBxT, pos_xBxT = jax.lax.stop_gradient((prev_xBxT / tau, pos_xBxT / tau))
   if lambda_m > 0:
     pos_xBxT = jnp.logaddexp(pos_xBxT, math.log(lambda_m))
-  return jax.lax.stop_gradient(prev_xBxT > pos_xBxT)
+  return prev_xBxT > pos_xBxT
 
 
 def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
