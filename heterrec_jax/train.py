@@ -26,9 +26,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import baseline_loss, compile_cache, evaluate as evaluate_lib
-from heterrec_jax import loss as loss_lib
-from heterrec_jax import metrics, sharding, state as state_lib
+from heterrec_jax import compile_cache, evaluate as evaluate_lib
+from heterrec_jax import losses, metrics, sharding, state as state_lib
 from heterrec_jax.checkpoint import Checkpointer
 from heterrec_jax.config import Config, ConfigError, apply_overrides, load_config
 from heterrec_jax.data import pipeline
@@ -53,18 +52,14 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
   `decorate` wraps the Python step before jit (tests pass `chex.assert_max_traces`).
   """
   graphdef, cfg = tstate.graphdef, tstate.cfg
-  token_columns = tuple(tstate.model().token_kinds)
+  compute_loss = losses.make(cfg, tstate.model())
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(jax.random.key(cfg.train.seed), optimizer.step[...])
 
     def loss_fn(model):
-      outputs = model.forward(batch)
-      if cfg.model.name == 'heterrec':
-        loss_cfg = loss_lib.ablated(cfg.loss, cfg.model.variant)
-        return loss_lib.model_loss(outputs, batch, token_columns, loss_cfg, rng)
-      return baseline_loss.baseline_loss(cfg.model.name, outputs, batch, cfg.loss, rng)
+      return compute_loss(model.forward(batch), batch, rng)
 
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)

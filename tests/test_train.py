@@ -100,13 +100,17 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
 
 def test_non_finite_loss_stops_before_checkpoint(tiny, tmp_path, monkeypatch):
   cfg, _ = tiny
-  real = train_lib.loss_lib.heterrec_loss
+  real = train_lib.losses.make
 
-  def nan_loss(*args, **kwargs):
-    loss, aux = real(*args, **kwargs)
-    return loss * np.nan, aux
+  def make_nan_loss(*args, **kwargs):
+    loss_fn = real(*args, **kwargs)
 
-  monkeypatch.setattr(train_lib.loss_lib, 'heterrec_loss', nan_loss)
+    def nan_loss(*args):
+      loss, aux = loss_fn(*args)
+      return loss * np.nan, aux
+    return nan_loss
+
+  monkeypatch.setattr(train_lib.losses, 'make', make_nan_loss)
   with pytest.raises(train_lib.TrainingDiverged, match='loss is nan at step'):
     train_lib.train(cfg, tmp_path / 'nan', progress=False)
   ckpts = tmp_path / 'nan' / 'checkpoints'

@@ -26,6 +26,7 @@ feature, or of one group for multimodal features).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -133,6 +134,21 @@ class Dataset:
       if getattr(self, name).shape != shape:
         raise DatasetError(f'{self.path}/{name}.npy has shape {getattr(self, name).shape}, '
                            f'schema.json says {shape}')
+
+  def fingerprint(self) -> str:
+    """A short hash that changes when the dataset does: schema.json, and the shape, dtype and
+    the first and last MiB of every array (cheap on large folders; a run records it and
+    refuses to resume, evaluate or export against a folder with another one)."""
+    digest = hashlib.sha256(json.dumps(self.schema.to_json(), sort_keys=True).encode())
+    arrays = {'offsets': self.offsets, 'items': self.items, 'timestamps': self.timestamps,
+              'item_tokens': self.item_tokens, **{f'embedding_{k}': v
+                                                  for k, v in sorted(self.embeddings.items())}}
+    for name, array in arrays.items():
+      raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+      digest.update(f'{name}{array.shape}{array.dtype}'.encode())
+      digest.update(raw[:1 << 20].tobytes())
+      digest.update(raw[-(1 << 20):].tobytes())
+    return digest.hexdigest()[:16]
 
   def user_events(self, user: int) -> tuple[np.ndarray, np.ndarray]:
     """The (items, timestamps) of one user, in time order."""
