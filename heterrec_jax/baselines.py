@@ -1,17 +1,17 @@
 """The baselines of SPEC section 8 (SASRec, BERT4Rec, PinnerFormer, HSTU) as Flax NNX modules.
 
 Every model has HeterRec's interface, which the trainer and the evaluator call:
-  `Model(schema, model_cfg, loss_cfg, *, rngs, max_len)`; `token_kinds = ()`; `n_step`;
+  `Model(schema, model_cfg, loss_cfg, *, rngs, max_len)`; `token_kinds = ()`; `horizon`;
   `forward(batch) -> dict`; `user_vector(items, tokens, timestamps, mask) -> [B, d]`;
   `encode_items(items, tokens) -> ([..., d], None)`; `train()` / `eval()`.
-Every returned vector is float32 and L2-normalised; logits are divided by tau in the loss
-(`baseline_loss.py`). Windows are right-aligned (padding on the left).
+Every returned vector is float32, L2-normalised under loss.scoring='cosine' and raw under
+'dot'; logits are divided by tau in the loss (`losses.py`). Inputs are right-aligned.
 
-`forward` returns (shapes: B sequences, W = T + n_step window, T = W - n_step, d = d_k):
+`forward` returns (shapes: B sequences, W = T + h window, h = `horizon`, d = d_k):
   * SASRec, HSTU, PinnerFormer: 'queries' `[B, T, d]` (the user tower's outputs at the first T
     positions), 'targets' `[B, W, d]` (item vectors of the W positions).
-  * BERT4Rec: its input is the LAST T positions of the window (the most recent events: the
-    Cloze objective predicts items inside its input, so it needs no future window).
+  * BERT4Rec: its input is the whole window (h = 0: the Cloze objective predicts items inside
+    its input, so it needs no future window).
     'queries' `[B, T, d]` (outputs on the Cloze-masked input), 'targets' `[B, T, d]` (vectors
     of the original items), 'window_items' `[B, T]` int32 and 'window_mask' `[B, T]` bool (the
     items and mask of those positions), 'cloze_mask' `[B, T]` bool (positions replaced by
@@ -20,10 +20,13 @@ Every returned vector is float32 and L2-normalised; logits are divided by tau in
 Choices where SPEC and the papers' code differ or are silent:
   * Width d = d_k; blocks = n1 + n2 (ModelConfig has no baseline block count); heads, ffn_mult
     and dropout from ModelConfig.
-  * Transformer blocks are HeterRec's post-LN blocks (`layers.TransformerBlock`) with a zero
-    time bias, so that architectures differ only where the papers differ.
-  * Id input (SASRec, BERT4Rec, HSTU), as HSTU's public code: `E[item] * sqrt(d) + P[pos]`,
-    zeroed at padding, then dropout. The item tower is the same table E, normalised (tied).
+  * SASRec and BERT4Rec are RecBole 1.2.1's (its `TransformerEncoder`): input
+    `Drop(LN(E[item] + P[pos]))`, post-LN blocks with dropout on the attention probabilities
+    and on the attention and FFN outputs, a GELU FFN of ffn_mult * d, every Linear and
+    embedding drawn from N(0, 0.02), LayerNorm eps 1e-12. The item tower is the table E (tied).
+  * PinnerFormer uses HeterRec's post-LN blocks (`layers.TransformerBlock`) with a zero time
+    bias. HSTU's id input is its public code's: `E[item] * sqrt(d) + P[pos]`, zeroed at
+    padding, then dropout; the item tower is the table E.
   * Learned positions are right-aligned: the latest event always takes the last row of
     `P [max_len, d]`, so a shorter input (T < max_len) keeps the meaning of positions.
   * BERT4Rec: Cloze probability `CLOZE_PROB` = 0.2 per real position, drawn from the module's
@@ -52,7 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from heterrec_jax import layers, model
-from heterrec_jax.config import ConfigError, LossConfig, ModelConfig
+from heterrec_jax.config import ConfigError, LossConfig, ModelConfig, horizon
 from heterrec_jax.data.dataset import Schema
 
 BASELINES = ('sasrec', 'bert4rec', 'pinnerformer', 'hstu')
@@ -97,8 +100,9 @@ def relative_offsets(t: int, max_len: int) -> jax.Array:
 class Positions(nnx.Module):
   """Learned absolute positions `P [max_len, d]`, right-aligned: `P[max_len - T:]`."""
 
-  def __init__(self, max_len: int, d: int, *, dtype, rngs: nnx.Rngs):
-    init = nnx.with_partitioning(nnx.initializers.normal(1.0 / math.sqrt(d)), (None, 'embed'))
+  def __init__(self, max_len: int, d: int, *, dtype, rngs: nnx.Rngs, std: float | None = None):
+    std = 1.0 / math.sqrt(d) if std is None else std
+    init = nnx.with_partitioning(nnx.initializers.normal(std), (None, 'embed'))
     self.embedding = nnx.Param(init(rngs.params(), (max_len, d), jnp.float32))
     self.max_len, self.dtype = max_len, dtype
 
@@ -114,8 +118,8 @@ class IdInput(nnx.Module):
 
   def __init__(self, n_rows: int, d: int, max_len: int, dropout: float, *, dtype,
                rngs: nnx.Rngs):
-    self.embed = nnx.Embed(model._rows(n_rows), d, dtype=dtype, rngs=rngs,
-                           embedding_init=model._table_init())
+    self.embed = nnx.Embed(model.table_rows(n_rows), d, dtype=dtype, rngs=rngs,
+                           embedding_init=model.table_init())
     self.positions = Positions(max_len, d, dtype=dtype, rngs=rngs)
     self.drop = nnx.Dropout(dropout, rngs=rngs)
     self.scale = math.sqrt(d)
@@ -125,7 +129,7 @@ class IdInput(nnx.Module):
     return self.drop(x_BxTxD * mask_BxT[..., None].astype(x_BxTxD.dtype))
 
   def vectors(self, items: jax.Array) -> jax.Array:
-    return layers.l2_normalize(self.embed(items))
+    return self.embed(items)
 
 
 class Blocks(nnx.Module):
@@ -145,6 +149,88 @@ class Blocks(nnx.Module):
     return x_BxTx1xD[:, :, 0]
 
 
+# ---- RecBole's transformer encoder (SASRec, BERT4Rec) -----------------------------------------
+
+RECBOLE_INIT_STD = 0.02
+RECBOLE_LN_EPS = 1e-12
+
+
+def _recbole_linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype,
+                    rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(
+      d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+      kernel_init=nnx.with_partitioning(nnx.initializers.normal(RECBOLE_INIT_STD), axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))
+
+
+def _recbole_norm(d: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      d, epsilon=RECBOLE_LN_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ('embed',)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ('embed',)))
+
+
+class RecBoleBlock(nnx.Module):
+  """RecBole's post-LN `TransformerLayer`: `x = LN(x + Drop(Wo Attn(x)))` with dropout on the
+  attention probabilities, then `x = LN(x + Drop(W2 GELU(W1 x)))` (exact GELU)."""
+
+  def __init__(self, d: int, heads: int, ffn_mult: int, dropout: float, *, dtype,
+               rngs: nnx.Rngs):
+    self.heads = heads
+    self.query, self.key, self.value = (_recbole_linear(d, d, ('embed', 'mlp'), dtype, rngs)
+                                        for _ in range(3))
+    self.out = _recbole_linear(d, d, ('mlp', 'embed'), dtype, rngs)
+    self.fc1 = _recbole_linear(d, ffn_mult * d, ('embed', 'mlp'), dtype, rngs)
+    self.fc2 = _recbole_linear(ffn_mult * d, d, ('mlp', 'embed'), dtype, rngs)
+    self.norm1, self.norm2 = _recbole_norm(d, dtype, rngs), _recbole_norm(d, dtype, rngs)
+    self.attn_drop, self.out_drop, self.ffn_drop = (nnx.Dropout(dropout, rngs=rngs)
+                                                    for _ in range(3))
+
+  def attention(self, x_BxTxD: jax.Array, allowed_BxTxT: jax.Array) -> jax.Array:
+    b, t, d = x_BxTxD.shape
+    heads = lambda y: y.reshape(b, t, self.heads, d // self.heads)
+    q, k, v = (heads(f(x_BxTxD)) for f in (self.query, self.key, self.value))
+    logits_BxHxTxT = jnp.einsum('bthd,bshd->bhts', q, k, preferred_element_type=jnp.float32)
+    logits_BxHxTxT = jnp.where(allowed_BxTxT[:, None], logits_BxHxTxT / math.sqrt(d // self.heads),
+                               layers.NEG_INF)
+    probs_BxHxTxT = self.attn_drop(jax.nn.softmax(logits_BxHxTxT, axis=-1)).astype(v.dtype)
+    return self.out(jnp.einsum('bhts,bshd->bthd', probs_BxHxTxT, v).reshape(b, t, d))
+
+  def __call__(self, x_BxTxD: jax.Array, allowed_BxTxT: jax.Array) -> jax.Array:
+    x = self.norm1(x_BxTxD + self.out_drop(self.attention(x_BxTxD, allowed_BxTxT)))
+    ffn = self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.norm2(x + self.ffn_drop(ffn))
+
+
+class RecBoleEncoder(nnx.Module):
+  """Item ids -> `Drop(LN(E[item] + P[pos]))` zeroed at padding -> RecBole blocks. The item
+  vectors are the rows of E (tied)."""
+
+  def __init__(self, n_rows: int, cfg: ModelConfig, max_len: int, n_blocks: int, *, dtype,
+               rngs: nnx.Rngs):
+    d = cfg.d_k
+    init = nnx.with_partitioning(nnx.initializers.normal(RECBOLE_INIT_STD), ('vocab', 'embed'))
+    self.embed = nnx.Embed(model.table_rows(n_rows), d, dtype=dtype, rngs=rngs,
+                           embedding_init=init)
+    self.positions = Positions(max_len, d, dtype=dtype, rngs=rngs, std=RECBOLE_INIT_STD)
+    self.norm = _recbole_norm(d, dtype, rngs)
+    self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.blocks = nnx.List([RecBoleBlock(d, cfg.heads, cfg.ffn_mult, cfg.dropout, dtype=dtype,
+                                         rngs=rngs) for _ in range(n_blocks)])
+
+  def embed_ids(self, items_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+    x_BxTxD = self.norm(self.embed(items_BxT) + self.positions(items_BxT.shape[1]))
+    return self.drop(x_BxTxD * mask_BxT[..., None].astype(x_BxTxD.dtype))
+
+  def __call__(self, x_BxTxD: jax.Array, allowed_BxTxT: jax.Array) -> jax.Array:
+    for block in self.blocks:
+      x_BxTxD = block(x_BxTxD, allowed_BxTxT)
+    return x_BxTxD
+
+  def vectors(self, items: jax.Array) -> jax.Array:
+    return self.embed(items)
+
+
 class _Baseline(nnx.Module):
   """The entry points shared by the causal baselines. A subclass defines `_build`,
   `embed(items, tokens, mask) -> x [B, T, d]`, `encode_embedded(x, timestamps, mask) ->
@@ -154,9 +240,14 @@ class _Baseline(nnx.Module):
   def __init__(self, schema: Schema, model_cfg: ModelConfig, loss_cfg: LossConfig, *,
                rngs: nnx.Rngs, max_len: int):
     self.token_kinds = ()
-    self.n_step = loss_cfg.n_step
+    self.horizon = horizon(model_cfg.name, loss_cfg)
+    self.cosine = loss_cfg.scoring == 'cosine'
     with nnx.use_eager_sharding(False):
       self._build(schema, model_cfg, jnp.dtype(model_cfg.compute_dtype), rngs, max_len)
+
+  def normalize(self, x: jax.Array) -> jax.Array:
+    """L2-normalised under cosine scoring, raw under 'dot'; float32 either way."""
+    return layers.l2_normalize(x) if self.cosine else x.astype(jnp.float32)
 
   def user_outputs(self, items_BxT: jax.Array, tokens_BxTxS: jax.Array, timestamps_BxT: jax.Array,
                    mask_BxT: jax.Array) -> jax.Array:
@@ -166,39 +257,39 @@ class _Baseline(nnx.Module):
 
   def forward(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """'queries' `[B, T, d]` at the first T positions and 'targets' `[B, W, d]`."""
-    t = batch['items'].shape[1] - self.n_step
+    t = batch['items'].shape[1] - self.horizon
     user_BxTxD = self.user_outputs(*(batch[k][:, :t]
                                      for k in ('items', 'tokens', 'timestamps', 'mask')))
     targets_BxWxD, _ = self.encode_items(batch['items'], batch['tokens'])
-    return {'queries': layers.l2_normalize(user_BxTxD), 'targets': targets_BxWxD}
+    return {'queries': self.normalize(user_BxTxD), 'targets': targets_BxWxD}
 
   def user_vector(self, items_BxT: jax.Array, tokens_BxTxS: jax.Array, timestamps_BxT: jax.Array,
                   mask_BxT: jax.Array) -> jax.Array:
     """The normalised output at the last (latest) position, `[B, d]`."""
     user_BxTxD = self.user_outputs(items_BxT, tokens_BxTxS, timestamps_BxT, mask_BxT)
-    return layers.l2_normalize(user_BxTxD[:, -1])
+    return self.normalize(user_BxTxD[:, -1])
 
 
 # ---- SASRec -----------------------------------------------------------------------------------
 
 class SASRec(_Baseline):
-  """Item ids + learned positions, causal blocks; the item tower is the same id table."""
+  """RecBole's SASRec: item ids + learned positions, causal RecBole blocks, tied item table."""
 
   def _build(self, schema: Schema, cfg: ModelConfig, dtype, rngs: nnx.Rngs, max_len: int):
-    self.input = IdInput(schema.n_items + 1, cfg.d_k, max_len, cfg.dropout, dtype=dtype, rngs=rngs)
-    self.blocks = Blocks(cfg, cfg.d_k, cfg.n1 + cfg.n2, dtype=dtype, rngs=rngs)
+    self.input = RecBoleEncoder(schema.n_items + 1, cfg, max_len, cfg.n1 + cfg.n2, dtype=dtype,
+                                rngs=rngs)
 
   def embed(self, items_BxT, tokens_BxTxS, mask_BxT):
     del tokens_BxTxS
-    return self.input(items_BxT, mask_BxT)
+    return self.input.embed_ids(items_BxT, mask_BxT)
 
   def encode_embedded(self, x_BxTxD, timestamps_BxT, mask_BxT):
     del timestamps_BxT
-    return self.blocks(x_BxTxD, layers.item_causal_mask(mask_BxT))
+    return self.input(x_BxTxD, layers.item_causal_mask(mask_BxT))
 
   def encode_items(self, items_N: jax.Array, tokens_NxS: jax.Array) -> tuple[jax.Array, None]:
     del tokens_NxS
-    return self.input.vectors(items_N), None
+    return self.normalize(self.input.vectors(items_N)), None
 
 
 # ---- BERT4Rec ---------------------------------------------------------------------------------
@@ -212,23 +303,22 @@ class BERT4Rec(_Baseline):
   def _build(self, schema: Schema, cfg: ModelConfig, dtype, rngs: nnx.Rngs, max_len: int):
     self.n_items = schema.n_items
     self.mask_id = schema.n_items + 1
-    self.input = IdInput(schema.n_items + 2, cfg.d_k, max_len, cfg.dropout, dtype=dtype,
-                         rngs=rngs)
-    self.blocks = Blocks(cfg, cfg.d_k, cfg.n1 + cfg.n2, dtype=dtype, rngs=rngs)
+    self.input = RecBoleEncoder(schema.n_items + 2, cfg, max_len, cfg.n1 + cfg.n2, dtype=dtype,
+                                rngs=rngs)
     self.cloze_rngs = rngs['cloze'].fork()
     self.deterministic = False  # set by train() / eval(): Cloze masking on / off
 
   def embed(self, items_BxT, tokens_BxTxS, mask_BxT):
     del tokens_BxTxS
-    return self.input(items_BxT, mask_BxT)
+    return self.input.embed_ids(items_BxT, mask_BxT)
 
   def encode_embedded(self, x_BxTxD, timestamps_BxT, mask_BxT):
     del timestamps_BxT
-    return self.blocks(x_BxTxD, bidirectional_mask(mask_BxT))
+    return self.input(x_BxTxD, bidirectional_mask(mask_BxT))
 
   def encode_items(self, items_N: jax.Array, tokens_NxS: jax.Array) -> tuple[jax.Array, None]:
     del tokens_NxS
-    return self.input.vectors(items_N), None
+    return self.normalize(self.input.vectors(items_N)), None
 
   def cloze(self, items_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(input with [MASK] at the drawn positions, drawn `[B, T]` bool); none after eval()."""
@@ -240,12 +330,13 @@ class BERT4Rec(_Baseline):
 
   def forward(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Cloze outputs over the LAST T positions of the window (keys: module docstring)."""
-    t = batch['items'].shape[1] - self.n_step
+    t = batch['items'].shape[1] - self.horizon
     items_BxT, mask_BxT = batch['items'][:, -t:], batch['mask'][:, -t:].astype(bool)
     inputs_BxT, masked_BxT = self.cloze(items_BxT, mask_BxT)
     user_BxTxD = self.user_outputs(inputs_BxT, None, batch['timestamps'][:, -t:], mask_BxT)
     corpus_NxD, _ = self.encode_items(jnp.arange(self.n_items + 1, dtype=jnp.int32), None)
-    return {'queries': layers.l2_normalize(user_BxTxD), 'targets': self.input.vectors(items_BxT),
+    targets_BxTxD, _ = self.encode_items(items_BxT, None)
+    return {'queries': self.normalize(user_BxTxD), 'targets': targets_BxTxD,
             'window_items': items_BxT, 'window_mask': mask_BxT, 'cloze_mask': masked_BxT,
             'corpus': corpus_NxD}
 
@@ -256,7 +347,7 @@ class BERT4Rec(_Baseline):
     items_BxT = jnp.concatenate([items_BxT[:, 1:], jnp.full((b, 1), self.mask_id, jnp.int32)], 1)
     mask_BxT = jnp.concatenate([mask_BxT[:, 1:].astype(bool), jnp.ones((b, 1), bool)], 1)
     user_BxTxD = self.user_outputs(items_BxT, None, timestamps_BxT, mask_BxT)
-    return layers.l2_normalize(user_BxTxD[:, -1])
+    return self.normalize(user_BxTxD[:, -1])
 
 
 # ---- PinnerFormer -----------------------------------------------------------------------------
@@ -289,7 +380,7 @@ class PinnerFormer(_Baseline):
     return self.blocks(x_BxTxD, layers.item_causal_mask(mask_BxT))
 
   def encode_items(self, items_N: jax.Array, tokens_NxS: jax.Array) -> tuple[jax.Array, None]:
-    return layers.l2_normalize(self.item_mlp(self.features(items_N, tokens_NxS))), None
+    return self.normalize(self.item_mlp(self.features(items_N, tokens_NxS))), None
 
 
 # ---- HSTU -------------------------------------------------------------------------------------
@@ -346,7 +437,7 @@ class HSTU(_Baseline):
 
   def encode_items(self, items_N: jax.Array, tokens_NxS: jax.Array) -> tuple[jax.Array, None]:
     del tokens_NxS
-    return self.input.vectors(items_N), None
+    return self.normalize(self.input.vectors(items_N)), None
 
 
 MODELS = {'sasrec': SASRec, 'bert4rec': BERT4Rec, 'pinnerformer': PinnerFormer, 'hstu': HSTU}

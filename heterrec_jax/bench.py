@@ -52,7 +52,7 @@ def bench_data(input_dir: str, *, max_len: int = 200, n_step: int = 3, batch_siz
   if batches < 1 or warmup < 0:
     raise ConfigError(f'--batches={batches} must be >= 1 and --warmup={warmup} >= 0')
   dataset = Dataset.load(input_dir)
-  ds = pipeline.train_dataset(dataset, max_len=max_len, n_step=n_step, batch_size=batch_size,
+  ds = pipeline.train_dataset(dataset, max_len=max_len, horizon=n_step, batch_size=batch_size,
                               seed=seed, window=window, workers=workers)
   it = iter(ds)
   try:

@@ -33,10 +33,13 @@ class DataConfig:
   # Prepared dataset folder (see `python -m heterrec_jax.data.prepare`). Empty: the built-in
   # synthetic data, prepared once into WORKDIR/data with the synthetic_* settings below.
   path: str = ''
-  # Items per input sequence (T); a training window holds T + loss.n_step events.
+  # Items per input sequence (T); a training window holds T + h events, h = the model's horizon
+  # (1 for next-item models, loss.n_step for LMP and PinnerFormer, 0 for BERT4Rec's Cloze).
   max_len: int = 50
-  # Which training window per user: 'last' (the most recent T + n_step events) or 'random'.
-  window: str = 'last'
+  # Training examples: 'all' (every training target of every user once per epoch, SPEC 2),
+  # 'last' (one window per user: the most recent T + h events) or 'random' (one window per
+  # user per epoch, ending at a random training event).
+  window: str = 'all'
   # Seed of the shuffling and of random windows.
   seed: int = 0
   # Built-in synthetic data: number of users, items and latent topics, and the generator seed.
@@ -49,7 +52,7 @@ class DataConfig:
 
   def __post_init__(self):
     _check_positive('data.max_len', self.max_len)
-    _check_in('data.window', self.window, ('last', 'random'))
+    _check_in('data.window', self.window, ('all', 'last', 'random'))
     _check_positive('data.workers', self.workers, allow_zero=True)
     for name in ('synthetic_users', 'synthetic_items', 'synthetic_topics'):
       _check_positive(f'data.{name}', getattr(self, name))
@@ -98,6 +101,9 @@ class ModelConfig:
       raise ConfigError(f'model.dropout={self.dropout} must be in [0, 1)')
 
 
+NEGATIVES = ('all', 'uniform', 'in_batch', 'mixed', 'same_position', 'batch_pool')
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   # Which loss: 'default' (the model's own: LMP for HeterRec, Cloze for BERT4Rec, the dense
@@ -106,14 +112,26 @@ class LossConfig:
   name: str = 'default'
   # Prediction steps N_step of the LMP loss.
   n_step: int = 3
-  # Softmax temperature tau.
+  # Softmax temperature tau (logits are score / tau).
   tau: float = 0.05
+  # Score of a (query, item) pair: 'cosine' (L2-normalised vectors, the paper's form) or 'dot'
+  # (raw dot products, as RecBole's SASRec).
+  scoring: str = 'cosine'
   # The null logit c in the denominator: 1.0 as printed in the paper, 0.0 to drop it.
   null_logit_c: float = 1.0
-  # In-batch negatives: 'same_position' (paper) or 'batch_pool'.
-  negatives: str = 'same_position'
+  # Negative source (SPEC 6), for every model: 'all' (softmax over the whole catalogue),
+  # 'uniform' (n_uniform items drawn uniformly per step, shared by every query), 'in_batch'
+  # (every real target position of the batch), 'mixed' (in_batch + uniform), and the paper's
+  # 'same_position' (the items at the same target position of the other sequences) and
+  # 'batch_pool' (pool_size positions drawn from the batch). Accidental hits are masked.
+  negatives: str = 'all'
   # Size M of the shared pool for negatives='batch_pool'.
   pool_size: int = 1024
+  # Items drawn per step for negatives='uniform' and 'mixed'.
+  n_uniform: int = 128
+  # Subtract log(expected count in the candidate set) from every logit of in-batch candidates
+  # and positives (log-Q correction of the popularity bias of in-batch negatives).
+  log_q: bool = False
   # Margin lambda_m of the gate of steps i > 1.
   lambda_m: float = 1.0
   # Apply the margin gate (False: plain multi-step prediction, the 'w/o LMP' ablation).
@@ -128,8 +146,10 @@ class LossConfig:
     _check_positive('loss.n_step', self.n_step)
     _check_positive('loss.tau', self.tau)
     _check_positive('loss.null_logit_c', self.null_logit_c, allow_zero=True)
-    _check_in('loss.negatives', self.negatives, ('same_position', 'batch_pool'))
+    _check_in('loss.negatives', self.negatives, NEGATIVES)
+    _check_in('loss.scoring', self.scoring, ('cosine', 'dot'))
     _check_positive('loss.pool_size', self.pool_size)
+    _check_positive('loss.n_uniform', self.n_uniform)
     _check_positive('loss.lambda_m', self.lambda_m, allow_zero=True)
     _check_positive('loss.w_tok', self.w_tok, allow_zero=True)
 
@@ -138,8 +158,11 @@ class LossConfig:
 class OptimConfig:
   # Peak learning rate of AdamW.
   lr: float = 1e-3
-  # Linear warm-up steps, then cosine decay to lr * final_lr_fraction at train.steps.
+  # Linear warm-up steps, then the schedule: 'constant' (the peak until training stops, as
+  # RecBole; pairs with early stopping) or 'cosine' (decay to lr * final_lr_fraction at
+  # train.steps).
   warmup_steps: int = 100
+  schedule: str = 'constant'
   final_lr_fraction: float = 0.0
   # AdamW weight decay.
   weight_decay: float = 0.0
@@ -151,6 +174,7 @@ class OptimConfig:
 
   def __post_init__(self):
     _check_positive('optim.lr', self.lr)
+    _check_in('optim.schedule', self.schedule, ('constant', 'cosine'))
     _check_positive('optim.warmup_steps', self.warmup_steps, allow_zero=True)
     _check_positive('optim.weight_decay', self.weight_decay, allow_zero=True)
     _check_positive('optim.clip_norm', self.clip_norm, allow_zero=True)
@@ -187,8 +211,8 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  # Optimiser steps.
-  steps: int = 2000
+  # Optimiser steps at most (training stops earlier when early stopping says so).
+  steps: int = 20000
   # Global batch size (sequences per step); must divide by the data-parallel devices.
   batch_size: int = 128
   # Seed of parameter initialisation and dropout.
@@ -197,7 +221,7 @@ class TrainConfig:
   eval_every: int = 500
   # Early stopping: metric to watch and validations without improvement before stopping (0: off).
   early_stop_metric: str = 'ndcg@10'
-  patience: int = 0
+  patience: int = 5
   # Checkpoint every this many steps (also on SIGTERM and at the end); checkpoints kept.
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
@@ -246,6 +270,17 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   train: TrainConfig = TrainConfig()
   eval: EvalConfig = EvalConfig()
+
+
+def horizon(model_name: str, loss: LossConfig) -> int:
+  """Events after the input that a training window of `model_name` needs: 0 for BERT4Rec's
+  Cloze, 1 for next-item models (SASRec, HSTU, any model under loss.name='sampled_softmax'),
+  loss.n_step for LMP and PinnerFormer's dense all-action loss."""
+  if model_name == 'bert4rec':
+    return 0
+  if loss.name == 'sampled_softmax' or model_name in ('sasrec', 'hstu'):
+    return 1
+  return loss.n_step
 
 
 def _parse_value(field: str, text: str, kind: Any) -> Any:

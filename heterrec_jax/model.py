@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from heterrec_jax import layers
-from heterrec_jax.config import ConfigError, LossConfig, ModelConfig
+from heterrec_jax.config import ConfigError, LossConfig, ModelConfig, horizon
 from heterrec_jax.data.dataset import Feature, Schema
 
 ROW_MULTIPLE = 8
@@ -43,11 +43,13 @@ class FrozenEmbedding(nnx.Variable):
   so an optimiser built with `wrt=nnx.Param` never updates it."""
 
 
-def _rows(n: int) -> int:
+def table_rows(n: int) -> int:
+  """`n` rounded up to a multiple of ROW_MULTIPLE (rows of an embedding table)."""
   return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
-def _table_init():
+def table_init():
+  """Embedding-table init (variance scaling over the row width), named (vocab, embed)."""
   return nnx.with_partitioning(nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal',
                                                                  in_axis=-1, out_axis=-2),
                                ('vocab', 'embed'))
@@ -57,8 +59,8 @@ class CategoricalToken(nnx.Module):
   """One sub-id -> one row of the table (categorical and numerical features)."""
 
   def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
-                           embedding_init=_table_init())
+    self.embed = nnx.Embed(table_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
+                           embedding_init=table_init())
 
   def __call__(self, items: jax.Array, ids_xS: jax.Array) -> jax.Array:
     del items
@@ -69,8 +71,8 @@ class MultiToken(nnx.Module):
   """`max_values` sub-ids -> the mean of the embeddings of the non-padding ones (zeros if none)."""
 
   def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
-                           embedding_init=_table_init())
+    self.embed = nnx.Embed(table_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
+                           embedding_init=table_init())
 
   def __call__(self, items: jax.Array, ids_xV: jax.Array) -> jax.Array:
     del items
@@ -91,7 +93,7 @@ class MultimodalToken(nnx.Module):
                         f'feature {feature.name!r}')
     init = nnx.with_partitioning(nnx.initializers.normal(1.0 / np.sqrt(d_f)),
                                  (None, 'vocab', 'embed'))
-    self.embedding = nnx.Param(init(rngs.params(), (z, _rows(feature.table_size), d_f // z),
+    self.embedding = nnx.Param(init(rngs.params(), (z, table_rows(feature.table_size), d_f // z),
                                     jnp.float32))
     self.dtype = dtype
 
@@ -239,6 +241,8 @@ class HeterRec(nnx.Module):
     dtype = jnp.dtype(cfg.compute_dtype)
     k = schema.n_kinds
     self.variant, self.n_kinds, self.n_step = cfg.variant, k, loss_cfg.n_step
+    self.horizon = horizon('heterrec', loss_cfg)
+    self.cosine = loss_cfg.scoring == 'cosine'
     self.token_kinds = resolve_token_kinds(schema, cfg, loss_cfg)
     self.htfl = TokenEmbedder(schema, cfg, embeddings, dtype=dtype, rngs=rngs)
     if cfg.variant == 'no_hct':
@@ -255,6 +259,10 @@ class HeterRec(nnx.Module):
     # zero-size arrays).
     self.token_heads = (StackedHeads((loss_cfg.n_step, len(self.token_kinds)), cfg.d_f,
                                      dtype=dtype, rngs=rngs) if self.token_kinds else None)
+
+  def normalize(self, x: jax.Array) -> jax.Array:
+    """L2-normalised under cosine scoring, raw under 'dot'; float32 either way."""
+    return layers.l2_normalize(x) if self.cosine else x.astype(jnp.float32)
 
   # ---- user tower -------------------------------------------------------------------------
 
@@ -297,13 +305,13 @@ class HeterRec(nnx.Module):
     Any leading shape: `items [...]`, `tokens [..., S]`.
     """
     item_NxDk, slots_NxKxDf = self.item_tower(self.htfl(items_N, tokens_NxS))
-    return layers.l2_normalize(item_NxDk), layers.l2_normalize(slots_NxKxDf)
+    return self.normalize(item_NxDk), self.normalize(slots_NxKxDf)
 
   def step_queries(self, user_BxTxDk: jax.Array) -> jax.Array:
     """The N_step heads on U, L2-normalised: `[n_step, B, T, d_k]`."""
     kernel_NxDxD, bias_NxD = self.heads.weights()
     out = jnp.einsum('btd,nde->nbte', user_BxTxDk, kernel_NxDxD) + bias_NxD[:, None, None]
-    return layers.l2_normalize(out)
+    return self.normalize(out)
 
   def token_queries(self, tok_BxTxKxDf: jax.Array) -> jax.Array:
     """Head (step i, loss kind s) on the token output of kind s, L2-normalised:
@@ -311,7 +319,7 @@ class HeterRec(nnx.Module):
     kernel_NxSxDxD, bias_NxSxD = self.token_heads.weights()
     tok_BxTxSxDf = tok_BxTxKxDf[:, :, self._token_kind_index()]
     out = jnp.einsum('btsd,nsde->nsbte', tok_BxTxSxDf, kernel_NxSxDxD)
-    return layers.l2_normalize(out + bias_NxSxD[:, :, None, None])
+    return self.normalize(out + bias_NxSxD[:, :, None, None])
 
   def _token_kind_index(self) -> jax.Array:
     return jnp.array([k for _, k, _, _ in self.token_kinds], jnp.int32)
@@ -319,16 +327,17 @@ class HeterRec(nnx.Module):
   # ---- entry points -----------------------------------------------------------------------
 
   def forward(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Training outputs of a batch of windows of W = T + n_step events.
+    """Training outputs of a batch of windows of W = T + h events (h = `self.horizon`).
 
     `batch`: items `[B, W]`, tokens `[B, W, S]`, timestamps `[B, W]`, mask `[B, W]`; the user
-    tower reads the first T positions, the item tower all W. Returns (float32, L2-normalised):
+    tower reads the first T positions, the item tower all W. Returns (float32, L2-normalised
+    under cosine scoring):
     queries `[n_step, B, T, d_k]`, targets `[B, W, d_k]`, token_queries
     `[n_step, n_tok, B, T, d_f]`, token_targets `[n_tok, B, W, d_f]` (n_tok may be 0).
     """
     items_BxW, tokens_BxWxS = batch['items'], batch['tokens']
     b, w = items_BxW.shape
-    t = w - self.n_step
+    t = w - self.horizon
     user_BxTxDk, tok_BxTxKxDf = self.encode_user(items_BxW[:, :t], tokens_BxWxS[:, :t],
                                                  batch['timestamps'][:, :t], batch['mask'][:, :t])
     targets_BxWxDk, slots_BxWxKxDf = self.encode_items(items_BxW, tokens_BxWxS)
@@ -347,4 +356,4 @@ class HeterRec(nnx.Module):
     """`normalise(head_1(U_T))` at the last position (inputs right-aligned): `[B, d_k]`."""
     user_BxTxDk, _ = self.encode_user(items_BxT, tokens_BxTxS, timestamps_BxT, mask_BxT)
     kernel_NxDxD, bias_NxD = self.heads.weights()
-    return layers.l2_normalize(user_BxTxDk[:, -1] @ kernel_NxDxD[0] + bias_NxD[0])
+    return self.normalize(user_BxTxDk[:, -1] @ kernel_NxDxD[0] + bias_NxD[0])

@@ -49,12 +49,17 @@ def build_model(cfg: Config, dataset: Dataset, seed: int) -> nnx.Module:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
+  """AdamW with linear warm-up, then a constant rate or cosine decay, after global-norm
+  clipping."""
   o = cfg.optim
   warmup = min(o.warmup_steps, max(cfg.train.steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if warmup else o.lr, peak_value=o.lr, warmup_steps=warmup,
-      decay_steps=max(cfg.train.steps, warmup + 1), end_value=o.lr * o.final_lr_fraction)
+  if o.schedule == 'constant':
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)], [warmup])
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup else o.lr, peak_value=o.lr, warmup_steps=warmup,
+        decay_steps=max(cfg.train.steps, warmup + 1), end_value=o.lr * o.final_lr_fraction)
   adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
   if o.clip_norm:
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)

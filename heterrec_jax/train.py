@@ -27,10 +27,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from heterrec_jax import compile_cache, evaluate as evaluate_lib
-from heterrec_jax import losses, metrics, sharding, state as state_lib
+from heterrec_jax import losses, metrics, negatives, sharding, state as state_lib
 from heterrec_jax.checkpoint import Checkpointer
-from heterrec_jax.config import Config, ConfigError, apply_overrides, load_config
-from heterrec_jax.data import pipeline
+from heterrec_jax.config import Config, ConfigError, apply_overrides, horizon, load_config
+from heterrec_jax.data import pipeline, splits
 from heterrec_jax.data.dataset import DatasetError
 from heterrec_jax.writers import MetricWriter
 
@@ -52,14 +52,15 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
   `decorate` wraps the Python step before jit (tests pass `chex.assert_max_traces`).
   """
   graphdef, cfg = tstate.graphdef, tstate.cfg
-  compute_loss = losses.make(cfg, tstate.model())
+  compute_loss = losses.make(cfg, tstate.model(), tstate.dataset.item_tokens,
+                             training_log_freq(tstate.dataset))
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(jax.random.key(cfg.train.seed), optimizer.step[...])
 
     def loss_fn(model):
-      return compute_loss(model.forward(batch), batch, rng)
+      return compute_loss(model, batch, rng)
 
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
@@ -70,9 +71,16 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
                  out_shardings=(tstate.shardings, None), donate_argnums=0)
 
 
+def training_log_freq(dataset) -> np.ndarray:
+  """log of each item's share of the training events (the log-Q correction's popularity)."""
+  split = splits.dataset_split(dataset)
+  train_E = splits.training_events(split, dataset.schema.n_events)
+  return negatives.training_log_freq(dataset.items, train_E, dataset.schema.n_items)
+
+
 def train_iterator(cfg: Config, tstate: state_lib.TrainState):
   dataset = pipeline.train_dataset(
-      tstate.dataset, max_len=cfg.data.max_len, n_step=cfg.loss.n_step,
+      tstate.dataset, max_len=cfg.data.max_len, horizon=horizon(cfg.model.name, cfg.loss),
       batch_size=per_process_batch(cfg), seed=cfg.data.seed, window=cfg.data.window,
       process_index=jax.process_index(), process_count=jax.process_count(),
       workers=cfg.data.workers)

@@ -6,13 +6,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from heterrec_jax import loss as loss_lib
+from heterrec_jax import lmp as loss_lib
 from heterrec_jax.config import LossConfig, ModelConfig
 from heterrec_jax.model import HeterRec
 from tests.test_model import RAW, SCHEMA, _batch
 
 N_STEP = 2
-LOSS = LossConfig(n_step=N_STEP, tau=0.5, lambda_m=0.0)
+LOSS = LossConfig(n_step=N_STEP, tau=0.5, lambda_m=0.0, negatives='same_position')
 
 
 def _model(variant):
@@ -27,7 +27,7 @@ def _loss(variant, batch):
   model = _model(variant)
   outputs = model.forward(batch)
   cfg = loss_lib.ablated(LOSS, variant)
-  return loss_lib.model_loss(outputs, batch, model.token_kinds, cfg, jax.random.key(0))
+  return loss_lib.heterrec_loss(outputs, batch, model.token_kinds, cfg, jax.random.key(0))
 
 
 def test_no_tlmp_has_no_token_level_term_and_the_same_item_term():

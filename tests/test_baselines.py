@@ -11,9 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
-from heterrec_jax import baseline_loss as bl
-from heterrec_jax import baselines, layers
-from heterrec_jax.config import ConfigError, LossConfig, ModelConfig
+from heterrec_jax import baselines, layers, losses
+from heterrec_jax import softmax as bl
+from heterrec_jax.config import Config, ConfigError, LossConfig, ModelConfig, horizon
 from heterrec_jax.data.dataset import Feature, Schema
 
 N_ITEMS, B, T, N_STEP, D = 10, 3, 5, 2, 12
@@ -76,31 +76,40 @@ def _entry_points(name, model, batch):
   the dispatcher's {loss.name: (loss, aux)} for 'default' and 'sampled_softmax'."""
   items = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
   out = model.forward(batch)
-  losses = {n: bl.baseline_loss(name, out, batch, LossConfig(name=n, n_step=N_STEP), None)
+  values = {n: _loss_fn(name, LossConfig(name=n, n_step=N_STEP))(model, batch, jax.random.key(0))
             for n in ('default', 'sampled_softmax')}
   return (out, model.user_vector(*(batch[k][:, :T] for k in ('items', 'tokens', 'timestamps',
                                                              'mask'))),
-          model.encode_items(items, jnp.asarray(TOKENS)[items])[0], losses)
+          model.encode_items(items, jnp.asarray(TOKENS)[items])[0], values)
 
 
-def _check_losses(name, losses):
-  own = bl.DEFAULT_LOSS[name]
-  assert set(losses['default'][1]) == {f'{own}_loss'}
-  assert set(losses['sampled_softmax'][1]) == {'sampled_softmax_loss'}
-  default, sampled = float(losses['default'][0]), float(losses['sampled_softmax'][0])
+def _loss_fn(name, loss_cfg):
+  return losses.make(Config(model=ModelConfig(name=name), loss=loss_cfg), None, TOKENS)
+
+
+OWN_LOSS = {'sasrec': 'softmax', 'hstu': 'softmax', 'bert4rec': 'cloze',
+            'pinnerformer': 'dense_all_action'}
+
+
+def _check_losses(name, values):
+  own = OWN_LOSS[name]
+  assert set(values['default'][1]) == {f'{own}_loss'}
+  sampled_key = 'sampled_softmax_loss' if name == 'bert4rec' else 'softmax_loss'
+  assert set(values['sampled_softmax'][1]) == {sampled_key}
+  default, sampled = float(values['default'][0]), float(values['sampled_softmax'][0])
   assert np.isfinite(default) and np.isfinite(sampled) and sampled > 0
-  assert (default == sampled) == (own == 'sampled_softmax'), (default, sampled)
+  assert (default == sampled) == (own == 'softmax'), (default, sampled)
 
 
 @pytest.mark.parametrize('name', NAMES)
 def test_entry_points_shapes_normalised_jitted_and_losses(name):
   model = _model(name, train=True)  # Cloze masking on; dropout 0 so that user_vector is exact
-  assert model.token_kinds == () and model.n_step == N_STEP
-  batch = _batch()
+  assert model.token_kinds == () and model.horizon == horizon(name, LossConfig(n_step=N_STEP))
+  batch = _batch(w=T + model.horizon)
   out, user, vec, losses = jit(functools.partial(_entry_points, name))(model, batch)
   chex.assert_tree_all_finite((out, user, vec))
-  window = slice(N_STEP, None) if name == 'bert4rec' else slice(None, T)
-  width = T if name == 'bert4rec' else T + N_STEP
+  window = slice(None, T)
+  width = T + model.horizon
   chex.assert_shape((out['queries'], out['targets'], user, vec),
                     ((B, T, D), (B, width, D), (B, D), (2, 3, D)))
   _unit_norm(out['queries'], batch['mask'][:, window])
@@ -135,7 +144,7 @@ def test_parameters_name_logical_axes_and_are_float32():
       assert names is not None and len(names) == var[...].ndim, (name, jax.tree_util.keystr(path))
       assert set(names) <= allowed and var[...].dtype == jnp.float32
     if name == 'hstu':  # bfloat16 through its own attention (the others: layers' blocks)
-      chex.assert_tree_all_finite(jit(lambda m, b: m.forward(b))(model, _batch()))
+      chex.assert_tree_all_finite(jit(lambda m, b: m.forward(b))(model, _batch(w=T + 1)))
 
 
 def test_build_baseline_rejects_heterrec_and_long_inputs():
@@ -318,11 +327,6 @@ def test_losses_with_nothing_counted_are_zero_with_finite_gradients():
     chex.assert_tree_all_finite(grad)
 
 
-def test_dispatcher_rejects_heterrec():
-  with pytest.raises(ValueError, match='baseline'):
-    bl.baseline_loss('heterrec', {}, {}, LossConfig(), None)
-
-
 # ---- BERT4Rec's Cloze masking and inference -----------------------------------------------------
 
 def _cloze_masks(model, batch, n):
@@ -344,7 +348,7 @@ def _cloze_masks(model, batch, n):
 
 def test_cloze_masks_real_positions_only_and_advances():
   model = _model('bert4rec', train=True)
-  batch = _batch(b=64, w=T + N_STEP, seed=7)
+  batch = _batch(b=64, w=T, seed=7)
   first, second = _cloze_masks(model, batch, 2)
   real = batch['mask'][:, -T:]
   assert not np.any(first & ~real)
@@ -377,7 +381,7 @@ def _train_step(graphdef, name, cfg):
   @jit
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    loss_fn = lambda m: bl.baseline_loss(name, m.forward(batch), batch, cfg, None)
+    loss_fn = lambda m: _loss_fn(name, cfg)(m, batch, jax.random.key(0))
     (loss, _), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss
@@ -390,7 +394,7 @@ def test_optimizer_steps_lower_the_loss(name):
   cfg = LossConfig(n_step=N_STEP, tau=0.1)
   graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)))
   step = _train_step(graphdef, name, cfg)
-  batch = jax.tree.map(jnp.asarray, _batch(b=8, seed=3))
+  batch = jax.tree.map(jnp.asarray, _batch(b=8, w=T + model.horizon, seed=3))
   losses = []
   for _ in range(60):
     state, loss = step(state, batch)

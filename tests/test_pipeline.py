@@ -94,7 +94,7 @@ def assert_row(batch, i, want):
 
 
 def train_ds(ds, **kw):
-  args = dict(max_len=MAX_LEN, n_step=N_STEP, batch_size=8, seed=0, window='last')
+  args = dict(max_len=MAX_LEN, horizon=N_STEP, batch_size=8, seed=0, window='last')
   return pipeline.train_dataset(ds, **{**args, **kw})
 
 
@@ -169,13 +169,13 @@ def test_train_transform_matches_reference(loo):
 
 def test_shuffled_users_epochs():
   users = np.arange(10, 17)
-  stream = np.concatenate([pipeline.ShuffledUsers(users, 3, seed=4)(s) for s in range(7)])
+  stream = np.concatenate([pipeline.ShuffledExamples(users, 3, seed=4)(s) for s in range(7)])
   epochs = stream.reshape(3, 7)
   for e in epochs:
     assert sorted(e) == users.tolist()
   assert len({tuple(e) for e in epochs}) == 3
-  one = pipeline.ShuffledUsers(users, 1, seed=4)  # the stream does not depend on B
-  big = pipeline.ShuffledUsers(users, 20, seed=4)  # a batch longer than an epoch
+  one = pipeline.ShuffledExamples(users, 1, seed=4)  # the stream does not depend on B
+  big = pipeline.ShuffledExamples(users, 20, seed=4)  # a batch longer than an epoch
   np.testing.assert_array_equal(big(1), [one(s)[0] for s in range(20, 40)])
   np.testing.assert_array_equal(stream, [one(s)[0] for s in range(21)])
 
@@ -273,3 +273,51 @@ def test_bad_arguments(loo):
     train_ds(loo, process_index=2, process_count=2)
   with pytest.raises(ConfigError, match='split'):
     pipeline.eval_dataset(loo, split='train', max_len=4, batch_size=2)
+
+
+def ref_coverage_targets(ds, horizon):
+  """Every (user, target event) a next-item (h >= 1) or Cloze (h = 0) model is trained on."""
+  first = 1 if horizon else 0
+  return sorted((u, e) for u, lo, end in ref_train_users(ds) for e in range(lo + first, end))
+
+
+@pytest.mark.parametrize('horizon', [0, 1, 3])
+def test_all_windows_cover_every_target_once(dataset, horizon):
+  """One epoch of 'all' windows: every training target exactly once, inputs right-aligned
+  (the last input column of every window is a real event), rows equal to a slow reference."""
+  split = splits.dataset_split(dataset)
+  user_E, start_E = pipeline.coverage_windows(split, MAX_LEN, horizon)
+  length = MAX_LEN + horizon
+  got = []
+  for w, (u, s) in enumerate(zip(user_E, start_E)):
+    lo, end = int(split.train_start[u]), int(split.train_end[u])
+    events = [e for e in range(s, s + length)]
+    real = [lo <= e < end for e in events]
+    assert real[MAX_LEN - 1], 'the input must end at a real event'
+    cols = range(1, MAX_LEN + 1) if horizon else range(MAX_LEN)
+    # A target counts where it and (h >= 1) the input before it are real, as in the losses.
+    got += [(int(u), events[c]) for c in cols if real[c] and (not horizon or real[c - 1])]
+    batch = pipeline.CoverageWindows(dataset, split, user_E, start_E, length)(np.array([w]))
+    first = next(e for e, r in zip(events, real) if r)
+    want_items = [int(dataset.items[e]) if r else 0 for e, r in zip(events, real)]
+    want_ts = [int(dataset.timestamps[e] - dataset.timestamps[first]) if r else 0
+               for e, r in zip(events, real)]
+    np.testing.assert_array_equal(batch['items'][0], want_items)
+    np.testing.assert_array_equal(batch['timestamps'][0], want_ts)
+    np.testing.assert_array_equal(batch['mask'][0], real)
+  assert sorted(got) == ref_coverage_targets(dataset, horizon)
+
+
+def test_all_windows_one_epoch_in_the_stream(loo):
+  """The first epoch of the 'all' stream is every window once (then the next epoch)."""
+  split = splits.dataset_split(loo)
+  user_E, start_E = pipeline.coverage_windows(split, MAX_LEN, N_STEP)
+  n = len(user_E)
+  want = sorted(r for w in range(n) for r in rows(pipeline.CoverageWindows(
+      loo, split, user_E, start_E, MAX_LEN + N_STEP)(np.array([w]))))
+  batches = take(iter(train_ds(loo, window='all', batch_size=n)), 2)
+  assert sorted(rows(batches[0])) == want
+  assert batches[0]['items'].shape == (n, MAX_LEN + N_STEP)
+  assert sorted(rows(batches[1])) == want  # the second epoch: the same windows, another order
+  assert rows(batches[1]) != rows(batches[0])
+  assert pipeline.windows_per_epoch(loo, MAX_LEN, N_STEP, 'all') == n

@@ -13,9 +13,18 @@ Training batches have L = max_len + n_step; evaluation batches have L = max_len 
   target      int32 [B]        the item to retrieve
   valid       bool  [B]        False on the rows that pad the last batch
 
-Training is a Grain pipeline (`train_dataset`): the users with a training window, sharded by
-process, shuffled each epoch, repeated forever, batched, then one vectorised gather per batch;
-its iterator has `get_state`/`set_state` and is checkpointed with the model. Evaluation
+Training is a Grain pipeline (`train_dataset`): training examples sharded by process, shuffled
+each epoch, repeated forever, batched, then one vectorised gather per batch; its iterator has
+`get_state`/`set_state` and is checkpointed with the model. A window holds L = max_len + h
+events, h = the model's horizon (1 for next-item models, N_step for LMP, 0 for Cloze); the
+model reads the first max_len as input. The examples (`window`):
+
+  'all'     every training target of every user once per epoch (SPEC 2): each user's training
+            part cut into windows whose inputs tile it, stride max_len, the last one's input
+            ending just before the last training event (with h > 1 its last h - 1 target
+            columns are padding, mask False). Inputs are right-aligned, as at evaluation.
+  'last'    one window per user, the most recent L training events (right-aligned).
+  'random'  one window per user per epoch, ending at a uniform end point of the training part. Evaluation
 (`eval_dataset`) is a plain re-iterable of fixed-size batches, the same count on every process.
 Split boundaries come from `splits.py`.
 """
@@ -33,7 +42,7 @@ from heterrec_jax.config import ConfigError
 from heterrec_jax.data import splits
 from heterrec_jax.data.dataset import Dataset, DatasetError
 
-WINDOWS = ('last', 'random')
+WINDOWS = ('all', 'last', 'random')
 EVAL_SPLITS = ('valid', 'test')
 Batch = dict[str, np.ndarray]
 _ENDLESS = 2**62  # batch numbers of the training stream: never exhausted
@@ -44,19 +53,7 @@ def windows(dataset: Dataset, starts_B: np.ndarray, ends_B: np.ndarray, length: 
 
   Rows with `starts_B == ends_B` come out as all padding.
   """
-  items_E, ts_E = np.asarray(dataset.items), np.asarray(dataset.timestamps)
-  first_B = np.maximum(starts_B, ends_B - length)
-  pos_BxL = (ends_B - length)[:, None] + np.arange(length)
-  mask_BxL = pos_BxL >= first_B[:, None]
-  pos_BxL = np.where(mask_BxL, pos_BxL, 0)
-  items_BxL = items_E[pos_BxL]
-  items_BxL *= mask_BxL
-  first_ts_B = ts_E[np.minimum(first_B, max(len(ts_E) - 1, 0))]
-  ts_BxL = (ts_E[pos_BxL] - first_ts_B[:, None]).astype(np.int32)
-  ts_BxL *= mask_BxL
-  tokens_BxLxS = np.take(np.asarray(dataset.item_tokens), items_BxL, axis=0)
-  return {'items': items_BxL.astype(np.int32, copy=False), 'tokens': tokens_BxLxS,
-          'timestamps': ts_BxL, 'mask': mask_BxL}
+  return spans(dataset, ends_B - length, starts_B, ends_B, length)
 
 
 class _Reloadable:
@@ -78,6 +75,62 @@ class _Reloadable:
     self.__dict__.update(state)
 
 
+def coverage_windows(split: splits.Split, max_len: int, horizon: int) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+  """(user `[E]`, first event index `[E]`) of the 'all' windows of every training user.
+
+  A window of user u starting at event s covers events [s, s + max_len + h), real where inside
+  the training part [start_u, end_u). Its targets at offset 1 (h >= 1) are events
+  (s, s + max_len], or for h = 0 (Cloze) the input events [s, s + max_len); consecutive
+  windows are max_len apart, so every such target is in exactly one window. The last window
+  starts at end_u - max_len - min(h, 1). The first events of a window may precede start_u.
+  """
+  users = splits.train_users(split)
+  start_U, end_U = split.train_start[users], split.train_end[users]
+  shift = min(horizon, 1)
+  # Windows k = 0, 1, ... from the end while their targets reach the training part:
+  # targets of window k are (end - (k+1) max_len, end - k max_len] - shift; need > start.
+  first_target_U = start_U + shift
+  count_U = -(-(end_U - first_target_U) // max_len)
+  user_E = np.repeat(users, count_U)
+  k_E = np.arange(count_U.sum()) - np.repeat(np.cumsum(count_U) - count_U, count_U)
+  start_E = np.repeat(end_U, count_U) - max_len - shift - k_E * max_len
+  return user_E.astype(np.int64), start_E.astype(np.int64)
+
+
+def spans(dataset: Dataset, first_B: np.ndarray, lo_B: np.ndarray, hi_B: np.ndarray,
+          length: int) -> Batch:
+  """Events [first_B, first_B + length), real (mask True) where inside [lo_B, hi_B).
+
+  Timestamps are relative to the first real event of the row; padding is 0 everywhere.
+  """
+  items_E, ts_E = np.asarray(dataset.items), np.asarray(dataset.timestamps)
+  pos_BxL = first_B[:, None] + np.arange(length)
+  mask_BxL = (pos_BxL >= lo_B[:, None]) & (pos_BxL < hi_B[:, None])
+  pos_BxL = np.where(mask_BxL, pos_BxL, 0)
+  items_BxL = items_E[pos_BxL] * mask_BxL
+  first_real_B = np.clip(np.maximum(first_B, lo_B), 0, max(len(ts_E) - 1, 0))
+  ts_BxL = (ts_E[pos_BxL] - ts_E[first_real_B][:, None]).astype(np.int32) * mask_BxL
+  tokens_BxLxS = np.take(np.asarray(dataset.item_tokens), items_BxL, axis=0)
+  return {'items': items_BxL.astype(np.int32, copy=False), 'tokens': tokens_BxLxS,
+          'timestamps': ts_BxL, 'mask': mask_BxL}
+
+
+class CoverageWindows(_Reloadable):
+  """Grain transform: a batch of window ids `[B]` -> a training batch ('all' windows)."""
+
+  def __init__(self, dataset: Dataset, split: splits.Split, user_E: np.ndarray,
+               start_E: np.ndarray, length: int):
+    super().__init__(dataset)
+    self.lo_U, self.hi_U, self.length = split.train_start, split.train_end, length
+    self.user_E, self.start_E = user_E, start_E
+
+  def __call__(self, windows_B: np.ndarray) -> Batch:
+    users_B = self.user_E[windows_B]
+    return spans(self.dataset, self.start_E[windows_B], self.lo_U[users_B], self.hi_U[users_B],
+                 self.length)
+
+
 class TrainWindows(_Reloadable):
   """Grain transform: a batch of user ids `[B]` -> a training batch of `length` columns.
 
@@ -96,10 +149,10 @@ class TrainWindows(_Reloadable):
     return windows(self.dataset, starts_B, ends_B, self.length)
 
 
-class ShuffledUsers:
-  """Grain transform: a batch number -> the user ids `[B]` of that batch.
+class ShuffledExamples:
+  """Grain transform: a batch number -> the example ids `[B]` (users or windows) of that batch.
 
-  The stream of users is epoch after epoch of `users`, each epoch in its own seeded order
+  The stream of examples is epoch after epoch of `users`, each epoch in its own seeded order
   (a permutation from `(seed, epoch)`); batch `i` is positions `[i * B, (i + 1) * B)` of that
   stream, so epochs run into each other and no batch is short. The order of the current
   epochs is cached, so a batch costs O(B), not O(n_users).
@@ -132,28 +185,44 @@ class ShuffledUsers:
     return users_B
 
 
-def train_dataset(dataset: Dataset, *, max_len: int, n_step: int, batch_size: int, seed: int,
-                  window: str = 'last', process_index: int = 0, process_count: int = 1,
-                  workers: int = 0) -> grain.IterDataset:
-  """The endless, shuffled training batches of this process (`batch_size` rows each).
+def windows_per_epoch(dataset: Dataset, max_len: int, horizon: int, window: str) -> int:
+  """Training examples in one epoch (all processes): 'all' windows, else training users."""
+  split = splits.dataset_split(dataset)
+  if window == 'all':
+    return len(coverage_windows(split, max_len, horizon)[0])
+  return len(splits.train_users(split))
 
-  Users with a training window (`splits.train_users`) are sharded `[process_index::
-  process_count]` and streamed epoch after epoch, each epoch in its own order (`ShuffledUsers`).
-  `window='random'` draws each window's end from a generator seeded by `seed` and the batch
-  number (reproducible, different in every epoch). `workers > 0` builds batches in that many
-  background processes; the batches are the same as with 0.
+
+def train_dataset(dataset: Dataset, *, max_len: int, horizon: int, batch_size: int, seed: int,
+                  window: str = 'all', process_index: int = 0, process_count: int = 1,
+                  workers: int = 0) -> grain.IterDataset:
+  """The endless, shuffled training batches of this process (`batch_size` rows each), windows
+  of `max_len + horizon` events (module docstring).
+
+  The examples ('all': the coverage windows; 'last'/'random': the users with a training
+  window, `splits.train_users`) are sharded `[process_index::process_count]` and streamed
+  epoch after epoch, each epoch in its own order (`ShuffledExamples`). `window='random'` draws
+  each window's end from a generator seeded by `seed` and the batch number (reproducible,
+  different in every epoch). `workers > 0` builds batches in that many background processes;
+  the batches are the same as with 0.
   """
-  _check_train_args(max_len, n_step, batch_size, window, process_index, process_count, workers)
+  _check_train_args(max_len, horizon, batch_size, window, process_index, process_count, workers)
   if not 0 <= seed < 2**32:
     raise ConfigError(f'seed={seed} must be in [0, 2**32)')
   split = splits.dataset_split(dataset)
-  users = splits.train_users(split)[process_index::process_count]
-  if not len(users):
+  length = max_len + horizon
+  if window == 'all':
+    user_E, start_E = coverage_windows(split, max_len, horizon)
+    examples = np.arange(len(user_E))[process_index::process_count]
+    gather = CoverageWindows(dataset, split, user_E, start_E, length)
+  else:
+    examples = splits.train_users(split)[process_index::process_count]
+    gather = TrainWindows(dataset, split, length)
+  if not len(examples):
     raise DatasetError(f'{dataset.path}: no training window for process {process_index} of '
                        f'{process_count} (users need >= {splits.MIN_TRAIN_EVENTS} training events)')
-  gather = TrainWindows(dataset, split, max_len + n_step)
-  ds = grain.MapDataset.range(_ENDLESS).seed(seed).map(ShuffledUsers(users, batch_size, seed))
-  ds = ds.map(gather) if window == 'last' else ds.random_map(gather)
+  ds = grain.MapDataset.range(_ENDLESS).seed(seed).map(ShuffledExamples(examples, batch_size, seed))
+  ds = ds.random_map(gather) if window == 'random' else ds.map(gather)
   ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
   if workers:
     _allow_unparsed_absl_flags()
@@ -168,9 +237,9 @@ def _allow_unparsed_absl_flags() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _check_train_args(max_len, n_step, batch_size, window, process_index, process_count,
+def _check_train_args(max_len, horizon, batch_size, window, process_index, process_count,
                       workers) -> None:
-  for name, value, least in (('max_len', max_len, 1), ('n_step', n_step, 0),
+  for name, value, least in (('max_len', max_len, 1), ('horizon', horizon, 0),
                              ('batch_size', batch_size, 1), ('workers', workers, 0),
                              ('process_count', process_count, 1)):
     if value < least:

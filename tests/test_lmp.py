@@ -1,6 +1,8 @@
-"""The LMP and sampled-softmax losses against slow NumPy references written from the formulas."""
+"""The LMP loss and its negative sources against slow NumPy references written from the
+formulas."""
 
 import dataclasses
+import functools
 import math
 
 import chex
@@ -10,8 +12,13 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from heterrec_jax import loss as loss_lib
-from heterrec_jax.config import LossConfig
+from heterrec_jax import lmp as loss_lib
+from heterrec_jax import negatives as negatives_lib
+from heterrec_jax import softmax
+from heterrec_jax.config import LossConfig as _LossConfig
+
+# The paper's same-position negatives unless a test names another source.
+LossConfig = functools.partial(_LossConfig, negatives='same_position')
 
 B, T, N, D, DF = 4, 6, 3, 8, 8
 W = T + N
@@ -170,7 +177,7 @@ class LmpLossTest(chex.TestCase, parameterized.TestCase):
     rng = jax.random.key(3)
     pool = None
     if cfg.negatives == 'batch_pool':
-      pool = tuple(np.asarray(x) for x in loss_lib.sample_pool(batch['mask'], cfg.pool_size, rng))
+      pool = tuple(np.asarray(x) for x in negatives_lib.sample_pool(batch['mask'], cfg.pool_size, rng))
     got = loss_fn(outputs, batch, COLUMNS, cfg, rng)
     chex.assert_shape(got[0], ())
     _assert_matches(got, _ref_loss(outputs, batch, COLUMNS, cfg, pool))
@@ -264,7 +271,7 @@ class SamplePoolTest(parameterized.TestCase):
   def test_distinct_real_candidates(self, pool_size):
     _, batch = _example(seed=8, holes=True)
     mask = batch['mask']
-    index, real = map(np.asarray, loss_lib.sample_pool(mask, pool_size, jax.random.key(1)))
+    index, real = map(np.asarray, negatives_lib.sample_pool(mask, pool_size, jax.random.key(1)))
     candidates = {b * W + w for b in range(B) for w in range(1, W) if mask[b, w]}
     assert index.shape == real.shape == (min(pool_size, B * (W - 1)),)
     assert len(set(index.tolist())) == len(index)  # without replacement
@@ -273,9 +280,9 @@ class SamplePoolTest(parameterized.TestCase):
 
   def test_depends_on_rng_only(self):
     mask = _example(seed=8)[1]['mask']
-    a = np.asarray(loss_lib.sample_pool(mask, 5, jax.random.key(1))[0])
-    b = np.asarray(loss_lib.sample_pool(mask, 5, jax.random.key(1))[0])
-    c = np.asarray(loss_lib.sample_pool(mask, 5, jax.random.key(2))[0])
+    a = np.asarray(negatives_lib.sample_pool(mask, 5, jax.random.key(1))[0])
+    b = np.asarray(negatives_lib.sample_pool(mask, 5, jax.random.key(1))[0])
+    c = np.asarray(negatives_lib.sample_pool(mask, 5, jax.random.key(2))[0])
     np.testing.assert_array_equal(a, b)
     assert set(a.tolist()) != set(c.tolist())
 
@@ -286,30 +293,9 @@ class SampledSoftmaxTest(chex.TestCase):
   def test_matches_reference(self):
     outputs, batch = _example(seed=9, holes=True)
     q, v = outputs['queries'][0], outputs['targets']
-    fn = self.variant(lambda *a: loss_lib.sampled_softmax_loss(*a, tau=0.1))
+    fn = self.variant(lambda *a: softmax.sampled_softmax_loss(*a, tau=0.1))
     got = fn(q, v, batch['items'], batch['mask'])
     ref = _ref_sampled_softmax(q, v, batch['items'], batch['mask'], 0.1)
     np.testing.assert_allclose(float(got), ref, rtol=1e-5)
     unmasked = _ref_sampled_softmax(q, v, batch['items'], batch['mask'], 0.1, mask_hits=False)
     assert abs(ref - unmasked) > 1e-2
-
-  def test_dispatch(self):
-    outputs, batch = _example(seed=10)
-    rng = jax.random.key(0)
-    cfg = LossConfig(n_step=N, tau=0.1)
-    ss_cfg = dataclasses.replace(cfg, name='sampled_softmax')
-    loss, aux = loss_lib.model_loss(outputs, batch, COLUMNS, ss_cfg, rng)
-    ref = _ref_sampled_softmax(outputs['queries'][0], outputs['targets'], batch['items'],
-                               batch['mask'], 0.1)
-    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-    assert float(aux['token_loss']) == 0.0
-    expected = loss_lib.heterrec_loss(outputs, batch, COLUMNS, cfg, rng)[0]
-    np.testing.assert_allclose(float(loss_lib.model_loss(outputs, batch, COLUMNS, cfg, rng)[0]),
-                               float(expected), rtol=1e-6)
-
-
-def test_model_loss_looks_up_heterrec_loss_at_call_time(monkeypatch):
-  outputs, batch = _example(seed=11)
-  monkeypatch.setattr(loss_lib, 'heterrec_loss', lambda *a: (jnp.float32(42.0), {}))
-  loss, _ = loss_lib.model_loss(outputs, batch, COLUMNS, LossConfig(n_step=N), jax.random.key(0))
-  assert float(loss) == 42.0

@@ -1,6 +1,6 @@
-"""The Listwise Multi-step Prediction (LMP) loss of HeterRec (SPEC section 6), as pure JAX
-functions, and `model_loss`, which picks it or the in-batch sampled softmax of HSTU's public
-SASRec (`baseline_loss.sampled_softmax_loss`, shared with the baselines) by `loss.name`.
+"""The Listwise Multi-step Prediction (LMP) loss of HeterRec (SPEC section 6) as pure JAX
+functions, for every negative source of `negatives.py`. The next-item softmax of the baselines
+is its one-step case (`losses.py`).
 
 Shapes: N = n_step, B sequences, T query positions, W = window length (T + N), D width,
 S sub-ids of a key, M pool slots. Positions are 0-based: at step i the query at position t
@@ -14,7 +14,13 @@ not the layout, say which events are real: right-aligned windows are not assumed
 
 Choices where SPEC is silent:
   * T is read from the queries (`queries.shape[2]`); targets may be longer than T + N.
-  * 'batch_pool': ONE pool per call, shared by every step, query and token kind (the token
+  * Shared sources ('all', 'uniform', 'in_batch', 'mixed', 'batch_pool'): ONE candidate set
+    per call, shared by every step and query; `Shared` is its view at one level (vectors,
+    keys, usable). Catalogue candidates carry their item id and tokens as keys, so an
+    accidental hit is masked exactly as for batch candidates. log-Q (item level only; the
+    token level has no sampling distribution of its own) subtracts log E(i) from the positive
+    and from every candidate logit (`negatives.py`).
+  * 'batch_pool' (`negatives.sample_pool`): ONE pool per call, shared by every step, query and token kind (the token
     level uses the token vectors and token ids of the same pool positions). Candidates are the
     real positions w >= 1 of the batch. The pool has the static size
     M = min(pool_size, B * (W - 1)) and is drawn uniformly WITHOUT replacement (a uniform random
@@ -43,24 +49,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-from heterrec_jax.baseline_loss import sampled_softmax_loss
 from heterrec_jax.config import LossConfig
 from heterrec_jax.layers import NEG_INF
+from heterrec_jax import negatives as negatives_lib
+from heterrec_jax.negatives import Negatives
 
-# (flat index into the B*W positions `[M]` int32, real slot `[M]` bool) of a 'batch_pool'.
-Pool = tuple[jax.Array, jax.Array]
-
-
-def sample_pool(mask_BxW: jax.Array, pool_size: int, rng: jax.Array) -> Pool:
-  """The shared negative pool: M = min(pool_size, B*(W-1)) distinct positions drawn uniformly
-  without replacement among the real positions w >= 1; slots beyond the number of candidates
-  hold non-candidates and are marked not real."""
-  b, w = mask_BxW.shape
-  m = min(pool_size, b * (w - 1))
-  cand_BW = (mask_BxW.astype(bool) & (jnp.arange(w) >= 1)[None]).reshape(-1)
-  score_BW = jnp.where(cand_BW, jax.random.uniform(rng, (b * w,)), -1.0)
-  _, index_M = jax.lax.top_k(score_BW, m)
-  return index_M.astype(jnp.int32), cand_BW[index_M]
+@dataclasses.dataclass(frozen=True)
+class Shared:
+  """The shared candidates of one level: vectors `[C, D]`, keys (one int `[C, S_j]` per key,
+  compared with the positive's for accidental hits), usable `[C]` bool, and the log-Q
+  correction `[C]` (or None)."""
+  vectors: jax.Array
+  keys: tuple[jax.Array, ...]
+  ok: jax.Array
+  log_q: jax.Array | None = None
 
 
 def _gather(x_BxWx: jax.Array, index_M: jax.Array) -> jax.Array:
@@ -73,16 +75,36 @@ def _shifted(x_BxWx: jax.Array, n: int, t: int) -> jax.Array:
   return jnp.stack([x_BxWx[:, i:i + t] for i in range(1, n + 1)])
 
 
+def shared_level(negatives: Negatives, targets_BxWxD: jax.Array, keys: tuple[jax.Array, ...],
+                 catalogue_vectors: jax.Array | None,
+                 catalogue_keys: tuple[jax.Array, ...] | None) -> Shared:
+  """One level's view of a shared candidate set: the batch part (rows `negatives.index` of the
+  level's targets and keys) then the catalogue part (the given vectors `[Cu, D]` and keys)."""
+  vectors, key_parts, ok = [], [[] for _ in keys], []
+  if negatives.index is not None:
+    vectors.append(_gather(targets_BxWxD, negatives.index))
+    for parts, k in zip(key_parts, keys):
+      parts.append(_gather(k, negatives.index))
+    ok.append(negatives.index_ok)
+  if negatives.items is not None:
+    vectors.append(catalogue_vectors.astype(targets_BxWxD.dtype))
+    for parts, k in zip(key_parts, catalogue_keys):
+      parts.append(k)
+    ok.append(jnp.ones(catalogue_vectors.shape[0], bool))
+  cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+  return Shared(cat(vectors), tuple(cat(p) for p in key_parts), cat(ok))
+
+
 def lmp_step_logits(q_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
-                    pool: Pool | None = None) -> tuple[jax.Array, jax.Array]:
+                    shared: Shared | None = None) -> tuple[jax.Array, jax.Array]:
   """Dot products (not divided by tau) of every step: positives `[N, B, T]` and negatives,
-  `[N, B, T, B]` (target position t + i of every sequence c) or `[N, B, T, M]` (the pool)."""
+  `[N, B, T, B]` (target position t + i of every sequence c) or `[N, B, T, C]` (shared)."""
   n, _, t, _ = q_NxBxTxD.shape
   tgt_NxBxTxD = _shifted(targets_BxWxD, n, t)
   pos_NxBxT = jnp.einsum('nbtd,nbtd->nbt', q_NxBxTxD, tgt_NxBxTxD)
-  if pool is None:
+  if shared is None:
     return pos_NxBxT, jnp.einsum('nbtd,nctd->nbtc', q_NxBxTxD, tgt_NxBxTxD)
-  return pos_NxBxT, jnp.einsum('nbtd,md->nbtm', q_NxBxTxD, _gather(targets_BxWxD, pool[0]))
+  return pos_NxBxT, jnp.einsum('nbtd,cd->nbtc', q_NxBxTxD, shared.vectors)
 
 
 def _hits(keys_pos: list[jax.Array], keys_neg: list[jax.Array]) -> jax.Array:
@@ -92,27 +114,33 @@ def _hits(keys_pos: list[jax.Array], keys_neg: list[jax.Array]) -> jax.Array:
 
 
 def negative_mask(keys: tuple[jax.Array, ...], mask_BxW: jax.Array, n: int, t: int,
-                  pool: Pool | None = None) -> jax.Array:
-  """Which negatives count, `[N, B, T, B]` or `[N, B, T, M]`: real, not the query's own
+                  shared: Shared | None = None) -> jax.Array:
+  """Which negatives count, `[N, B, T, B]` or `[N, B, T, C]`: real, not the query's own
   sequence (same_position), no accidental hit on any of `keys` (each int `[B, W, S_j]`)."""
   keys_pos = [_shifted(k, n, t)[:, :, :, None] for k in keys]
-  if pool is None:
+  if shared is None:
     b = mask_BxW.shape[0]
     keys_neg = [jnp.swapaxes(_shifted(k, n, t), 1, 2)[:, None] for k in keys]
     real_Nx1xTxC = jnp.swapaxes(_shifted(mask_BxW, n, t), 1, 2)[:, None]
     ok = real_Nx1xTxC & ~jnp.eye(b, dtype=bool)[:, None, :]
   else:
-    keys_neg = [_gather(k, pool[0])[None, None, None] for k in keys]
-    ok = pool[1][None, None, None]
+    keys_neg = [k[None, None, None] for k in shared.keys]
+    ok = shared.ok[None, None, None]
   return ok & ~_hits(keys_pos, keys_neg)
 
 
 def step_loss(pos_xBxT: jax.Array, neg_xBxTxN: jax.Array, neg_ok_xBxTxN: jax.Array,
-              counted_xBxT: jax.Array, tau: float, null_logit_c: float) -> jax.Array:
+              counted_xBxT: jax.Array, tau: float, null_logit_c: float,
+              pos_log_q: jax.Array | None = None, neg_log_q: jax.Array | None = None
+              ) -> jax.Array:
   """`-log(e^{s+/tau} / (c + e^{s+/tau} + sum_ok e^{s-/tau}))` averaged over the counted
-  positions (0 when none), computed with logsumexp; leading axes (steps) are kept."""
+  positions (0 when none), computed with logsumexp; leading axes (steps) are kept. With
+  log-Q, `pos_log_q` (broadcast to `pos`) and `neg_log_q` `[N]` are subtracted first."""
   pos_xBxT = pos_xBxT / tau
-  parts = [pos_xBxT[..., None], jnp.where(neg_ok_xBxTxN, neg_xBxTxN / tau, NEG_INF)]
+  neg_xBxTxN = neg_xBxTxN / tau
+  if pos_log_q is not None:
+    pos_xBxT, neg_xBxTxN = pos_xBxT - pos_log_q, neg_xBxTxN - neg_log_q
+  parts = [pos_xBxT[..., None], jnp.where(neg_ok_xBxTxN, neg_xBxTxN, NEG_INF)]
   if null_logit_c > 0:
     parts.append(jnp.full_like(parts[0], math.log(null_logit_c)))
   lse_xBxT = jax.nn.logsumexp(jnp.concatenate(parts, axis=-1), axis=-1)
@@ -136,11 +164,12 @@ def margin_gate(prev_xBxT: jax.Array, pos_xBxT: jax.Array, tau: float,
 
 def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
                      keys: tuple[jax.Array, ...], mask_BxW: jax.Array, cfg: LossConfig,
-                     pool: Pool | None) -> tuple[jax.Array, jax.Array]:
+                     shared: Shared | None,
+                     pos_log_q_BxW: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The step losses `[N]` of one level (the items or one token kind) and the fraction of
   valid positions each step counted `[N]` (1 where the gate is off)."""
   n, _, t, _ = queries_NxBxTxD.shape
-  pos_NxBxT, neg_NxBxTxC = lmp_step_logits(queries_NxBxTxD, targets_BxWxD, pool)
+  pos_NxBxT, neg_NxBxTxC = lmp_step_logits(queries_NxBxTxD, targets_BxWxD, shared)
   valid_NxBxT = mask_BxW[None, :, :t] & _shifted(mask_BxW, n, t)
   counted_NxBxT = valid_NxBxT
   if cfg.gate and n > 1:
@@ -148,9 +177,11 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
     gate_xBxT = margin_gate(pos_NxBxT[:-1], pos_NxBxT[1:], cfg.tau, cfg.lambda_m)
     later_xBxT = valid_NxBxT[1:] & valid_NxBxT[:-1] & gate_xBxT
     counted_NxBxT = jnp.concatenate([valid_NxBxT[:1], later_xBxT])
-  ok_NxBxTxC = negative_mask(keys, mask_BxW, n, t, pool)
+  ok_NxBxTxC = negative_mask(keys, mask_BxW, n, t, shared)
+  pos_log_q = None if pos_log_q_BxW is None else _shifted(pos_log_q_BxW, n, t)
+  neg_log_q = None if shared is None else shared.log_q
   losses_N = step_loss(pos_NxBxT, neg_NxBxTxC, ok_NxBxTxC, counted_NxBxT, cfg.tau,
-                       cfg.null_logit_c)
+                       cfg.null_logit_c, pos_log_q, neg_log_q)
   fractions_N = jnp.sum(counted_NxBxT, axis=(1, 2)) / _count(valid_NxBxT)
   return losses_N, fractions_N
 
@@ -167,20 +198,44 @@ def _check_outputs(outputs: dict[str, jax.Array], token_columns) -> None:
 
 
 def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_columns,
-             cfg: LossConfig, pool: Pool | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`heterrec_loss` with the 'batch_pool' pool given (None: 'same_position' negatives)."""
+             cfg: LossConfig, negatives: Negatives | None,
+             catalogue: dict[str, jax.Array] | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The LMP loss (item level + token level) of `HeterRec.forward` outputs.
+
+  `token_columns`: `model.token_kinds`, (name, kind, column offset, n_sub) per token kind, in
+  the order of the n_tok axis. `negatives`: the shared candidates (None: 'same_position');
+  `catalogue` (when `negatives.items` is set): 'vectors' `[Cu, d]`, 'slots' `[Cu, K, d_f]`
+  (the item tower on `negatives.items`) and 'tokens' `[Cu, S]`.
+  Returns (loss, aux of float32 scalars).
+  """
   f32 = lambda name: outputs[name].astype(jnp.float32)
   _check_outputs(outputs, token_columns)
   mask_BxW = batch['mask'].astype(bool)
   item_key_BxWx1 = batch['items'][..., None]
+  shared, pos_log_q = None, None
+  if negatives is not None:
+    cat_items = None if negatives.items is None else (negatives.items[:, None],)
+    shared = shared_level(negatives, f32('targets'), (item_key_BxWx1,),
+                          None if catalogue is None else catalogue['vectors'], cat_items)
+    if negatives.log_freq is not None:
+      shared = dataclasses.replace(shared, log_q=negatives.log_expected(shared.keys[0][:, 0]))
+      pos_log_q = negatives.log_expected(batch['items'])
   item_steps, fractions = lmp_level_losses(f32('queries'), f32('targets'), (item_key_BxWx1,),
-                                           mask_BxW, cfg, pool)
+                                           mask_BxW, cfg, shared, pos_log_q)
   token_steps = jnp.zeros_like(item_steps)
   queries_NxSxBxTxD, targets_SxBxWxD = f32('token_queries'), f32('token_targets')
-  for s, (_, _, offset, n_sub) in enumerate(token_columns):
+  for s, (_, k, offset, n_sub) in enumerate(token_columns):
     keys = (item_key_BxWx1, batch['tokens'][..., offset:offset + n_sub])
+    level = None
+    if negatives is not None:
+      cat_keys = cat_vectors = None
+      if negatives.items is not None:
+        cat_keys = (negatives.items[:, None], catalogue['tokens'][:, offset:offset + n_sub])
+        cat_vectors = catalogue['slots'][:, k]
+      level = shared_level(negatives, targets_SxBxWxD[s], keys, cat_vectors, cat_keys)
     steps, _ = lmp_level_losses(queries_NxSxBxTxD[:, s], targets_SxBxWxD[s], keys, mask_BxW,
-                                cfg, pool)
+                                cfg, level)
     token_steps = token_steps + steps
   return _total(item_steps, token_steps, fractions, cfg.w_tok)
 
@@ -199,32 +254,12 @@ def _total(item_N: jax.Array, token_N: jax.Array, fraction_N: jax.Array, w_tok: 
 
 def heterrec_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_columns,
                   cfg: LossConfig, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The LMP loss (item level + token level) of `HeterRec.forward` outputs.
-
-  `token_columns`: `model.token_kinds`, (name, kind, column offset, n_sub) per token kind, in
-  the order of the n_tok axis. `rng` draws the pool of negatives='batch_pool'.
-  Returns (loss, aux of float32 scalars).
-  """
-  pool = None
-  if cfg.negatives == 'batch_pool':
-    pool = sample_pool(batch['mask'], cfg.pool_size, rng)
-  return lmp_loss(outputs, batch, token_columns, cfg, pool)
-
-
-def sampled_softmax_heterrec(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
-                             cfg: LossConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`sampled_softmax_loss` on HeterRec's step-1 queries (loss.name='sampled_softmax')."""
-  loss = sampled_softmax_loss(outputs['queries'][0], outputs['targets'], batch['items'],
-                              batch['mask'], cfg.tau)
-  return loss, {'item_loss': loss, 'token_loss': jnp.zeros((), jnp.float32)}
-
-
-def model_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_columns,
-               cfg: LossConfig, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """HeterRec's loss as `cfg.name` says: 'default' (LMP) or 'sampled_softmax'."""
-  if cfg.name == 'default':
-    return heterrec_loss(outputs, batch, token_columns, cfg, rng)
-  return sampled_softmax_heterrec(outputs, batch, cfg)
+  """`lmp_loss` with a batch source ('same_position', 'batch_pool', 'in_batch') drawn here;
+  the catalogue sources need the item tower inside the step (`losses.make`)."""
+  if cfg.negatives in negatives_lib.CATALOGUE_SOURCES:
+    raise ValueError(f'loss.negatives={cfg.negatives!r} needs the item tower: use losses.make')
+  return lmp_loss(outputs, batch, token_columns, cfg,
+                  negatives_lib.sample(cfg, batch['mask'], 0, rng))
 
 
 def ablated(cfg: LossConfig, variant: str) -> LossConfig:

@@ -1,5 +1,7 @@
-"""The baselines' losses (SPEC section 8) as pure, vectorised JAX functions, and the dispatcher
-the trainer calls for a baseline.
+"""Softmax losses of the baselines (SPEC section 8) that are not LMP's one-step case, as pure,
+vectorised JAX functions: BERT4Rec's Cloze (full and in-batch) and PinnerFormer's dense
+all-action loss with in-batch negatives, and the in-batch next-item softmax they share (the
+reference that `losses.make`'s 'in_batch' next-item loss is tested against).
 
 Shapes: B sequences, T query positions, W = window length (T + n_step), D width, C = B*W
 candidate positions, N corpus rows. Queries and targets are L2-normalised; logits are
@@ -31,10 +33,6 @@ import jax.numpy as jnp
 
 from heterrec_jax import layers
 from heterrec_jax.config import LossConfig
-
-DEFAULT_LOSS = {'sasrec': 'sampled_softmax', 'hstu': 'sampled_softmax', 'bert4rec': 'cloze',
-                'pinnerformer': 'dense_all_action'}
-
 
 def masked_mean(x_BxT: jax.Array, counted_BxT: jax.Array) -> jax.Array:
   """Mean of `x` where counted (0 when nothing is counted)."""
@@ -131,34 +129,3 @@ def masked_sampled_softmax_loss(queries_BxTxD: jax.Array, targets_BxTxD: jax.Arr
   neg_BxTxC = jnp.einsum('btd,cd->btc', queries_BxTxD, cand[0])
   nll_BxT = in_batch_nll(pos_BxT, items_BxT, neg_BxTxC, cand[1], cand[2], tau)
   return masked_mean(nll_BxT, cloze_mask_BxT.astype(bool))
-
-
-def _bert4rec_loss(outputs: dict[str, jax.Array], cfg: LossConfig) -> tuple[str, jax.Array]:
-  if cfg.name == 'default':
-    return 'cloze', cloze_loss(outputs['queries'], outputs['corpus'], outputs['window_items'],
-                               outputs['cloze_mask'], cfg.tau)
-  return 'sampled_softmax', masked_sampled_softmax_loss(
-      outputs['queries'], outputs['targets'], outputs['window_items'], outputs['window_mask'],
-      outputs['cloze_mask'], cfg.tau)
-
-
-def baseline_loss(model_name: str, outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
-                  cfg: LossConfig, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The loss of baseline `model_name` on its `forward` outputs (keys: `baselines` docstring).
-
-  loss.name='default': the model's own loss (`DEFAULT_LOSS`); 'sampled_softmax': the in-batch
-  sampled softmax for every model. `rng` is unused (BERT4Rec draws its Cloze mask from its own
-  stream). Returns (loss, aux {'<loss name>_loss': loss} of float32 scalars).
-  """
-  del rng
-  if model_name not in DEFAULT_LOSS:
-    raise ValueError(f'model {model_name!r} is not a baseline; use one of {tuple(DEFAULT_LOSS)}')
-  if model_name == 'bert4rec':
-    name, loss = _bert4rec_loss(outputs, cfg)
-  elif cfg.name == 'default' and model_name == 'pinnerformer':
-    name, loss = 'dense_all_action', dense_all_action_loss(
-        outputs['queries'], outputs['targets'], batch['items'], batch['mask'], cfg.n_step, cfg.tau)
-  else:
-    name, loss = 'sampled_softmax', sampled_softmax_loss(
-        outputs['queries'], outputs['targets'], batch['items'], batch['mask'], cfg.tau)
-  return loss, {f'{name}_loss': loss}

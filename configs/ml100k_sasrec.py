@@ -1,0 +1,28 @@
+"""SASRec on MovieLens-100k as RecBole 1.2.1 trains it (SPEC 8), from a folder prepared by
+
+    python -m heterrec_jax.data.prepare --format recbole --input ../shared/data/ml-100k \\
+        --embedding title=../shared/data/ml-100k/ml-100k.title_minilm384.npy --output data/ml100k
+    python -m heterrec_jax.train --config configs/ml100k_sasrec.py --workdir runs/ml100k_sasrec
+
+RecBole's settings: d = 64, 2 layers, 2 heads, GELU FFN 4x, dropout 0.5 (hidden and
+attention), T = 50, cross-entropy over all items with raw dot products, Adam lr 1e-3 (no decay,
+no clipping). Ours differs where windows make it cheaper: every training target once per epoch
+as windows of T + 1 ('all'), batches of 128 windows; early stopping on validation nDCG@10.
+Figures and wall time: docs/results.md.
+"""
+
+from heterrec_jax.config import (Config, DataConfig, EvalConfig, LossConfig, ModelConfig,
+                                 OptimConfig, TrainConfig)
+
+
+def get_config() -> Config:
+  return Config(
+      data=DataConfig(path='data/ml100k', max_len=50, window='all'),
+      model=ModelConfig(name='sasrec', d_k=64, d_f=64, heads=2, n1=1, n2=1, ffn_mult=4,
+                        dropout=0.5),
+      loss=LossConfig(negatives='all', scoring='dot', tau=1.0),
+      optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule='constant', clip_norm=0.0, b2=0.999),
+      train=TrainConfig(steps=4000, batch_size=128, eval_every=100, patience=5,
+                        checkpoint_every=100, log_every=20),
+      eval=EvalConfig(batch_size=256),
+  )

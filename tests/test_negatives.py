@@ -1,0 +1,235 @@
+"""Every negative source and the log-Q correction against slow NumPy references: the sampled
+candidate sets, the LMP loss over shared candidates (batch and catalogue parts, token level),
+and `losses.make`'s next-item softmax (RecBole's cross-entropy over all items)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from heterrec_jax import lmp, losses, negatives as negatives_lib, softmax
+from heterrec_jax.config import Config, ConfigError, LossConfig, ModelConfig
+
+B, T, N, D, DF, N_ITEMS = 3, 5, 2, 6, 4, 9
+W = T + N
+COLUMNS = (('cat', 1, 1, 1),)
+rng0 = np.random.default_rng(0)
+# Item -> [item_id, cat]; rows 1..N_ITEMS, row 0 the padding item.
+ITEM_TOKENS = np.concatenate([[[0, 0]], np.stack([np.arange(1, N_ITEMS + 1),
+                                                  rng0.integers(2, 5, N_ITEMS)], 1)]).astype(np.int32)
+
+
+def _example(seed):
+  rng = np.random.default_rng(seed)
+  lengths = np.concatenate([[W], rng.integers(2, W, B - 1)])
+  mask = np.arange(W)[None] >= (W - lengths)[:, None]
+  items = np.where(mask, rng.integers(1, N_ITEMS + 1, (B, W)), 0).astype(np.int32)
+  unit = lambda *shape: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(
+      rng.normal(size=shape)).astype(np.float32)
+  outputs = {'queries': unit(N, B, T, D), 'targets': unit(B, W, D),
+             'token_queries': unit(N, 1, B, T, DF), 'token_targets': unit(1, B, W, DF)}
+  batch = {'items': items, 'tokens': ITEM_TOKENS[items], 'mask': mask}
+  catalogue = {'vectors': unit(N_ITEMS, D), 'slots': unit(N_ITEMS, 2, DF)}
+  return outputs, batch, catalogue
+
+
+def _ref_level(q, tgt, keys, mask, cfg, cands, pos_lq=None):
+  """Step losses of one level; `cands` = [(vector, keys tuple, log_q)] shared by every query;
+  `keys[j][b, w]` the positive's keys. Same-key candidates are masked (accidental hits)."""
+  e = lambda s: math.exp(s)
+  out = []
+  for i in range(1, N + 1):
+    total, counted = 0.0, 0
+    for b in range(B):
+      for t in range(T):
+        if not (mask[b, t] and mask[b, t + i]):
+          continue
+        sp = q[i - 1, b, t] @ tgt[b, t + i] / cfg.tau - (pos_lq[b, t + i] if pos_lq is not None else 0)
+        if cfg.gate and i > 1:
+          prev = q[i - 2, b, t] @ tgt[b, t + i - 1] / cfg.tau
+          now = q[i - 1, b, t] @ tgt[b, t + i] / cfg.tau
+          if not e(prev) > e(now) + cfg.lambda_m:
+            continue
+        den = cfg.null_logit_c + e(sp)
+        for vec, ckeys, lq in cands:
+          if any(np.array_equal(np.atleast_1d(ck), np.atleast_1d(k[b, t + i]))
+                 for ck, k in zip(ckeys, keys)):
+            continue
+          den += e(q[i - 1, b, t] @ vec / cfg.tau - lq)
+        total += math.log(den) - sp
+        counted += 1
+    out.append(total / counted if counted else 0.0)
+  return out
+
+
+def _ref_candidates(outputs, batch, catalogue, negatives, level):
+  """The explicit candidate list of a `Negatives` at one level (-1: items, s: token kind s)."""
+  items, tokens, mask = batch['items'], batch['tokens'], batch['mask']
+  freq = None if negatives.log_freq is None else np.exp(np.asarray(negatives.log_freq))
+  n_batch = 0 if negatives.index is None else int(np.sum(np.asarray(negatives.index_ok)))
+
+  def log_q(item):
+    if freq is None:
+      return 0.0
+    return math.log(freq[item] * n_batch + negatives.n_uniform / max(negatives.n_items, 1))
+
+  out = []
+  if negatives.index is not None:
+    for m, ok in zip(np.asarray(negatives.index), np.asarray(negatives.index_ok)):
+      c, v = divmod(int(m), W)
+      if not ok:
+        continue
+      vec = outputs['targets'][c, v] if level < 0 else outputs['token_targets'][level, c, v]
+      keys = (items[c, v],) if level < 0 else (items[c, v], tokens[c, v, 1:2])
+      out.append((vec, keys, log_q(items[c, v]) if level < 0 else 0.0))
+  if negatives.items is not None:
+    for item in np.asarray(negatives.items):
+      vec = catalogue['vectors'][item - 1] if level < 0 else catalogue['slots'][item - 1, 1]
+      keys = (item,) if level < 0 else (item, ITEM_TOKENS[item, 1:2])
+      out.append((vec, keys, log_q(item) if level < 0 else 0.0))
+  return out
+
+
+def _lmp_ref(outputs, batch, catalogue, negatives, cfg):
+  items, tokens, mask = batch['items'], batch['tokens'], batch['mask']
+  freq = None if negatives.log_freq is None else np.exp(np.asarray(negatives.log_freq))
+  pos_lq = None
+  if freq is not None:
+    n_batch = int(np.sum(np.asarray(negatives.index_ok)))
+    pos_lq = np.log(freq[items] * n_batch + negatives.n_uniform / max(negatives.n_items, 1))
+  item = _ref_level(outputs['queries'], outputs['targets'], (items,), mask, cfg,
+                    _ref_candidates(outputs, batch, catalogue, negatives, -1), pos_lq)
+  token = _ref_level(outputs['token_queries'][:, 0], outputs['token_targets'][0],
+                     (items, tokens[..., 1:2]), mask, cfg,
+                     _ref_candidates(outputs, batch, catalogue, negatives, 0))
+  return sum(item) + cfg.w_tok * sum(token)
+
+
+def _log_freq(seed=0):
+  p = np.random.default_rng(seed).dirichlet(np.ones(N_ITEMS))
+  return np.log(np.concatenate([[1e-9], p])).astype(np.float32)
+
+
+@pytest.mark.parametrize('source,log_q', [('all', False), ('uniform', False),
+                                          ('in_batch', False), ('mixed', False),
+                                          ('in_batch', True), ('mixed', True),
+                                          ('batch_pool', False)])
+def test_lmp_over_every_source_matches_reference(source, log_q):
+  outputs, batch, catalogue = _example(1)
+  cfg = LossConfig(negatives=source, log_q=log_q, n_uniform=6, pool_size=8, tau=0.2, n_step=N,
+                   w_tok=0.5, lambda_m=0.5)
+  negatives = negatives_lib.sample(cfg, jnp.asarray(batch['mask']), N_ITEMS, jax.random.key(2),
+                                   jnp.asarray(_log_freq()))
+  cat = None
+  if negatives.items is not None:
+    idx = np.asarray(negatives.items) - 1
+    cat = {'vectors': catalogue['vectors'][idx], 'slots': catalogue['slots'][idx],
+           'tokens': ITEM_TOKENS[np.asarray(negatives.items)]}
+  loss, aux = jax.jit(lambda o, b, c: lmp.lmp_loss(o, b, COLUMNS[:1], cfg, negatives, c))(
+      outputs, batch, cat)
+  want = _lmp_ref(outputs, batch, catalogue, negatives, cfg)
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+  assert 0.0 <= float(aux['gate_fraction_step2']) <= 1.0
+
+
+def test_sources_draw_the_documented_candidates():
+  mask = jnp.asarray(_example(3)[1]['mask'])
+  cfg = LossConfig(n_uniform=50)
+  all_ = negatives_lib.sample(LossConfig(negatives='all'), mask, N_ITEMS, jax.random.key(0))
+  np.testing.assert_array_equal(all_.items, np.arange(1, N_ITEMS + 1))
+  assert all_.index is None
+  uni = negatives_lib.sample(LossConfig(negatives='uniform', n_uniform=50), mask, N_ITEMS,
+                             jax.random.key(0))
+  drawn = np.asarray(uni.items)
+  assert drawn.shape == (50,) and drawn.min() >= 1 and drawn.max() <= N_ITEMS
+  assert len(set(drawn.tolist())) > 5  # not one item repeated
+  inb = negatives_lib.sample(LossConfig(negatives='in_batch'), mask, N_ITEMS, jax.random.key(0))
+  want = np.array([bool(mask[b, w]) and w >= 1 for b in range(B) for w in range(W)])
+  np.testing.assert_array_equal(np.asarray(inb.index_ok), want)
+  np.testing.assert_array_equal(np.asarray(inb.index), np.arange(B * W))
+  mixed = negatives_lib.sample(LossConfig(negatives='mixed', n_uniform=50), mask, N_ITEMS,
+                               jax.random.key(0))
+  assert mixed.items.shape == (50,) and mixed.index.shape == (B * W,)
+  assert negatives_lib.sample(LossConfig(negatives='same_position'), mask, N_ITEMS,
+                              jax.random.key(0)) is None
+  del cfg
+
+
+def test_log_expected_count_matches_numpy():
+  mask = jnp.asarray(_example(4)[1]['mask'])
+  log_freq = _log_freq(1)
+  cfg = LossConfig(negatives='mixed', n_uniform=7, log_q=True)
+  neg = negatives_lib.sample(cfg, mask, N_ITEMS, jax.random.key(0), jnp.asarray(log_freq))
+  n_batch = int(np.sum([bool(mask[b, w]) and w >= 1 for b in range(B) for w in range(W)]))
+  items = np.arange(1, N_ITEMS + 1)
+  want = np.log(np.exp(log_freq[items]) * n_batch + 7 / N_ITEMS)
+  np.testing.assert_allclose(neg.log_expected(jnp.asarray(items)), want, rtol=1e-5)
+
+
+def test_training_log_freq():
+  items = np.array([1, 1, 2, 3, 3, 3, 4])
+  train = np.array([1, 1, 1, 1, 1, 0, 0], bool)
+  got = negatives_lib.training_log_freq(items, train, 5)
+  counts = np.array([1, 2, 1, 2, 1, 1], float)  # unseen items (0, 4, 5) count as one event
+  np.testing.assert_allclose(np.exp(got[1:]), counts[1:] / counts[1:].sum(), rtol=1e-6)
+
+
+def test_log_q_needs_an_in_batch_source():
+  with pytest.raises(ConfigError, match='log_q'):
+    negatives_lib.check(LossConfig(negatives='all', log_q=True))
+
+
+class _TableModel:
+  """A stand-in model: fixed user outputs, item vectors = rows of a table (raw, 'dot')."""
+
+  def __init__(self, queries, table):
+    self.queries, self.table, self.token_kinds = queries, table, ()
+
+  def forward(self, batch):
+    return {'queries': self.queries, 'targets': self.table[batch['items']]}
+
+  def encode_items(self, items, tokens):
+    del tokens
+    return self.table[items], None
+
+
+def test_next_item_all_is_full_cross_entropy():
+  """SASRec under 'all' + dot: mean over (b, t) of -log softmax over items 1..N of <q, E>."""
+  rng = np.random.default_rng(5)
+  _, batch, _ = _example(5)
+  t = W - 1
+  batch = {k: v[:, :W] for k, v in batch.items()}
+  queries = rng.normal(size=(B, t, D)).astype(np.float32)
+  table = rng.normal(size=(N_ITEMS + 1, D)).astype(np.float32)
+  cfg = Config(model=ModelConfig(name='sasrec'),
+               loss=LossConfig(negatives='all', scoring='dot', tau=1.0))
+  loss_fn = losses.make(cfg, None, ITEM_TOKENS)
+  got, _ = loss_fn(_TableModel(jnp.asarray(queries), jnp.asarray(table)), batch,
+                   jax.random.key(0))
+  total, count = 0.0, 0
+  for b in range(B):
+    for i in range(t):
+      if batch['mask'][b, i] and batch['mask'][b, i + 1]:
+        logits = table[1:] @ queries[b, i]
+        target = batch['items'][b, i + 1]
+        total += np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[target - 1]
+        count += 1
+  np.testing.assert_allclose(float(got), total / count, rtol=1e-5)
+
+
+def test_next_item_in_batch_equals_the_in_batch_softmax():
+  """The factory's in-batch next-item loss equals `softmax.sampled_softmax_loss`."""
+  rng = np.random.default_rng(6)
+  _, batch, _ = _example(6)
+  t = W - 1
+  batch = {k: v[:, :W] for k, v in batch.items()}
+  q = rng.normal(size=(B, t, D)).astype(np.float32)
+  table = rng.normal(size=(N_ITEMS + 1, D)).astype(np.float32)
+  cfg = Config(model=ModelConfig(name='hstu'), loss=LossConfig(negatives='in_batch', tau=0.5))
+  got, _ = losses.make(cfg, None, ITEM_TOKENS)(_TableModel(jnp.asarray(q), jnp.asarray(table)),
+                                               batch, jax.random.key(0))
+  want = softmax.sampled_softmax_loss(q, table[batch['items']], batch['items'], batch['mask'],
+                                      0.5)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
