@@ -33,7 +33,7 @@ class TuningSummary:
   values: list[str]
   metric: str  # the validation metric the choice is made on
   rows: dict[str, TuningRow]
-  missing: list[str]  # the table's missing runs (the unfinished tuning runs first)
+  missing: list[str]  # unfinished tuning runs, then every other missing run (see build_table)
   wall_time_s: dict[str, float]  # per row, the summed wall time of its tuning runs
   at_grid_edge: list[str]  # the rows whose chosen value is the first or last value tried
 
@@ -112,12 +112,11 @@ def tuning_summary(sweep: Sweep) -> TuningSummary | None:
                        missing, seconds, edge)
 
 
-def _rows(sweep: Sweep, split: str, floor: dict | None,
-          missing: list[str]) -> tuple[dict[str, dict[str, Stat]], dict[str, list[int]]]:
-  """Per row, the Stat of each metric and the seeds gathered (`sweep` tuned); appends the
-  missing runs, and 'popularity' when it is a row and `floor` lacks `split`, to `missing`."""
-  found, missing_runs = collect(sweep, split)
-  missing += missing_runs
+def _rows(sweep: Sweep, split: str, floor: dict | None) -> tuple[
+    dict[str, dict[str, Stat]], dict[str, list[int]], list[str]]:
+  """Per row of `sweep` (tuned), the Stat of each metric and the seeds gathered; and the missing
+  runs, with 'popularity' when it is a row and `floor` has no `split`."""
+  found, missing = collect(sweep, split)
   rows, seeds = {}, {}
   for group in sweep.groups:
     if group == POPULARITY:
@@ -128,17 +127,19 @@ def _rows(sweep: Sweep, split: str, floor: dict | None,
     elif found.get(group):
       rows[group] = summarize([m for _, m in found[group]])
       seeds[group] = sorted(s for s, _ in found[group])
-  return rows, seeds
+  return rows, seeds, missing
 
 
 def build_table(sweep: Sweep, split: str, floor: dict | None) -> Table:
   """Gathers the finished runs of a compare/ablation sweep (`floor`: the popularity floor's
   results, or None) into the table."""
   tuning = tuning_summary(sweep)
-  # One list: table.json has always listed every missing run under tuning.missing too.
+  # One list, extended in place: table.json has always listed every missing run (not only the
+  # unfinished tuning runs) under tuning.missing too.
   missing = tuning.missing if tuning else []
   sweep = tuned(sweep)
-  rows, seeds = _rows(sweep, split, floor, missing)
+  rows, seeds, missing_runs = _rows(sweep, split, floor)
+  missing.extend(missing_runs)
   best = best_baselines(rows, sweep.proposed)
   gain, gain_over = gains(rows, sweep.proposed, best)
   plan, warnings = budget(sweep)
