@@ -387,6 +387,21 @@ def test_tune_chooses_per_row_on_validation_and_reuses_seed0(tmp_path, monkeypat
   assert len(calls) == 10  # everything finished: a second run trains nothing
 
 
+def test_a_tuning_sweep_has_runs_only_once_its_values_are_chosen(tmp_path):
+  base = (sweep.Run('sasrec-seed0', 'sasrec', 0, ('model.name=sasrec', 'train.seed=0')),)
+  tuning = sweep.Tuning('loss.tau', ('0.1', '0.2'), 'ndcg@10')
+  tuning_sweep = sweep.Sweep('compare', 'configs/tiny.py', tmp_path, (), base, ('sasrec',),
+                             tuning=tuning)
+  with pytest.raises(ValueError, match='tuned'):
+    _ = tuning_sweep.runs  # the base runs lack the tuned value: they are not the runs
+  assert sweep.tuned(tuning_sweep).runs == ()  # nothing chosen yet
+  valid = {k: 0.1 for k in METRIC_NAMES}
+  _write_run(tmp_path, 'sasrec-tau0.1-seed0', valid, valid)
+  _write_run(tmp_path, 'sasrec-tau0.2-seed0', valid, dict(valid, **{'ndcg@10': 0.3}))
+  (run,) = sweep.tuned(tuning_sweep).runs
+  assert (run.name, run.overrides[-1]) == ('sasrec-tau0.2-seed0', 'loss.tau=0.2')
+
+
 def test_tune_ties_go_to_the_first_value_listed(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(train_lib, 'train', _fake_tuned_train(calls, lambda m, tau: 0.5))
