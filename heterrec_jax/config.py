@@ -59,6 +59,8 @@ class DataConfig:
 
 
 MODEL_NAMES = ('heterrec', 'sasrec', 'bert4rec', 'pinnerformer', 'hstu')
+# HeterRec's ablation variants (the paper's Table 2), 'full' first.
+VARIANTS = ('full', 'no_htfl', 'no_mfk', 'no_hct', 'no_lmp', 'no_tlmp')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +88,7 @@ class ModelConfig:
 
   def __post_init__(self):
     _check_in('model.name', self.name, MODEL_NAMES)
-    _check_in('model.variant', self.variant,
-              ('full', 'no_htfl', 'no_mfk', 'no_hct', 'no_lmp', 'no_tlmp'))
+    _check_in('model.variant', self.variant, VARIANTS)
     _check_in('model.compute_dtype', self.compute_dtype, ('float32', 'bfloat16'))
     for name in ('d_f', 'd_k', 'heads', 'ffn_mult', 'time_buckets'):
       _check_positive(f'model.{name}', getattr(self, name))

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from heterrec_jax import experiments as ex
+from heterrec_jax import flops
+from heterrec_jax import train as train_lib
 from heterrec_jax.config import METRIC_NAMES, apply_overrides, load_config
+from heterrec_jax.experiments import gather, runner, scaling, sweep, tables
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASELINES = ('sasrec', 'bert4rec', 'pinnerformer', 'hstu')
@@ -149,13 +152,13 @@ def test_gather_means_stds_best_baseline_and_gain(fake_compare):
   assert _gather(out) == 0
   table = json.loads((out / 'table.json').read_text())
   for model, runs in values.items():
-    for column in ex.COLUMNS:
+    for column in tables.COLUMNS:
       xs = np.array([r[column] for r in runs])
       stat = table['rows'][model][column]
       np.testing.assert_allclose(stat['mean'], xs.mean(), rtol=1e-12)
       np.testing.assert_allclose(stat['std'], xs.std(ddof=1) if len(xs) > 1 else 0.0, atol=1e-12)
       assert stat['n'] == len(xs)
-  for column in ex.COLUMNS:
+  for column in tables.COLUMNS:
     means = {m: np.mean([r[column] for r in runs]) for m, runs in values.items() if m != 'heterrec'}
     best = max(means, key=means.get)
     assert table['best_baseline'][column] == {'row': best, 'mean': pytest.approx(means[best])}
@@ -178,10 +181,10 @@ def test_table_markdown_layout(fake_compare):
   assert rows == ['SASRec', 'BERT4Rec', 'HSTU', 'Popularity', 'HeterRec (ours)',
                   'Best baseline', 'Improvement']
   for line in lines[start:start + 9]:
-    assert line.count('|') == len(ex.COLUMNS) + 3
+    assert line.count('|') == len(tables.COLUMNS) + 3
   table = json.loads((out / 'table.json').read_text())
   improvement = lines[start + 8].split(' | ')[1:-1]
-  assert improvement == [f'{table["gain_percent"][c]:+.2f}%' for c in ex.COLUMNS]
+  assert improvement == [f'{table["gain_percent"][c]:+.2f}%' for c in tables.COLUMNS]
   assert lines[start + 7].split(' | ')[1] == 'HSTU'
   assert any(line.startswith('Missing runs') and 'pinnerformer-seed0' in line for line in lines)
 
@@ -223,7 +226,7 @@ def test_popularity_is_computed_once_when_no_run_has_it(tmp_path, monkeypatch):
     (sweep.out / 'popularity.json').write_text(json.dumps({'valid': floor, 'test': floor}))
     return {'valid': floor, 'test': floor}
 
-  monkeypatch.setattr(ex, 'compute_popularity', fake_compute)
+  monkeypatch.setattr(runner, 'compute_popularity', fake_compute)
   argv = ['compare', '--out', str(out), '--models', 'heterrec,popularity', '--seeds', '1']
   assert ex.main(argv + ['--gather']) == 0  # --gather never computes it
   assert calls == [] and json.loads((out / 'table.json').read_text())['missing'] == ['popularity']
@@ -238,7 +241,7 @@ def test_popularity_that_cannot_be_computed_is_listed_missing(tmp_path, monkeypa
   def broken(sweep, progress):
     raise FileNotFoundError('no data')
 
-  monkeypatch.setattr(ex, 'compute_popularity', broken)
+  monkeypatch.setattr(runner, 'compute_popularity', broken)
   out = tmp_path / 'o'
   _write_run(out, 'heterrec-seed0', {k: 0.1 for k in METRIC_NAMES})
   assert ex.main(['compare', '--out', str(out), '--models', 'heterrec,popularity', '--seeds',
@@ -281,9 +284,9 @@ def test_wall_time_falls_back_to_file_times(tmp_path):
   (run / 'config.json').write_text('{}')
   os.utime(run / 'config.json', (1000.0, 1000.0))
   os.utime(run / 'results.json', (1042.5, 1042.5))
-  assert ex.wall_seconds(run) == (pytest.approx(42.5), 'file times')
+  assert gather.wall_seconds(run) == (pytest.approx(42.5), 'file times')
   (run / 'wall_time.json').write_text(json.dumps({'seconds': 7.0}))
-  assert ex.wall_seconds(run) == (7.0, 'recorded')
+  assert gather.wall_seconds(run) == (7.0, 'recorded')
 
 
 # ---- running (with a stand-in for train.train) ----------------------------------------------
@@ -301,7 +304,7 @@ def test_execute_records_wall_time_skips_finished_and_survives_failures(tmp_path
     (workdir / 'popularity.json').write_text(json.dumps({'valid': metrics, 'test': metrics}))
     return {'status': 'done'}
 
-  monkeypatch.setattr(ex, '_train_fn', lambda: fake_train)
+  monkeypatch.setattr(train_lib, 'train', fake_train)
   out = tmp_path / 'o'
   argv = ['compare', '--models', 'heterrec,sasrec,popularity', '--seeds', '2', '--out', str(out),
           '--config', 'configs/tiny.py', '--steps', '3', '--quiet']
@@ -327,7 +330,7 @@ def test_a_preempted_run_ends_the_sweep(tmp_path, monkeypatch):
     calls.append(workdir.name)
     return {'status': 'preempted', 'step': 3}
 
-  monkeypatch.setattr(ex, '_train_fn', lambda: preempted)
+  monkeypatch.setattr(train_lib, 'train', preempted)
   out = tmp_path / 'o'
   assert ex.main(['compare', '--models', 'heterrec,sasrec', '--seeds', '2', '--out', str(out),
                   '--quiet']) == 1
@@ -354,7 +357,7 @@ def _fake_tuned_train(calls, score):
 def test_tune_chooses_per_row_on_validation_and_reuses_seed0(tmp_path, monkeypatch):
   calls = []
   best = {'heterrec': 0.2, 'sasrec': 0.5}
-  monkeypatch.setattr(ex, '_train_fn', lambda: _fake_tuned_train(
+  monkeypatch.setattr(train_lib, 'train', _fake_tuned_train(
       calls, lambda m, tau: 1.0 - abs(tau - best[m])))
   out = tmp_path / 'o'
   assert ex.main(['compare', '--models', 'heterrec,sasrec', '--seeds', '3', '--out', str(out),
@@ -384,9 +387,24 @@ def test_tune_chooses_per_row_on_validation_and_reuses_seed0(tmp_path, monkeypat
   assert len(calls) == 10  # everything finished: a second run trains nothing
 
 
+def test_a_tuning_sweep_has_runs_only_once_its_values_are_chosen(tmp_path):
+  base = (sweep.Run('sasrec-seed0', 'sasrec', 0, ('model.name=sasrec', 'train.seed=0')),)
+  tuning = sweep.Tuning('loss.tau', ('0.1', '0.2'), 'ndcg@10')
+  tuning_sweep = sweep.Sweep('compare', 'configs/tiny.py', tmp_path, (), base, ('sasrec',),
+                             tuning=tuning)
+  with pytest.raises(ValueError, match='tuned'):
+    _ = tuning_sweep.runs  # the base runs lack the tuned value: they are not the runs
+  assert sweep.tuned(tuning_sweep).runs == ()  # nothing chosen yet
+  valid = {k: 0.1 for k in METRIC_NAMES}
+  _write_run(tmp_path, 'sasrec-tau0.1-seed0', valid, valid)
+  _write_run(tmp_path, 'sasrec-tau0.2-seed0', valid, dict(valid, **{'ndcg@10': 0.3}))
+  (run,) = sweep.tuned(tuning_sweep).runs
+  assert (run.name, run.overrides[-1]) == ('sasrec-tau0.2-seed0', 'loss.tau=0.2')
+
+
 def test_tune_ties_go_to_the_first_value_listed(tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setattr(ex, '_train_fn', lambda: _fake_tuned_train(calls, lambda m, tau: 0.5))
+  monkeypatch.setattr(train_lib, 'train', _fake_tuned_train(calls, lambda m, tau: 0.5))
   out = tmp_path / 'o'
   assert ex.main(['compare', '--models', 'sasrec', '--seeds', '1', '--out', str(out),
                   '--config', 'configs/tiny.py', '--tune', 'loss.tau=0.3,0.1', '--quiet']) == 0
@@ -427,60 +445,8 @@ def test_tune_gather_lists_unfinished_tuning_runs_missing(tmp_path):
 
 # ---- scaling --------------------------------------------------------------------------------
 
-def test_stack_flops_counts_each_matmul():
-  length, width, mult = 4, 2, 1
-
-  def matmul(a, b, c):
-    return 2 * a * b * c
-
-  expected = (4 * matmul(length, width, width)  # Q, K, V, O projections
-              + matmul(length, width, mult * width) + matmul(length, mult * width, width)  # FFN
-              + matmul(length, width, length) + matmul(length, length, width))  # QK^T, AV
-  assert ex._stack_flops(1, length, width, mult) == expected
-  assert ex._stack_flops(3, length, width, mult) == 3 * expected
-
-
-def test_analytic_flops_scale_with_layers_steps_and_htfl():
-  cfg = load_config(str(ROOT / 'configs' / 'tiny.py'))
-  def flops(steps=10, **model):
-    return ex.analytic_train_flops(apply_overrides(cfg, [f'model.{k}={v}' for k, v in
-                                                         model.items()]), 3, steps)
-  assert flops(steps=20) == 2 * flops(steps=10)
-  assert flops(n1=2) > flops(n1=1) and flops(n2=2) > flops(n2=1)
-  m, t, b = cfg.model, cfg.data.max_len, cfg.train.batch_size
-  token_stage = 3 * b * 10 * ex._stack_flops(m.n1, t * 3, m.d_f, m.ffn_mult)
-  assert flops() - flops(variant='no_htfl') == pytest.approx(token_stage)
-
-
-def test_count_params_counts_only_params():
-  from flax import nnx
-  assert ex.count_params(lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(0))) == 3 * 4 + 4
-  assert ex.count_params(lambda: nnx.BatchNorm(5, rngs=nnx.Rngs(0))) == 2 * 5  # not the stats
-
-
-def test_model_size_counts_the_model_of_a_config_on_its_dataset(tmp_path):
-  from heterrec_jax.data import prepare
-  folder = tmp_path / 'toy'
-  folder.mkdir()
-  (folder / 'toy.inter').write_text('user_id:token\titem_id:token\ttimestamp:float\n' + ''.join(
-      f'u{u}\ti{(u + t) % 5}\t{t}\n' for u in range(4) for t in range(4)))
-  (folder / 'toy.item').write_text('item_id:token\tcolor:token\n' + ''.join(
-      f'i{i}\tc{i % 2}\n' for i in range(5)))
-  assert prepare.main(['--format', 'recbole', '--input', str(folder), '--output',
-                       str(tmp_path / 'ds'), '--quiet']) == 0
-  cfg = apply_overrides(load_config(str(ROOT / 'configs' / 'tiny.py')),
-                        [f'data.path={tmp_path / "ds"}'])
-  sizes = {}
-  for name, extra in (('1x1', []), ('2x1', ['model.n1=2']), ('no_htfl', ['model.variant=no_htfl'])):
-    sizes[name] = ex.model_size(apply_overrides(cfg, extra), tmp_path / 'unused')
-  assert sizes['1x1']['n_kinds'] == 2  # item id, color
-  assert sizes['2x1']['params'] > sizes['1x1']['params'] > sizes['no_htfl']['params'] > 0
-  missing = ex.model_size(apply_overrides(cfg, ['data.path=']), tmp_path / 'nothing')
-  assert 'params' not in missing and 'schema.json' in missing['error']
-
-
 def test_scaling_gather_writes_json_and_plot(tmp_path, monkeypatch):
-  monkeypatch.setattr(ex, 'model_size', lambda cfg, run_dir: {
+  monkeypatch.setattr(flops, 'model_size', lambda cfg, run_dir: {
       'params': 1000 * (cfg.model.n1 + cfg.model.n2) + (0 if cfg.model.variant == 'full' else 7),
       'n_kinds': 3})
   out, rng = tmp_path / 'sc', np.random.default_rng(1)
@@ -495,7 +461,7 @@ def test_scaling_gather_writes_json_and_plot(tmp_path, monkeypatch):
   assert ex.main(['scaling', '--out', str(out), '--grid', '1x1,2x2,3x3', '--config',
                   'configs/tiny.py', '--gather']) == 0
   scaling = json.loads((out / 'scaling.json').read_text())
-  points = {ex.point_name(p['variant'], p['n1'], p['n2']): p for p in scaling['points']}
+  points = {sweep.point_name(p['variant'], p['n1'], p['n2']): p for p in scaling['points']}
   assert sorted(points) == ['full-1x1', 'full-2x2', 'full-3x3', 'no_htfl-1x1', 'no_htfl-2x2',
                             'no_htfl-3x3']
   assert points['no_htfl-2x2']['train_flops'] == 1e9 * 40
@@ -503,7 +469,7 @@ def test_scaling_gather_writes_json_and_plot(tmp_path, monkeypatch):
   cfg = apply_overrides(load_config(str(ROOT / 'configs' / 'tiny.py')),
                         ['model.n1=2', 'model.n2=2'])
   assert points['full-2x2']['train_flops'] == pytest.approx(
-      ex.analytic_train_flops(cfg, 3, cfg.train.steps))
+      flops.analytic_train_flops(cfg, 3, cfg.train.steps))
   assert points['full-2x2']['params'] == 4000 and points['full-2x2']['layers'] == 4
   assert points['full-1x1']['metrics']['ndcg@50'] == pytest.approx(written['full-1x1']['ndcg@50'])
   assert points['full-3x3']['metrics'] == {} and points['full-3x3']['missing'] == ['full-3x3-seed0']
@@ -513,8 +479,8 @@ def test_scaling_gather_writes_json_and_plot(tmp_path, monkeypatch):
 
 
 def test_steps_trained_reads_the_last_train_step(tmp_path):
-  assert ex.steps_trained(tmp_path, 123) == 123
+  assert scaling.steps_trained(tmp_path, 123) == 123
   (tmp_path / 'metrics.jsonl').write_text(
       '{"step": 10, "split": "train"}\n{"step": 10, "split": "valid"}\nnot json\n'
       '{"step": 30, "split": "train"}\n{"step": 30, "split": "test"}\n')
-  assert ex.steps_trained(tmp_path, 123) == 30
+  assert scaling.steps_trained(tmp_path, 123) == 30

@@ -1,0 +1,108 @@
+"""What the finished runs of a sweep say: their metrics per row (mean ± std over seeds), their
+wall times and the training budget they were planned with."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from heterrec_jax.config import METRIC_NAMES
+from heterrec_jax.experiments.sweep import Sweep, read_json, run_config
+
+# Sample standard deviation over seeds (ddof = 1); a single seed gets 0.
+STD_DDOF = 1
+BUDGET_FIELDS = ('steps', 'batch_size', 'eval_every', 'patience', 'early_stop_metric')
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+  """One number over the seeds of a row: mean, std (ddof = STD_DDOF; 0 for one value), count."""
+  mean: float
+  std: float
+  n: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WallTime(Stat):
+  """A row's wall time per run, and where the seconds came from ('recorded', 'file times')."""
+  source: list[str]
+
+
+def stat(xs: list[float]) -> Stat:
+  xs = np.asarray(xs, np.float64)
+  std = float(np.std(xs, ddof=STD_DDOF)) if xs.size > 1 else 0.0
+  return Stat(float(np.mean(xs)), std, int(xs.size))
+
+
+def summarize(values: list[dict[str, float]]) -> dict[str, Stat]:
+  """The Stat of each metric present in `values` (one dict of metrics per run)."""
+  out = {}
+  for metric in METRIC_NAMES:
+    xs = [v[metric] for v in values if metric in v]
+    if xs:
+      out[metric] = stat(xs)
+  return out
+
+
+def metric_label(metric: str) -> str:
+  """'ndcg@50' -> 'nDCG@50', as the paper writes it."""
+  kind, _, k = metric.partition('@')
+  return {'recall': 'Recall', 'ndcg': 'nDCG', 'mrr': 'MRR'}[kind] + (f'@{k}' if k else '')
+
+
+def collect(sweep: Sweep, split: str) -> tuple[dict[str, list[tuple[int, dict]]], list[str]]:
+  """The finished runs' `split` metrics per group as (seed, metrics), and the missing runs."""
+  found: dict[str, list[tuple[int, dict]]] = {g: [] for g in sweep.groups}
+  missing = []
+  for run in sweep.runs:
+    results = read_json(sweep.run_dir(run) / 'results.json')
+    if results is None or split not in results:
+      missing.append(run.name)
+    else:
+      found.setdefault(run.group, []).append((run.seed, results[split]))
+  return found, missing
+
+
+def wall_seconds(run_dir: pathlib.Path) -> tuple[float | None, str]:
+  """A finished run's wall time: wall_time.json (written by the runner or launch/sweep.py),
+  else an estimate from the file times (config.json is written at start, results.json at end)."""
+  record = read_json(run_dir / 'wall_time.json')
+  if record and 'seconds' in record:
+    return float(record['seconds']), 'recorded'
+  start, end = run_dir / 'config.json', run_dir / 'results.json'
+  if start.is_file() and end.is_file():
+    return end.stat().st_mtime - start.stat().st_mtime, 'file times'
+  return None, 'unknown'
+
+
+def wall_times(sweep: Sweep) -> dict[str, WallTime]:
+  """The wall time per run of the finished runs of each group."""
+  out = {}
+  for group in sweep.groups:
+    runs = [r for r in sweep.runs if r.group == group
+            and (sweep.run_dir(r) / 'results.json').is_file()]
+    timed = [wall_seconds(sweep.run_dir(r)) for r in runs]
+    seconds = [s for s, _ in timed if s is not None]
+    if seconds:
+      sources = sorted({src for s, src in timed if s is not None})
+      out[group] = WallTime(**dataclasses.asdict(stat(seconds)), source=sources)
+  return out
+
+
+def budget(sweep: Sweep) -> tuple[dict[str, Any], list[str]]:
+  """The planned training budget, and a warning for every finished run trained with another
+  (e.g. an earlier sweep into the same OUT with other --steps)."""
+  planned = dataclasses.asdict(run_config(sweep, sweep.runs[0]).train) if sweep.runs else {}
+  planned = {k: planned[k] for k in BUDGET_FIELDS if k in planned}
+  warnings = []
+  for run in sweep.runs:
+    saved = (read_json(sweep.run_dir(run) / 'config.json') or {}).get('train')
+    if not saved or not (sweep.run_dir(run) / 'results.json').is_file():
+      continue
+    diff = {k: saved.get(k) for k in planned if saved.get(k) != planned[k]}
+    if diff:
+      warnings.append(f'{run.name} was trained with train.{diff} instead of the planned budget')
+  return planned, warnings
