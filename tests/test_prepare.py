@@ -88,7 +88,8 @@ def test_all_users_dropped_leaves_existing_output_untouched(tmp_path):
   out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', options=OPTIONS, progress=False)
   before = _folder_bytes(out)
   with pytest.raises(PrepareError, match='every user has fewer than --min-events=9'):
-    prepare.prepare_dataset(_raw(EVENTS), out, min_events=9, options=OPTIONS, progress=False)
+    prepare.prepare_dataset(_raw(EVENTS), out, min_events=9, options=OPTIONS, progress=False,
+                            overwrite=True)
   assert _folder_bytes(out) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ds']  # no temporary folder left
 
@@ -98,15 +99,19 @@ def test_failed_tokenizer_leaves_output_untouched(tmp_path):
   before = _folder_bytes(out)
   with pytest.raises(PrepareError, match='--groups=3'):
     prepare.prepare_dataset(_raw(EVENTS), out, options=tokenizer.Options(groups=3),
-                            progress=False)
+                            progress=False, overwrite=True)
   assert _folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ['ds']
 
 
 def test_time_split_cutoff(tmp_path):
   out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', split='time',
-                                cutoff='1970-01-01', options=OPTIONS, progress=False)
-  assert json.loads((out / 'schema.json').read_text())['split'] == {'kind': 'time', 'cutoff': 0}
+                                cutoff='3', options=OPTIONS, progress=False)
+  assert json.loads((out / 'schema.json').read_text())['split'] == {'kind': 'time', 'cutoff': 3}
   assert prepare.parse_cutoff('2020-01-02') == 1577923200
+  for outside in ('1970-01-01', '0', '6'):  # events run from 0 to 5: no validation / no test
+    with pytest.raises(PrepareError, match='outside the time range of the events, 0..5'):
+      prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'x', split='time', cutoff=outside,
+                              options=OPTIONS, progress=False)
   with pytest.raises(PrepareError, match='--split time needs --cutoff'):
     prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'x', split='time', progress=False)
 

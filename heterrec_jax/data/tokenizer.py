@@ -29,6 +29,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+import threadpoolctl
 
 from heterrec_jax.data.dataset import Feature, dump_json
 from heterrec_jax.data.raw import FLOAT, TOKEN, TOKEN_SEQ, Column, ItemTable, PrepareError
@@ -130,13 +131,22 @@ def stable_hash(value: str) -> int:
   return zlib.crc32(value.encode('utf-8'))
 
 
+def one_blas_thread():
+  """A context in which BLAS and LAPACK run on one thread: their results then do not depend
+  on the thread count (a threaded matmul may sum in another order), and they stay fast when
+  other processes compete for the cores (an oversubscribed threaded BLAS spins)."""
+  return threadpoolctl.threadpool_limits(limits=1, user_api='blas')
+
+
 def pca_fit(x_NxD: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
   """(mean [D], components [dim, D]) of the top principal directions, each signed so that its
-  largest-magnitude entry is positive (a deterministic choice of the eigenvector sign)."""
+  largest-magnitude entry is positive (a deterministic choice of the eigenvector sign).
+  Float64 on one BLAS thread: the same bytes whatever the thread count."""
   x_NxD = np.asarray(x_NxD, np.float64)
   mean_D = x_NxD.mean(0)
   centred_NxD = x_NxD - mean_D
-  _, vectors_DxD = np.linalg.eigh(centred_NxD.T @ centred_NxD)
+  with one_blas_thread():
+    _, vectors_DxD = np.linalg.eigh(centred_NxD.T @ centred_NxD)
   comps_KxD = vectors_DxD[:, ::-1][:, :dim].T
   signs_K = np.sign(comps_KxD[np.arange(dim), np.abs(comps_KxD).argmax(1)])
   return mean_D, comps_KxD * np.where(signs_K == 0, 1, signs_K)[:, None]
@@ -324,7 +334,8 @@ def project(feature: FittedFeature, matrix_NxD: np.ndarray) -> np.ndarray:
   matrix_NxD = np.asarray(matrix_NxD, np.float64)
   if not feature.params['pca']:
     return matrix_NxD
-  return (matrix_NxD - feature.arrays['pca_mean']) @ feature.arrays['pca_components'].T
+  with one_blas_thread():
+    return (matrix_NxD - feature.arrays['pca_mean']) @ feature.arrays['pca_components'].T
 
 
 def multimodal_ids(feature: FittedFeature, matrix_NxD: np.ndarray) -> np.ndarray:
