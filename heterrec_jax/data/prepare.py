@@ -366,9 +366,16 @@ _TOKENIZER_FLAGS = (
     ('--hash-buckets', 0, 'hash vocabularies larger than this into this many buckets'))
 
 
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose errors are one line (exit 2), not the usage block."""
+
+  def error(self, message: str):
+    self.exit(2, f'prepare: error: {message} (see --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='python -m heterrec_jax.data.prepare',
-                              description='Prepare a dataset folder (docs/data.md).')
+  p = _Parser(prog='python -m heterrec_jax.data.prepare',
+              description='Prepare a dataset folder (docs/data.md).')
   p.add_argument('--format', required=True, choices=FORMATS)
   p.add_argument('--input', help='interactions: file or folder (not for synthetic)')
   p.add_argument('--output', required=True,

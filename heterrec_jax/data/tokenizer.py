@@ -40,6 +40,7 @@ FREE_TEXT_FRACTION = 0.5  # more distinct values than this fraction of items: fr
 GROUP_DIMS = 4  # default g: dimensions per multimodal group when PCA is automatic
 MAX_GROUP_CODES = 1 << 24  # q^g above this would not fit a sane embedding table
 PCA_ARRAYS = ('pca_mean', 'pca_components')  # arrays of a multimodal feature with PCA
+JOINING_SEPS = ('|', ',', ';')  # a --multi token column mostly holding these is an error
 _SAFE_NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 
 
@@ -209,8 +210,23 @@ def detect_kinds(table: ItemTable, options: Options) -> tuple[dict[str, str], di
       raise PrepareError(f'--numerical {name}: a multi-valued (token_seq) column cannot be '
                          'numerical')
     else:
+      if column.type == TOKEN and kind == 'multi':
+        _check_single_values(name, column)
       kinds[name] = kind
   return kinds, skipped
+
+
+def _check_single_values(name: str, column: Column) -> None:
+  """A token column made --multi keeps one value per item: an error when its values look
+  joined by a separator (the reader, not the tokenizer, splits values)."""
+  present = [v for v in column.values if v is not None]
+  for sep in JOINING_SEPS:
+    joined = sum(sep in v for v in present)
+    if present and joined * 2 > len(present):
+      raise PrepareError(f'--multi {name}: {joined} of {len(present)} values contain {sep!r} '
+                         'but this column holds single values; for --format csv pass '
+                         f"--multi-sep '{sep}', for recbole declare it {name}:token_seq with "
+                         'space-separated values')
 
 
 def _float_text(value: float) -> str | None:
