@@ -604,7 +604,8 @@ def _tabular_kind(path: pathlib.Path, sep: str | None) -> str:
 def _read_csv(path: pathlib.Path, sep: str, progress: bool) -> tuple[dict[str, list], list]:
   """Columns by header name, and the line number of each row."""
   with contextlib.closing(numbered_lines(path, progress=progress)) as lines:
-    reader = csv_lib.reader((line for _, line in lines), delimiter=sep)
+    # Ends put back: a quoted field spanning lines keeps its line break (an id is then refused).
+    reader = csv_lib.reader((line + '\n' for _, line in lines), delimiter=sep)
     try:
       header = next(reader, None)
       if header is None:
