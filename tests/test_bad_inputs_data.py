@@ -151,7 +151,8 @@ def csv_empty_item(tmp):
 
 
 def csv_null_item(tmp):
-  return csv_args(csv_events(tmp, ['u1,NULL,9'] + GOOD_CSV), tmp / 'ds'), 'e.csv:2: empty or null item'
+  events = csv_events(tmp, ['u1,NULL,9'] + GOOD_CSV)
+  return csv_args(events, tmp / 'ds'), 'e.csv:2: empty or null item'
 
 
 def parquet_null_user(tmp):
@@ -173,7 +174,8 @@ def amazon_empty_user(tmp):
 
 
 def recbole_empty_item(tmp):
-  return recbole_args(recbole(tmp, ROWS + ['u3\t\t5']), tmp / 'ds'), 'toy.inter:8: empty or null item'
+  folder = recbole(tmp, ROWS + ['u3\t\t5'])
+  return recbole_args(folder, tmp / 'ds'), 'toy.inter:8: empty or null item'
 
 
 def recbole_item_file_empty_key(tmp):
@@ -190,7 +192,8 @@ def movielens_empty_user(tmp):
 def items_csv_empty_key(tmp):
   events = csv_events(tmp, GOOD_CSV)
   write(tmp / 'items.csv', 'item,colour\na,red\n,blue\n')
-  return csv_args(events, tmp / 'ds', '--items', str(tmp / 'items.csv')), 'items.csv:3: empty or null item'
+  return (csv_args(events, tmp / 'ds', '--items', str(tmp / 'items.csv')),
+          'items.csv:3: empty or null item')
 
 
 def json_id_with_newline(tmp):
@@ -257,7 +260,8 @@ def multi_wrong_separator(tmp):
 
 def multi_token_column_joined(tmp):
   folder = recbole(tmp, items='item_id:token\ttags:token\ni1\tA|B\ni2\tB|C\ni3\tC\n')
-  return recbole_args(folder, tmp / 'ds', '--multi', 'tags'), "--multi tags: 2 of 3 values contain '|'"
+  return (recbole_args(folder, tmp / 'ds', '--multi', 'tags'),
+          "--multi tags: 2 of 3 values contain '|'")
 
 
 def embedding_npz(tmp):
@@ -304,6 +308,10 @@ def json_not_an_object(tmp):
   return amazon_args(reviews(tmp, ['[1, 2]']), tmp / 'ds'), 'r.json:4: expected an object'
 
 
+def embedding_spec_without_name(tmp):
+  return recbole_args(recbole(tmp), tmp / 'ds', '--embedding', 'emb.npy'), 'must be NAME=FILE.npy'
+
+
 def empty_multi_sep(tmp):
   return csv_args(csv_events(tmp, GOOD_CSV), tmp / 'ds', '--multi-sep', ''), 'must not be empty'
 
@@ -327,7 +335,7 @@ PREPARE_CASES = [
     cutoff_after_data, cutoff_before_data, cutoff_garbage, multi_wrong_separator,
     multi_token_column_joined, embedding_npz, embedding_empty_file, embedding_zero_rows,
     embedding_wrong_rows, embedding_pickled, embedding_missing, json_deeply_nested,
-    json_not_an_object, empty_multi_sep, long_sep, bad_time_unit]
+    json_not_an_object, embedding_spec_without_name, empty_multi_sep, long_sep, bad_time_unit]
 
 
 def run_main(main, argv, capsys) -> tuple[int, str]:
@@ -377,6 +385,11 @@ def schema_not_json(ds):
 def schema_future_version(ds):
   _schema(ds, version=9)
   return 'schema version 9 is not supported (this code reads versions [1])'
+
+
+def schema_version_not_an_int(ds):
+  _schema(ds, version=True)
+  return 'schema version True is not supported'
 
 
 def schema_missing_key(ds):
@@ -497,9 +510,9 @@ def schema_missing(ds):
 
 
 LOAD_CASES = [
-    schema_not_json, schema_future_version, schema_missing_key, schema_bad_feature_kind,
-    schema_bad_split, items_truncated, offsets_empty, timestamps_garbage, items_float,
-    item_tokens_object, items_out_of_range, items_zero, offsets_decreasing, offsets_wrong_end,
+    schema_not_json, schema_future_version, schema_version_not_an_int, schema_missing_key,
+    schema_bad_feature_kind, schema_bad_split, items_truncated, offsets_empty,
+    timestamps_garbage, items_float, item_tokens_object, items_out_of_range, items_zero, offsets_decreasing, offsets_wrong_end,
     token_beyond_table, padding_row_not_zero, timestamps_reversed, item_keys_extra_line,
     report_deeply_nested, shape_mismatch, embedding_rows, schema_missing]
 

@@ -1,5 +1,10 @@
 """The prepared dataset folder: its schema, its atomic writer and its memory-mapped reader.
 
+`Dataset.load` validates every folder it opens (schema, dtypes, shapes, offsets, id ranges,
+sorted timestamps: `Dataset.check`) and refuses a damaged one with a one-line `DatasetError`
+naming the file and the fix; `python -m heterrec_jax.data.check FOLDER` runs the same checks.
+`write_dataset` replaces only a prepared folder, and only when asked (`check_output`).
+
 A folder written by `python -m heterrec_jax.data.prepare` holds (SPEC sections 2-3):
 
   schema.json        features of the item token table, counts, the split (this module's `Schema`)
@@ -124,7 +129,7 @@ def read_schema(path: pathlib.Path) -> Schema:
   data = read_json(file)
   if not isinstance(data, dict):
     raise DatasetError(f'{file}: expected a JSON object; {AGAIN}')
-  if data.get('version') not in SUPPORTED_VERSIONS:
+  if type(data.get('version')) is not int or data['version'] not in SUPPORTED_VERSIONS:
     raise DatasetError(f'{file}: schema version {data.get("version")!r} is not supported '
                        f'(this code reads versions {list(SUPPORTED_VERSIONS)}); {AGAIN}')
   bad = [k for k in ('n_users', 'n_items', 'n_events') if not _is_count(data.get(k))]

@@ -454,7 +454,11 @@ def options_from_args(args: argparse.Namespace) -> tokenizer.Options:
 
 def _inputs(args: argparse.Namespace) -> list[pathlib.Path]:
   files = [args.input, args.items, args.embedding_ids]
-  files += [spec.partition('=')[2] for spec in args.embedding]
+  for spec in args.embedding:
+    name, sep, file = spec.partition('=')
+    if not sep or not name or not file:
+      raise PrepareError(f'--embedding {spec!r} must be NAME=FILE.npy')
+    files.append(file)
   return [pathlib.Path(f) for f in files if f]
 
 
