@@ -513,8 +513,9 @@ LOAD_CASES = [
     schema_not_json, schema_future_version, schema_version_not_an_int, schema_missing_key,
     schema_bad_feature_kind, schema_bad_split, items_truncated, offsets_empty,
     timestamps_garbage, items_float, item_tokens_object, items_out_of_range, items_zero,
-    offsets_decreasing, offsets_wrong_end, token_beyond_table, padding_row_not_zero, timestamps_reversed, item_keys_extra_line,
-    report_deeply_nested, shape_mismatch, embedding_rows, schema_missing]
+    offsets_decreasing, offsets_wrong_end, token_beyond_table, padding_row_not_zero,
+    timestamps_reversed, item_keys_extra_line, report_deeply_nested, shape_mismatch,
+    embedding_rows, schema_missing]
 
 
 @pytest.mark.parametrize('case', LOAD_CASES, ids=lambda c: c.__name__)
