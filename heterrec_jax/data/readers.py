@@ -502,11 +502,11 @@ def _parse_record(line: str, where: str) -> dict:
   return record
 
 
-def _records(path: pathlib.Path, progress: bool) -> Iterator[tuple[str, dict]]:
-  """Yields ('FILE:LINE', record) of a JSON-lines file."""
+def _records(path: pathlib.Path, progress: bool) -> Iterator[tuple[int, str, dict]]:
+  """Yields (line number, 'FILE:LINE', record) of a JSON-lines file."""
   for line_no, line in numbered_lines(path, progress=progress):
     if line.strip():
-      yield f'{path}:{line_no}', _parse_record(line, f'{path}:{line_no}')
+      yield line_no, f'{path}:{line_no}', _parse_record(line, f'{path}:{line_no}')
 
 
 def _field(record: dict, name: str, where: str) -> Any:
@@ -517,8 +517,8 @@ def _field(record: dict, name: str, where: str) -> Any:
 
 def _json_events(path: pathlib.Path, fields: tuple[str, str, str], progress: bool,
                  log: EventLog) -> EventLog:
-  for where, record in _records(path, progress):
-    log.add(*(_field(record, f, where) for f in fields), int(where.rsplit(':', 1)[1]))
+  for line_no, where, record in _records(path, progress):
+    log.add(*(_field(record, f, where) for f in fields), line_no)
   return log
 
 
@@ -541,7 +541,7 @@ AMAZON2023_META: _Spec = {
 def _json_items(path: pathlib.Path, key: str, spec: _Spec, progress: bool,
                 drop: bool) -> ItemTable:
   keys, records, missing = [], {name: [] for name in spec}, 0
-  for where, record in _records(path, progress):
+  for _, where, record in _records(path, progress):
     key_text = item_key(_field(record, key, where), where, drop)
     if key_text is None:
       missing += 1
