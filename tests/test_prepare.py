@@ -1,12 +1,14 @@
 """prepare_dataset and the prepare command: layout, determinism, filtering, failures."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 
 from heterrec_jax.data import prepare, tokenizer
-from heterrec_jax.data.dataset import Dataset
+from heterrec_jax.data.dataset import Dataset, DatasetError, write_dataset
 from heterrec_jax.data.raw import FLOAT, TOKEN, TOKEN_SEQ, Column, ItemTable, PrepareError, RawData
 
 OPTIONS = tokenizer.Options(groups=2, n_bins=4)
@@ -88,7 +90,8 @@ def test_all_users_dropped_leaves_existing_output_untouched(tmp_path):
   out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', options=OPTIONS, progress=False)
   before = _folder_bytes(out)
   with pytest.raises(PrepareError, match='every user has fewer than --min-events=9'):
-    prepare.prepare_dataset(_raw(EVENTS), out, min_events=9, options=OPTIONS, progress=False)
+    prepare.prepare_dataset(_raw(EVENTS), out, min_events=9, options=OPTIONS, progress=False,
+                            overwrite=True)
   assert _folder_bytes(out) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ds']  # no temporary folder left
 
@@ -98,15 +101,19 @@ def test_failed_tokenizer_leaves_output_untouched(tmp_path):
   before = _folder_bytes(out)
   with pytest.raises(PrepareError, match='--groups=3'):
     prepare.prepare_dataset(_raw(EVENTS), out, options=tokenizer.Options(groups=3),
-                            progress=False)
+                            progress=False, overwrite=True)
   assert _folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ['ds']
 
 
 def test_time_split_cutoff(tmp_path):
   out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', split='time',
-                                cutoff='1970-01-01', options=OPTIONS, progress=False)
-  assert json.loads((out / 'schema.json').read_text())['split'] == {'kind': 'time', 'cutoff': 0}
+                                cutoff='3', options=OPTIONS, progress=False)
+  assert json.loads((out / 'schema.json').read_text())['split'] == {'kind': 'time', 'cutoff': 3}
   assert prepare.parse_cutoff('2020-01-02') == 1577923200
+  for outside in ('1970-01-01', '0', '6'):  # events run from 0 to 5: no validation / no test
+    with pytest.raises(PrepareError, match='outside the time range of the events, 0..5'):
+      prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'x', split='time', cutoff=outside,
+                              options=OPTIONS, progress=False)
   with pytest.raises(PrepareError, match='--split time needs --cutoff'):
     prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'x', split='time', progress=False)
 
@@ -184,3 +191,80 @@ def test_cli_synthetic(tmp_path):
   assert prepare.main(['--format', 'synthetic', '--users', '40', '--items-count', '30',
                        '--topics', '3', '--output', str(tmp_path / 'syn'), '--quiet']) == 0
   assert Dataset.load(tmp_path / 'syn').schema.n_items >= 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe outputs, ids, duplicates and timestamp units.
+
+
+def test_overwrite_replaces_only_a_prepared_folder(tmp_path):
+  folder = _recbole(tmp_path, ROWS)
+  args = ['--format', 'recbole', '--input', str(folder), '--output', str(tmp_path / 'ds'),
+          '--quiet']
+  assert prepare.main(args) == 0
+  (tmp_path / 'ds' / 'items.npy').write_bytes(b'damaged')  # a prepared folder, damaged
+  assert prepare.main(args) == 2  # no --overwrite
+  assert prepare.main(args + ['--overwrite']) == 0
+  Dataset.load(tmp_path / 'ds')
+  foreign = tmp_path / 'mine'
+  (foreign / 'sub').mkdir(parents=True)
+  with pytest.raises(DatasetError, match='not a prepared dataset'):
+    write_dataset(foreign, schema=Dataset.load(tmp_path / 'ds').schema, arrays={}, texts={},
+                  jsons={}, overwrite=True)
+  assert (foreign / 'sub').is_dir()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ds', 'mine', 'toy']  # no temp left
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027])
+def test_folder_mode_follows_umask(tmp_path, umask):
+  old = os.umask(umask)
+  try:
+    out = prepare.prepare_dataset(_raw(EVENTS), tmp_path / 'ds', options=OPTIONS,
+                                  progress=False)
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+  assert stat.S_IMODE((out / 'items.npy').stat().st_mode) == 0o666 & ~umask
+
+
+def test_duplicates_reported_and_dropped_with_dedupe(tmp_path):
+  events = EVENTS + [('u1', 'a', 3), ('u1', 'a', 3), ('u1', 'a', 4)]  # 2 exact repeats
+  kept = prepare.prepare_dataset(_raw(events), tmp_path / 'a', options=OPTIONS, progress=False)
+  dropped = prepare.prepare_dataset(_raw(events), tmp_path / 'b', options=OPTIONS,
+                                    progress=False, dedupe=True)
+  report_a = json.loads((kept / 'report.json').read_text())
+  report_b = json.loads((dropped / 'report.json').read_text())
+  assert (report_a['duplicate_events'], report_a['dedupe'], report_a['events']) == (2, False, 10)
+  assert (report_b['duplicate_events'], report_b['dedupe'], report_b['events']) == (2, True, 8)
+  assert Dataset.load(dropped).user_events(1)[0].tolist() == [2, 1, 3, 1]  # u1: b a c a@4
+
+
+def test_drop_missing_ids_counts_rows(tmp_path):
+  events = tmp_path / 'e.csv'
+  events.write_text('user,item,ts\nu1,a,1\nu1,,2\n,b,3\nu1,b,4\nu1,c,5\n')
+  (tmp_path / 'items.csv').write_text('item,colour\na,red\n,blue\nb,red\nc,blue\n')
+  args = ['--format', 'csv', '--input', str(events), '--items', str(tmp_path / 'items.csv'),
+          '--user-col', 'user', '--item-col', 'item', '--time-col', 'ts', '--quiet',
+          '--categorical', 'colour', '--output', str(tmp_path / 'ds')]
+  assert prepare.main(args) == 2
+  assert prepare.main(args + ['--drop-missing-ids']) == 0
+  report = json.loads((tmp_path / 'ds' / 'report.json').read_text())
+  assert (report['missing_id_events'], report['missing_id_item_rows']) == (2, 1)
+  assert (report['events'], report['items']) == (3, 3)
+
+
+@pytest.mark.parametrize('unit, scale', [('auto', 1), ('auto', 1000), ('auto', 10 ** 6),
+                                         ('ms', 1000), ('us', 10 ** 6)])
+def test_time_unit(tmp_path, unit, scale):
+  base = 1_600_000_000
+  events = tmp_path / 'e.csv'
+  events.write_text('user,item,ts\n' + ''.join(f'u1,{i},{(base + 7 * k) * scale}\n'
+                                               for k, i in enumerate('abc')))
+  assert prepare.main(['--format', 'csv', '--input', str(events), '--user-col', 'user',
+                       '--item-col', 'item', '--time-col', 'ts', '--quiet', '--time-unit',
+                       unit, '--output', str(tmp_path / 'ds')]) == 0
+  ds = Dataset.load(tmp_path / 'ds')
+  assert ds.timestamps.dtype == np.int64
+  assert ds.timestamps.tolist() == [base, base + 7, base + 14]
+  report = json.loads((tmp_path / 'ds' / 'report.json').read_text())
+  assert report['time_unit'] == {1: 's', 1000: 'ms', 10 ** 6: 'us'}[scale]

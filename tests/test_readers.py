@@ -252,3 +252,34 @@ def test_parse_price_and_seconds():
   assert math.isnan(readers.parse_price(None))
   assert readers.to_seconds('1970-01-01T00:01:00', 'x') == 60
   assert readers.to_seconds(1500, 'x', 'ms') == 1
+
+
+def test_clean_id_missing_and_line_breaks():
+  assert readers.clean_id(' a1 ', 'item', 'f:1') == 'a1'
+  assert readers.clean_id(7, 'item', 'f:1') == '7'
+  for missing in (None, math.nan, '', '  ', 'NULL', 'None', 'nan', 'N/A'):
+    assert readers.clean_id(missing, 'item', 'f:1') is None
+  for broken in ('a\nb', 'a\rb', 'a\x0bb', 'a\u2028b', 'a\x85b'):
+    with pytest.raises(PrepareError, match='f:3: user id .* holds a line break'):
+      readers.clean_id(broken, 'user', 'f:3')
+
+
+def test_detect_unit_and_range():
+  assert readers.detect_unit(np.array([1.6e9, 1.7e9])) == 's'
+  assert readers.detect_unit(np.array([1.6e9, 1.7e12])) == 'ms'
+  assert readers.detect_unit(np.array([1.7e15])) == 'us'
+  assert readers.to_seconds(1_700_000_000_123_456, 'x', 'us') == 1_700_000_000
+  for bad in (-1, 1e30, float('nan'), 'soon', '2201-01-01'):
+    with pytest.raises(PrepareError, match='x: timestamp'):
+      readers.to_seconds(bad, 'x')
+
+
+def test_multi_sep_mismatch_names_the_separator(tmp_path):
+  events = _write(tmp_path / 'e.csv', 'user,item,ts\nu,a,1\nu,b,2\n')
+  items = _write(tmp_path / 'i.csv', 'item,tags\na,"x,y"\nb,y\n')
+  with pytest.raises(PrepareError, match="--multi column 'tags'.*pass --multi-sep ','"):
+    readers.csv(events, user_col='user', item_col='item', time_col='ts', items=items,
+                multi=('tags',), progress=False)
+  raw = readers.csv(events, user_col='user', item_col='item', time_col='ts', items=items,
+                    multi=('tags',), multi_sep=',', progress=False)
+  assert raw.item_table.columns['tags'].values == [('x', 'y'), ('y',)]

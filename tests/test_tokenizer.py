@@ -217,3 +217,24 @@ def test_state_round_trip_is_byte_identical(tmp_path):
   np.testing.assert_array_equal(loaded.transform(table, embeddings),
                                 tok.transform(table, embeddings))
   assert loaded.schema_features() == tok.schema_features()
+
+
+def test_pca_runs_on_one_blas_thread(monkeypatch):
+  """The PCA's bytes must not depend on the BLAS thread count: eigh and the projection run
+  with BLAS limited to one thread, whatever the process allows."""
+  threadpoolctl = pytest.importorskip('threadpoolctl')
+  seen = []
+  eigh = np.linalg.eigh
+
+  def spy(matrix):
+    seen.append(max((p['num_threads'] for p in threadpoolctl.threadpool_info()
+                     if p['user_api'] == 'blas'), default=1))
+    return eigh(matrix)
+
+  monkeypatch.setattr(np.linalg, 'eigh', spy)
+  x = np.random.default_rng(0).normal(size=(50, 16))
+  with threadpoolctl.threadpool_limits(limits=2, user_api='blas'):
+    mean, comps = tokenizer.pca_fit(x, 4)
+  assert seen == [1]
+  single = tokenizer.pca_fit(x, 4)
+  assert mean.tobytes() == single[0].tobytes() and comps.tobytes() == single[1].tobytes()

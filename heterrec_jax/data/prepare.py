@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from heterrec_jax.data import readers, tokenizer
-from heterrec_jax.data.dataset import Schema, write_dataset
+from heterrec_jax.data.dataset import DatasetError, Schema, check_output, write_dataset
 from heterrec_jax.data.raw import FLOAT, Column, ItemTable, PrepareError, RawData
 
 FORMATS = ('recbole', 'movielens', 'amazon', 'amazon2023', 'csv', 'synthetic')
@@ -128,6 +128,41 @@ def group_events(users_E: np.ndarray, items_E: np.ndarray, times_E: np.ndarray,
                 int(counts_U[~keep_U].sum()))
 
 
+def duplicate_events(raw: RawData) -> np.ndarray:
+  """bool [E]: True for an event whose (user, item, timestamp) repeats an earlier event's."""
+  _, user_E = np.unique(np.asarray(raw.users, str), return_inverse=True)
+  _, item_E = np.unique(np.asarray(raw.items, str), return_inverse=True)
+  keys_Ex3 = np.stack([user_E.reshape(-1), item_E.reshape(-1),
+                       np.asarray(raw.timestamps, np.int64)], 1)
+  _, first = np.unique(keys_Ex3, axis=0, return_index=True)
+  repeat_E = np.ones(len(keys_Ex3), bool)
+  repeat_E[first] = False
+  return repeat_E
+
+
+def _keep_events(raw: RawData, keep_E: np.ndarray) -> RawData:
+  return dataclasses.replace(raw, users=np.asarray(raw.users)[keep_E],
+                             items=np.asarray(raw.items)[keep_E],
+                             timestamps=np.asarray(raw.timestamps, np.int64)[keep_E])
+
+
+def _utc_text(seconds: int) -> str:
+  return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime('%Y-%m-%d')
+
+
+def check_cutoff(split: dict[str, Any], timestamps: np.ndarray) -> None:
+  """A time split needs events on both sides of its cutoff: some before (validation and
+  training) and some at or after it (test)."""
+  if split['kind'] != 'time':
+    return
+  first, last, cutoff = int(timestamps.min()), int(timestamps.max()), split['cutoff']
+  if not first < cutoff <= last:
+    raise PrepareError(f'--cutoff {cutoff} ({_utc_text(cutoff)}) is outside the time range '
+                       f'of the events, {first}..{last} ({_utc_text(first)} to '
+                       f'{_utc_text(last)}): it must lie after the first event and at or '
+                       'before the last')
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole preparation.
 
@@ -178,8 +213,12 @@ def _embedding_arrays(tok: tokenizer.Tokenizer, embeddings: dict[str, np.ndarray
   return arrays
 
 
-def _report(raw, corpus: Corpus, events: Events, tok, tokens, split, min_events) -> dict:
+def _report(raw, corpus: Corpus, events: Events, tok, tokens, split, min_events,
+            duplicates: int, dedupe: bool) -> dict:
   report = {'source': raw.source, 'users': len(events.user_keys),
+            'time_unit': raw.time_unit, 'missing_id_events': raw.missing_id_events,
+            'missing_id_item_rows': raw.missing_id_item_rows,
+            'duplicate_events': duplicates, 'dedupe': dedupe,
             'items': len(corpus.table.keys), 'events': int(events.items.size),
             'min_events': min_events, 'dropped_users': events.dropped_users,
             'dropped_user_events': events.dropped_events,
@@ -196,17 +235,25 @@ def _report(raw, corpus: Corpus, events: Events, tok, tokens, split, min_events)
 def prepare_dataset(raw: RawData, output: str | pathlib.Path, *, min_events: int = 3,
                     split: str = 'loo', cutoff: int | str | None = None,
                     unknown_items: str = 'keep', options: tokenizer.Options | None = None,
-                    progress: bool = True) -> pathlib.Path:
+                    progress: bool = True, dedupe: bool = False,
+                    overwrite: bool = False) -> pathlib.Path:
   """Prepares `raw` into the dataset folder `output` (written atomically) and returns its path.
 
-  Same input, same bytes. Raises PrepareError on bad input or when every user is dropped;
-  an existing `output` is then left untouched. `progress` is accepted for the callers' sake:
-  preparation itself prints nothing (the readers draw the progress bars).
+  Same input, same bytes. Raises PrepareError on bad input or when every user is dropped, and
+  DatasetError, before any work, for an `output` that is a file, a non-empty folder that is
+  not a prepared dataset, or a prepared dataset without `overwrite`; an existing `output` is
+  left untouched on any failure. `dedupe` drops events repeating an earlier (user, item,
+  timestamp); they are counted in the report either way. `progress` is accepted for the
+  callers' sake: preparation itself prints nothing (the readers draw the progress bars).
   """
   del progress
+  check_output(output, overwrite)
   options = options or tokenizer.Options()
   _check_args(min_events, unknown_items)
   split_json = _split_json(split, cutoff)
+  repeat_E = duplicate_events(raw)
+  if dedupe:
+    raw = _keep_events(raw, ~repeat_E)
   corpus = index_items(raw, unknown_items)
   events = group_events(np.asarray(raw.users), corpus.items_E,
                         np.asarray(raw.timestamps, np.int64), min_events)
@@ -214,6 +261,7 @@ def prepare_dataset(raw: RawData, output: str | pathlib.Path, *, min_events: int
     raise PrepareError(f'{raw.source or "input"}: every user has fewer than --min-events='
                        f'{min_events} events ({events.dropped_users} users dropped); nothing '
                        'to write')
+  check_cutoff(split_json, events.timestamps)
   tok = tokenizer.Tokenizer.fit(corpus.table, corpus.embeddings, options)
   tokens = tok.transform(corpus.table, corpus.embeddings)
   schema = Schema(features=tok.schema_features(), n_users=len(events.user_keys),
@@ -223,11 +271,12 @@ def prepare_dataset(raw: RawData, output: str | pathlib.Path, *, min_events: int
   arrays = {'offsets': events.offsets, 'items': events.items, 'timestamps': events.timestamps,
             'item_tokens': np.concatenate([np.zeros((1, tokens.shape[1]), np.int32), tokens]),
             **_embedding_arrays(tok, corpus.embeddings), **tok_arrays}
-  report = _report(raw, corpus, events, tok, tokens, split_json, min_events)
+  report = _report(raw, corpus, events, tok, tokens, split_json, min_events,
+                   int(repeat_E.sum()), dedupe)
   return write_dataset(output, schema=schema, arrays=arrays,
                        texts={'item_keys': ['<pad>'] + corpus.table.keys,
                               'user_keys': events.user_keys},
-                       jsons={'report': report, 'tokenizer': state})
+                       jsons={'report': report, 'tokenizer': state}, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,11 +310,18 @@ def _read_ids(file: str) -> list[str]:
 def _load_matrix(file: str) -> np.ndarray:
   try:
     matrix = np.load(file, allow_pickle=False)
+  except EOFError:
+    raise PrepareError(f'{file}: empty file, not a .npy matrix') from None
   except (OSError, ValueError) as e:
     raise PrepareError(f'{file}: not a readable .npy matrix ({e})') from None
-  if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.number):
-    raise PrepareError(f'{file}: expected a numeric [n, d] matrix, found {matrix.dtype} '
-                       f'{matrix.shape}')
+  if not isinstance(matrix, np.ndarray):  # an NpzFile
+    matrix.close()
+    raise PrepareError(f'{file}: a .npz archive, not a .npy matrix; save the matrix alone '
+                       'with numpy.save')
+  if (matrix.ndim != 2 or not matrix.size or not np.issubdtype(matrix.dtype, np.number)
+      or np.issubdtype(matrix.dtype, np.complexfloating)):
+    raise PrepareError(f'{file}: expected a non-empty real [n, d] matrix, found '
+                       f'{matrix.dtype} {matrix.shape}')
   return matrix
 
 
@@ -288,7 +344,16 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _sep(text: str) -> str:
-  return '\t' if text in ('\\t', 'tab', 'TAB') else text
+  sep = '\t' if text in ('\\t', 'tab', 'TAB') else text
+  if len(sep) != 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is not one character')
+  return sep
+
+
+def _multi_sep(text: str) -> str:
+  if not text:
+    raise argparse.ArgumentTypeError('the separator must not be empty')
+  return text
 
 
 _TOKENIZER_FLAGS = (
@@ -301,12 +366,23 @@ _TOKENIZER_FLAGS = (
     ('--hash-buckets', 0, 'hash vocabularies larger than this into this many buckets'))
 
 
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose errors are one line (exit 2), not the usage block."""
+
+  def error(self, message: str):
+    self.exit(2, f'prepare: error: {message} (see --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='python -m heterrec_jax.data.prepare',
-                              description='Prepare a dataset folder (docs/data.md).')
+  p = _Parser(prog='python -m heterrec_jax.data.prepare',
+              description='Prepare a dataset folder (docs/data.md).')
   p.add_argument('--format', required=True, choices=FORMATS)
   p.add_argument('--input', help='interactions: file or folder (not for synthetic)')
-  p.add_argument('--output', required=True, help='dataset folder, written atomically')
+  p.add_argument('--output', required=True,
+                 help='dataset folder, written atomically: new, empty, or (with --overwrite) '
+                 'a prepared dataset')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace the prepared dataset at --output')
   p.add_argument('--items', help='item file (amazon, amazon2023, csv)')
   p.add_argument('--embedding', action='append', default=[], metavar='NAME=FILE.npy',
                  help='a multimodal feature (repeatable); rows in item-table order')
@@ -316,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--cutoff', help='--split time: unix seconds or YYYY-MM-DD (UTC)')
   p.add_argument('--unknown-items', default='keep', choices=('keep', 'drop'),
                  help='events of items absent from the item table')
+  p.add_argument('--drop-missing-ids', action='store_true',
+                 help='drop rows with an empty or null user/item id (else an error)')
+  p.add_argument('--dedupe', action='store_true',
+                 help='drop events repeating an earlier (user, item, timestamp)')
+  p.add_argument('--time-unit', default='auto', choices=readers.TIME_UNITS,
+                 help='unit of numeric timestamps (auto: from the largest one)')
   for flag, default, text in _TOKENIZER_FLAGS:
     p.add_argument(flag, type=int, default=default, help=text)
   for flag, text in (('--categorical', 'made categorical'), ('--multi', 'made multi-valued'),
@@ -326,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
   for flag in ('--user-col', '--item-col', '--time-col', '--item-key-col'):
     tab.add_argument(flag)
   tab.add_argument('--sep', type=_sep, help='delimiter (default: from the extension)')
-  tab.add_argument('--multi-sep', default='|', help='separator inside --multi columns')
-  tab.add_argument('--time-unit', default='s', choices=('s', 'ms'))
+  tab.add_argument('--multi-sep', type=_multi_sep, default='|',
+                   help='separator inside --multi columns')
   syn = p.add_argument_group('synthetic')
   for flag, default in (('--users', 2000), ('--items-count', 1000), ('--topics', 16),
                         ('--seed', 0)):
@@ -344,21 +426,22 @@ def read_raw(args: argparse.Namespace) -> RawData:
     return synthetic.generate(args.users, args.items_count, args.topics, args.seed)
   if not args.input:
     raise PrepareError(f'--format {args.format} needs --input')
+  common = {'progress': progress, 'drop_missing_ids': args.drop_missing_ids,
+            'time_unit': args.time_unit}
   if args.format in ('recbole', 'movielens'):
     if args.items:
       raise PrepareError(f'--items is not used by --format {args.format} (the item file is '
                          'in the --input folder)')
-    return readers.READERS[args.format](args.input, progress=progress)
+    return readers.READERS[args.format](args.input, **common)
   if args.format in ('amazon', 'amazon2023'):
-    return readers.READERS[args.format](args.input, items=args.items, progress=progress)
+    return readers.READERS[args.format](args.input, items=args.items, **common)
   missing = [f for f in ('user_col', 'item_col', 'time_col') if not getattr(args, f)]
   if missing:
     flags = ', '.join('--' + f.replace('_', '-') for f in missing)
     raise PrepareError(f'--format csv needs {flags}')
   return readers.csv(args.input, user_col=args.user_col, item_col=args.item_col,
                      time_col=args.time_col, items=args.items, item_key_col=args.item_key_col,
-                     sep=args.sep, multi=args.multi, multi_sep=args.multi_sep,
-                     time_unit=args.time_unit, progress=progress)
+                     sep=args.sep, multi=args.multi, multi_sep=args.multi_sep, **common)
 
 
 def options_from_args(args: argparse.Namespace) -> tokenizer.Options:
@@ -369,7 +452,35 @@ def options_from_args(args: argparse.Namespace) -> tokenizer.Options:
       skip=args.skip)
 
 
+def _inputs(args: argparse.Namespace) -> list[pathlib.Path]:
+  files = [args.input, args.items, args.embedding_ids]
+  for spec in args.embedding:
+    name, sep, file = spec.partition('=')
+    if not sep or not name or not file:
+      raise PrepareError(f'--embedding {spec!r} must be NAME=FILE.npy')
+    files.append(file)
+  return [pathlib.Path(f) for f in files if f]
+
+
+def check_paths(args: argparse.Namespace) -> pathlib.Path:
+  """The resolved --output, once every input exists and --output may be written without
+  touching an input or anything that is not a prepared dataset (`dataset.check_output`)."""
+  output = pathlib.Path(args.output).resolve()
+  for given in _inputs(args):
+    path = given.resolve()
+    if not path.exists():
+      raise PrepareError(f'{given}: no such file or folder')
+    if path == output or output in path.parents:
+      raise PrepareError(f'--output {args.output} is or contains the input {given}; choose '
+                         'another folder')
+    if path in output.parents:
+      raise PrepareError(f'--output {args.output} lies inside the input {given}; choose a '
+                         'folder outside it')
+  return check_output(output, args.overwrite)
+
+
 def run(args: argparse.Namespace) -> pathlib.Path:
+  check_paths(args)  # before reading anything: never write over an input or a stranger
   options = options_from_args(args)  # bad flags fail before a long read
   raw = read_raw(args)
   if args.embedding:
@@ -378,7 +489,8 @@ def run(args: argparse.Namespace) -> pathlib.Path:
     raise PrepareError('--embedding-ids without any --embedding')
   return prepare_dataset(raw, args.output, min_events=args.min_events, split=args.split,
                          cutoff=args.cutoff, unknown_items=args.unknown_items,
-                         options=options, progress=not args.quiet)
+                         options=options, progress=not args.quiet, dedupe=args.dedupe,
+                         overwrite=args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   try:
     output = run(args)
-  except (PrepareError, OSError) as e:
+  except (PrepareError, DatasetError, OSError) as e:
     print(f'prepare: error: {e}', file=sys.stderr)
     return 2
   if not args.quiet:

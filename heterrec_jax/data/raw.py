@@ -33,6 +33,7 @@ class Column:
 class ItemTable:
   keys: list[str]  # original item ids, in file order
   columns: dict[str, Column]  # feature columns by name, in file order (no id column)
+  missing: int = 0  # rows of the item file dropped for an empty or null id (--drop-missing-ids)
 
 
 @dataclasses.dataclass
@@ -44,3 +45,6 @@ class RawData:
   # Multimodal matrices by feature name: float [len(item_table.keys), d], rows in item-table order.
   embeddings: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   source: str = ''  # what was read, for messages and the report
+  time_unit: str = 's'  # unit the numeric timestamps were read in ('s', 'ms' or 'us')
+  missing_id_events: int = 0  # event rows dropped for an empty or null id (--drop-missing-ids)
+  missing_id_item_rows: int = 0  # item-file rows dropped for an empty or null id

@@ -43,6 +43,17 @@ ML100K_GENRES = ('unknown', 'Action', 'Adventure', 'Animation', "Children's", 'C
                  'Documentary', 'Drama', 'Fantasy', 'Film-Noir', 'Horror', 'Musical',
                  'Mystery', 'Romance', 'Sci-Fi', 'Thriller', 'War', 'Western')
 _BAR_EVERY = 4096  # lines between progress-bar updates
+MULTI_SEPS = ('|', ',', ';')  # separators looked for when --multi-sep is not found
+TIME_UNITS = ('auto', 's', 'ms', 'us')
+UNIT_FACTORS = {'s': 1, 'ms': 1000, 'us': 1_000_000}
+AUTO_MS, AUTO_US = 1e11, 1e14  # auto-detection thresholds on the largest raw timestamp
+MAX_SECONDS = 7_258_118_400  # 2200-01-01 UTC: later timestamps are errors
+MAX_RAW_STAMP = MAX_SECONDS * 1_000_000  # beyond 2200 even in microseconds
+# Id texts read as missing (compared lower-cased, after stripping blanks).
+MISSING_IDS = frozenset({'', 'null', 'none', 'nan', 'na', 'n/a'})
+# Everything str.splitlines() splits on: an id holding one would shift the lines of the
+# item_keys.txt / user_keys.txt files.
+_LINE_BREAK = re.compile('[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,21 +94,119 @@ def numbered_lines(path: str | pathlib.Path, *, encoding: str = 'utf-8',
 
 
 def to_seconds(value: Any, where: str, unit: str = 's') -> int:
-  """Unix seconds from a number (in `unit`: 's' or 'ms'), a numeric string, an ISO date or
-  date-time string (UTC unless it says otherwise) or a datetime."""
+  """Unix seconds from one timestamp: a number in `unit` ('s', 'ms' or 'us'), a numeric string,
+  an ISO date or date-time (UTC unless it says otherwise) or a datetime; checked to lie in
+  [1970, 2200)."""
+  number, is_seconds = _stamp(value, where)
+  seconds = number if is_seconds else int(number // UNIT_FACTORS[unit])
+  _check_seconds(seconds, value, where)
+  return seconds
+
+
+def _stamp(value: Any, where: str) -> tuple[int | float, bool]:
+  """(number, True when it is already seconds: a date) of one raw timestamp; non-finite,
+  negative and absurdly large values are errors."""
   if isinstance(value, datetime.datetime):
-    return int(_utc(value).timestamp())
+    return int(_utc(value).timestamp()), True
   if isinstance(value, datetime.date):
-    return int(_utc(datetime.datetime(value.year, value.month, value.day)).timestamp())
+    return int(_utc(datetime.datetime(value.year, value.month, value.day)).timestamp()), True
   if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-    number = float(value)
+    number = value.item() if isinstance(value, np.generic) else value
   else:
     number = _number(str(value))
     if number is None:
-      return _iso_seconds(str(value), where)
-  if not math.isfinite(number):
+      return _iso_seconds(str(value), where), True
+  if isinstance(number, float) and not math.isfinite(number):
     raise PrepareError(f'{where}: timestamp {value!r} is not a finite number')
-  return int(number // 1000) if unit == 'ms' else int(number)
+  if number < 0 or number > MAX_RAW_STAMP:
+    raise PrepareError(f'{where}: timestamp {value!r} is out of range (negative or beyond '
+                       'the year 2200 in every unit)')
+  return number, False
+
+
+def _check_seconds(seconds: int, value: Any, where: str) -> None:
+  if not 0 <= seconds < MAX_SECONDS:
+    raise PrepareError(f'{where}: timestamp {value!r} is {seconds} s, outside 1970..2200; '
+                       'check --time-unit')
+
+
+def detect_unit(numbers: np.ndarray) -> str:
+  """The unit of numeric timestamps from their largest magnitude: > 1e14 us, > 1e11 ms
+  (1e11 s is the year 5138), else seconds."""
+  top = float(np.max(numbers, initial=0.0))
+  return 'us' if top > AUTO_US else 'ms' if top > AUTO_MS else 's'
+
+
+def clean_id(value: Any, what: str, where: str) -> str | None:
+  """An id as single-line text; None when missing (None, NaN, empty, or one of MISSING_IDS)."""
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return None
+  text = str(value).strip()
+  if text.lower() in MISSING_IDS:
+    return None
+  if _LINE_BREAK.search(text):
+    raise PrepareError(f'{where}: {what} id {text!r} holds a line break; ids must be '
+                       'single-line text')
+  return text
+
+
+class EventLog:
+  """The events of one file as they are read: ids checked, timestamps kept raw until the unit
+  is known (`raw_data`). Rows are numbered as lines, or as rows (Parquet)."""
+
+  def __init__(self, path: pathlib.Path, drop_missing_ids: bool, unit: str,
+               rows: bool = False):
+    if unit not in TIME_UNITS:
+      raise PrepareError(f'--time-unit={unit!r} is not allowed; use one of {TIME_UNITS}')
+    self.path, self.drop, self.unit, self.rows = path, drop_missing_ids, unit, rows
+    self.users, self.items, self.stamps, self.dates, self.lines = [], [], [], [], []
+    self.missing = 0
+
+  def where(self, line: int) -> str:
+    return f'{self.path}: row {line}' if self.rows else f'{self.path}:{line}'
+
+  def add(self, user: Any, item: Any, stamp: Any, line: int) -> None:
+    where = self.where(line)
+    ids = clean_id(user, 'user', where), clean_id(item, 'item', where)
+    if None in ids:
+      if self.drop:
+        self.missing += 1
+        return
+      what = 'user' if ids[0] is None else 'item'
+      raise PrepareError(f'{where}: empty or null {what} id; fix the file or pass '
+                         '--drop-missing-ids to drop such rows')
+    number, is_date = _stamp(stamp, where)
+    self.users.append(ids[0])
+    self.items.append(ids[1])
+    self.stamps.append(number)
+    self.dates.append(is_date)
+    self.lines.append(line)
+
+  def seconds(self) -> tuple[np.ndarray, str]:
+    """(int64 unix seconds of every event, the unit used); out-of-range ones are errors."""
+    dates_E = np.array(self.dates, bool)
+    numbers_E = np.array(self.stamps, np.float64)
+    unit = detect_unit(numbers_E[~dates_E]) if self.unit == 'auto' else self.unit
+    factor = UNIT_FACTORS[unit]
+    seconds_E = np.fromiter((v if d else int(v // factor) for v, d in
+                             zip(self.stamps, self.dates)), np.int64, len(self.stamps))
+    bad = np.flatnonzero((seconds_E < 0) | (seconds_E >= MAX_SECONDS))
+    if bad.size:
+      i = int(bad[0])
+      _check_seconds(int(seconds_E[i]), self.stamps[i], self.where(self.lines[i]))
+    return seconds_E, unit
+
+  def raw_data(self, table: ItemTable | None, source: str = '') -> RawData:
+    source = source or str(self.path)
+    if not self.items:
+      raise PrepareError(f'{source}: no interactions found (empty input'
+                         f'{", or every row dropped for a missing id" if self.missing else ""})')
+    seconds_E, unit = self.seconds()
+    return RawData(users=np.asarray(self.users, dtype=str),
+                   items=np.asarray(self.items, dtype=str), timestamps=seconds_E,
+                   item_table=table if table is not None else ids_only_table(self.items),
+                   source=source, time_unit=unit, missing_id_events=self.missing,
+                   missing_id_item_rows=table.missing if table is not None else 0)
 
 
 def _utc(moment: datetime.datetime) -> datetime.datetime:
@@ -167,27 +276,27 @@ def ids_only_table(items: list[str]) -> ItemTable:
   return ItemTable(keys=list(dict.fromkeys(items)), columns={})
 
 
-def _raw_data(users: list, items: list, times: list, table: ItemTable | None,
-              source: str) -> RawData:
-  if not items:
-    raise PrepareError(f'{source}: no interactions found (empty input)')
-  return RawData(users=np.asarray(users, dtype=str), items=np.asarray(items, dtype=str),
-                 timestamps=np.asarray(times, dtype=np.int64),
-                 item_table=table if table is not None else ids_only_table(items),
-                 source=source)
-
-
 def _table_from_records(keys: list[str], records: dict[str, list], types: dict[str, str],
-                        source: pathlib.Path) -> ItemTable:
-  """An item table from column lists; columns without any value are left out."""
+                        source: pathlib.Path, missing: int = 0) -> ItemTable:
+  """An item table from column lists; columns without any value are left out. `missing`:
+  rows dropped for a missing key."""
   if not keys:
     raise PrepareError(f'{source}: no items found (empty item file)')
   columns = {}
   for name, values in records.items():
-    missing = (lambda v: v is None) if types[name] != FLOAT else math.isnan
-    if not all(missing(v) for v in values):
+    absent = (lambda v: v is None) if types[name] != FLOAT else math.isnan
+    if not all(absent(v) for v in values):
       columns[name] = Column(types[name], values)
-  return ItemTable(keys=keys, columns=columns)
+  return ItemTable(keys=keys, columns=columns, missing=missing)
+
+
+def item_key(value: Any, where: str, drop_missing_ids: bool) -> str | None:
+  """The key of an item-table row; None (the row is dropped) when missing and dropping."""
+  key = clean_id(value, 'item', where)
+  if key is None and not drop_missing_ids:
+    raise PrepareError(f'{where}: empty or null item id; fix the file or pass '
+                       '--drop-missing-ids to drop such rows')
+  return key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,35 +365,38 @@ def _recbole_value(text: str, kind: str, where: str) -> Any:
   return number
 
 
-def _recbole_items(path: pathlib.Path, progress: bool) -> ItemTable:
+def _recbole_items(path: pathlib.Path, progress: bool, drop_missing_ids: bool) -> ItemTable:
   header, rows = _atomic_file(path, progress)
   names = [n for n, _ in header]
   key = _column_index(names, 'item_id', path)
   features = [(i, n, k) for i, (n, k) in enumerate(header) if i != key and k != 'float_seq']
-  keys, records = [], {n: [] for _, n, _ in features}
+  keys, records, missing = [], {n: [] for _, n, _ in features}, 0
   for line_no, fields in rows:
-    keys.append(fields[key].strip())
+    key_text = item_key(fields[key], f'{path}:{line_no}', drop_missing_ids)
+    if key_text is None:
+      missing += 1
+      continue
+    keys.append(key_text)
     for i, name, kind in features:
       records[name].append(_recbole_value(fields[i], kind, f'{path}:{line_no}'))
   types = {n: {'token': TOKEN, 'token_seq': TOKEN_SEQ, 'float': FLOAT}[k]
            for _, n, k in features}
-  return _table_from_records(keys, records, types, path)
+  return _table_from_records(keys, records, types, path, missing)
 
 
-def recbole(path: str | pathlib.Path, *, progress: bool = True) -> RawData:
+def recbole(path: str | pathlib.Path, *, progress: bool = True, drop_missing_ids: bool = False,
+            time_unit: str = 'auto') -> RawData:
   """RecBole atomic files: `user_id`, `item_id`, `timestamp` of the .inter file; the .item
   file's token/token_seq/float columns as features (float_seq columns are ignored)."""
   inter, item_file = _recbole_files(pathlib.Path(path))
   header, rows = _atomic_file(inter, progress)
   names = [n for n, _ in header]
   cols = [_column_index(names, c, inter) for c in ('user_id', 'item_id', 'timestamp')]
-  users, items, times = [], [], []
+  log = EventLog(inter, drop_missing_ids, time_unit)
   for line_no, fields in rows:
-    users.append(fields[cols[0]].strip())
-    items.append(fields[cols[1]].strip())
-    times.append(to_seconds(fields[cols[2]], f'{inter}:{line_no}'))
-  table = _recbole_items(item_file, progress) if item_file else None
-  return _raw_data(users, items, times, table, str(inter))
+    log.add(*(fields[c] for c in cols), line_no)
+  table = _recbole_items(item_file, progress, drop_missing_ids) if item_file else None
+  return log.raw_data(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +404,8 @@ def recbole(path: str | pathlib.Path, *, progress: bool = True) -> RawData:
 
 
 def _split_lines(path: pathlib.Path, sep: str, n_fields: int, progress: bool,
-                 encoding: str = 'latin-1') -> Iterator[tuple[str, list[str]]]:
-  """Yields ('FILE:LINE', fields) of a separated file with exactly `n_fields` per line."""
+                 encoding: str = 'latin-1') -> Iterator[tuple[int, list[str]]]:
+  """Yields (line number, fields) of a separated file with exactly `n_fields` per line."""
   for line_no, line in numbered_lines(path, encoding=encoding, progress=progress):
     if not line.strip():
       continue
@@ -301,60 +413,75 @@ def _split_lines(path: pathlib.Path, sep: str, n_fields: int, progress: bool,
     if len(fields) != n_fields:
       raise PrepareError(f'{path}:{line_no}: expected {n_fields} {sep!r}-separated fields, '
                          f'found {len(fields)}')
-    yield f'{path}:{line_no}', fields
+    yield line_no, fields
 
 
-def _events(path: pathlib.Path, sep: str, progress: bool) -> tuple[list, list, list]:
-  """users, items, timestamps of a `user SEP item SEP rating SEP unix-seconds` file."""
-  users, items, times = [], [], []
-  for where, (user, item, _, stamp) in _split_lines(path, sep, 4, progress):
-    users.append(user.strip())
-    items.append(item.strip())
-    times.append(to_seconds(stamp, where))
-  return users, items, times
+def _events(path: pathlib.Path, sep: str, progress: bool, log: EventLog) -> EventLog:
+  """The events of a `user SEP item SEP rating SEP timestamp` file, added to `log`."""
+  for line_no, (user, item, _, stamp) in _split_lines(path, sep, 4, progress):
+    log.add(user, item, stamp, line_no)
+  return log
 
 
-def _ml100k_items(path: pathlib.Path, progress: bool) -> ItemTable:
-  keys, genres, years = [], [], []
-  for where, fields in _split_lines(path, '|', 5 + len(ML100K_GENRES), progress):
-    flags = fields[5:]
-    if any(f not in ('0', '1') for f in flags):
-      raise PrepareError(f'{where}: genre flags must be 0 or 1, found {flags}')
-    keys.append(fields[0].strip())
-    genres.append(tuple(g for g, f in zip(ML100K_GENRES, flags) if f == '1') or None)
-    year = re.search(r'(\d{4})\s*$', fields[2])
-    years.append(float(year.group(1)) if year else math.nan)
+def _ml_items(path: pathlib.Path, sep: str, n_fields: int, progress: bool, drop: bool,
+              parse: Callable[[str, list[str]], tuple[tuple[str, ...] | None, float]]):
+  """The item table of u.item or movies.dat: `parse(where, fields)` gives (genres, year)."""
+  keys, genres, years, missing = [], [], [], 0
+  for line_no, fields in _split_lines(path, sep, n_fields, progress):
+    key = item_key(fields[0], f'{path}:{line_no}', drop)
+    if key is None:
+      missing += 1
+      continue
+    keys.append(key)
+    genre, year = parse(f'{path}:{line_no}', fields)
+    genres.append(genre)
+    years.append(year)
   return _table_from_records(keys, {'genres': genres, 'year': years},
-                             {'genres': TOKEN_SEQ, 'year': FLOAT}, path)
+                             {'genres': TOKEN_SEQ, 'year': FLOAT}, path, missing)
 
 
-def _ml1m_items(path: pathlib.Path, progress: bool) -> ItemTable:
-  keys, genres, years = [], [], []
-  for _, (key, title, genre) in _split_lines(path, '::', 3, progress):
-    keys.append(key.strip())
-    genres.append(tuple(g for g in genre.strip().split('|') if g) or None)
-    year = re.search(r'\((\d{4})\)\s*$', title)
-    years.append(float(year.group(1)) if year else math.nan)
-  return _table_from_records(keys, {'genres': genres, 'year': years},
-                             {'genres': TOKEN_SEQ, 'year': FLOAT}, path)
+def _ml100k_item(where: str, fields: list[str]) -> tuple[tuple[str, ...] | None, float]:
+  flags = fields[5:]
+  if any(f not in ('0', '1') for f in flags):
+    raise PrepareError(f'{where}: genre flags must be 0 or 1, found {flags}')
+  year = re.search(r'(\d{4})\s*$', fields[2])
+  return (tuple(g for g, f in zip(ML100K_GENRES, flags) if f == '1') or None,
+          float(year.group(1)) if year else math.nan)
 
 
-def movielens(path: str | pathlib.Path, *, progress: bool = True) -> RawData:
+def _ml1m_item(_: str, fields: list[str]) -> tuple[tuple[str, ...] | None, float]:
+  year = re.search(r'\((\d{4})\)\s*$', fields[1])
+  return (tuple(g for g in fields[2].strip().split('|') if g) or None,
+          float(year.group(1)) if year else math.nan)
+
+
+def _ml100k_items(path: pathlib.Path, progress: bool, drop: bool) -> ItemTable:
+  return _ml_items(path, '|', 5 + len(ML100K_GENRES), progress, drop, _ml100k_item)
+
+
+def _ml1m_items(path: pathlib.Path, progress: bool, drop: bool) -> ItemTable:
+  return _ml_items(path, '::', 3, progress, drop, _ml1m_item)
+
+
+def movielens(path: str | pathlib.Path, *, progress: bool = True,
+              drop_missing_ids: bool = False, time_unit: str = 'auto') -> RawData:
   """MovieLens raw files: a folder with ml-100k's `u.data` + `u.item` or ml-1m's `ratings.dat`
   + `movies.dat`. Features: `genres` (multi-valued) and `year` (release year, numerical)."""
   folder = pathlib.Path(path)
   if (folder / 'u.data').is_file():
-    events = _events(folder / 'u.data', '\t', progress)
+    log = EventLog(folder / 'u.data', drop_missing_ids, time_unit)
+    events = _events(folder / 'u.data', '\t', progress, log)
     item_file, read_items = folder / 'u.item', _ml100k_items
   elif (folder / 'ratings.dat').is_file():
-    events = _events(folder / 'ratings.dat', '::', progress)
+    log = EventLog(folder / 'ratings.dat', drop_missing_ids, time_unit)
+    events = _events(folder / 'ratings.dat', '::', progress, log)
     item_file, read_items = folder / 'movies.dat', _ml1m_items
   else:
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise PrepareError(f'{folder}: neither u.data (ml-100k) nor ratings.dat (ml-1m) found; '
                        f'files found: {found}')
-  table = read_items(item_file, progress) if item_file.is_file() else None
-  return _raw_data(*events, table, str(folder))
+  table = read_items(item_file, progress, drop_missing_ids) if item_file.is_file() else None
+  return events.raw_data(table, str(folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +492,7 @@ def _parse_record(line: str, where: str) -> dict:
   """One JSON object, or a Python literal dict (the 2014 meta files are written that way)."""
   try:
     record = json.loads(line)
-  except ValueError:
+  except (ValueError, RecursionError):
     try:
       record = ast.literal_eval(line)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -375,11 +502,11 @@ def _parse_record(line: str, where: str) -> dict:
   return record
 
 
-def _records(path: pathlib.Path, progress: bool) -> Iterator[tuple[str, dict]]:
-  """Yields ('FILE:LINE', record) of a JSON-lines file."""
+def _records(path: pathlib.Path, progress: bool) -> Iterator[tuple[int, str, dict]]:
+  """Yields (line number, 'FILE:LINE', record) of a JSON-lines file."""
   for line_no, line in numbered_lines(path, progress=progress):
     if line.strip():
-      yield f'{path}:{line_no}', _parse_record(line, f'{path}:{line_no}')
+      yield line_no, f'{path}:{line_no}', _parse_record(line, f'{path}:{line_no}')
 
 
 def _field(record: dict, name: str, where: str) -> Any:
@@ -388,15 +515,11 @@ def _field(record: dict, name: str, where: str) -> Any:
   return record[name]
 
 
-def _json_events(path: pathlib.Path, fields: tuple[str, str, str], unit: str,
-                 progress: bool) -> tuple[list, list, list]:
-  users, items, times = [], [], []
-  for where, record in _records(path, progress):
-    user, item, stamp = (_field(record, f, where) for f in fields)
-    users.append(str(user).strip())
-    items.append(str(item).strip())
-    times.append(to_seconds(stamp, where, unit))
-  return users, items, times
+def _json_events(path: pathlib.Path, fields: tuple[str, str, str], progress: bool,
+                 log: EventLog) -> EventLog:
+  for line_no, where, record in _records(path, progress):
+    log.add(*(_field(record, f, where) for f in fields), line_no)
+  return log
 
 
 # column -> (types, [record fields tried in order], converter)
@@ -415,36 +538,47 @@ AMAZON2023_META: _Spec = {
 }
 
 
-def _json_items(path: pathlib.Path, key: str, spec: _Spec, progress: bool) -> ItemTable:
-  keys, records = [], {name: [] for name in spec}
-  for where, record in _records(path, progress):
-    keys.append(str(_field(record, key, where)).strip())
+def _json_items(path: pathlib.Path, key: str, spec: _Spec, progress: bool,
+                drop: bool) -> ItemTable:
+  keys, records, missing = [], {name: [] for name in spec}, 0
+  for _, where, record in _records(path, progress):
+    key_text = item_key(_field(record, key, where), where, drop)
+    if key_text is None:
+      missing += 1
+      continue
+    keys.append(key_text)
     for name, (_, fields, convert) in spec.items():
       value = next((record[f] for f in fields if f in record), None)
       records[name].append(convert(value))
-  return _table_from_records(keys, records, {n: s[0] for n, s in spec.items()}, path)
+  return _table_from_records(keys, records, {n: s[0] for n, s in spec.items()}, path, missing)
 
 
 def amazon(path: str | pathlib.Path, *, items: str | pathlib.Path | None = None,
-           progress: bool = True) -> RawData:
+           progress: bool = True, drop_missing_ids: bool = False,
+           time_unit: str = 'auto') -> RawData:
   """Amazon reviews 2014/2018: `reviewerID, asin, unixReviewTime`; the meta file `items`
   gives `categories` (2014, list of lists, flattened) or `category` (2018), `main_cat`, `brand`
   and `price` (numbers or strings like '$12.99')."""
   path = pathlib.Path(path)
-  events = _json_events(path, ('reviewerID', 'asin', 'unixReviewTime'), 's', progress)
-  table = _json_items(pathlib.Path(items), 'asin', AMAZON_META, progress) if items else None
-  return _raw_data(*events, table, str(path))
+  log = _json_events(path, ('reviewerID', 'asin', 'unixReviewTime'), progress,
+                     EventLog(path, drop_missing_ids, time_unit))
+  table = (_json_items(pathlib.Path(items), 'asin', AMAZON_META, progress, drop_missing_ids)
+           if items else None)
+  return log.raw_data(table)
 
 
 def amazon2023(path: str | pathlib.Path, *, items: str | pathlib.Path | None = None,
-               progress: bool = True) -> RawData:
-  """Amazon reviews 2023: `user_id, parent_asin, timestamp` (milliseconds); the meta file
-  `items` gives `main_category`, `categories`, `store` and `price`."""
+               progress: bool = True, drop_missing_ids: bool = False,
+               time_unit: str = 'ms') -> RawData:
+  """Amazon reviews 2023: `user_id, parent_asin, timestamp` (milliseconds unless `time_unit`
+  says otherwise); the meta file `items` gives `main_category`, `categories`, `store` and
+  `price`."""
   path = pathlib.Path(path)
-  events = _json_events(path, ('user_id', 'parent_asin', 'timestamp'), 'ms', progress)
-  table = (_json_items(pathlib.Path(items), 'parent_asin', AMAZON2023_META, progress)
-           if items else None)
-  return _raw_data(*events, table, str(path))
+  log = _json_events(path, ('user_id', 'parent_asin', 'timestamp'), progress,
+                     EventLog(path, drop_missing_ids, time_unit))
+  table = (_json_items(pathlib.Path(items), 'parent_asin', AMAZON2023_META, progress,
+                       drop_missing_ids) if items else None)
+  return log.raw_data(table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,37 +602,37 @@ def _tabular_kind(path: pathlib.Path, sep: str | None) -> str:
 
 
 def _read_csv(path: pathlib.Path, sep: str, progress: bool) -> tuple[dict[str, list], list]:
-  """Columns by header name, and the 'FILE:LINE' of each row."""
+  """Columns by header name, and the line number of each row."""
   with contextlib.closing(numbered_lines(path, progress=progress)) as lines:
-    reader = csv_lib.reader((line for _, line in lines), delimiter=sep)
+    # Ends put back: a quoted field spanning lines keeps its line break (an id is then refused).
+    reader = csv_lib.reader((line + '\n' for _, line in lines), delimiter=sep)
     try:
       header = next(reader, None)
       if header is None:
         raise PrepareError(f'{path}: empty file (no header line)')
-      columns, wheres = {name: [] for name in header}, []
+      columns, lines = {name: [] for name in header}, []
       for row in reader:
         if not row:
           continue
-        where = f'{path}:{reader.line_num}'
         if len(row) != len(header):
-          raise PrepareError(f'{where}: expected {len(header)} {sep!r}-separated fields, '
-                             f'found {len(row)}')
+          raise PrepareError(f'{path}:{reader.line_num}: expected {len(header)} {sep!r}-'
+                             f'separated fields, found {len(row)}')
         for values, value in zip(columns.values(), row):
           values.append(value)
-        wheres.append(where)
+        lines.append(reader.line_num)
     except csv_lib.Error as e:
       raise PrepareError(f'{path}:{reader.line_num}: {e}') from None
-  return columns, wheres
+  return columns, lines
 
 
-def _read_parquet(path: pathlib.Path) -> tuple[dict[str, list], list]:
+def _read_parquet(path: pathlib.Path) -> tuple[dict[str, list], range]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   try:
     table = pq.read_table(path)
   except Exception as e:  # pylint: disable=broad-except
     raise PrepareError(f'{path}: not a readable Parquet file ({e})') from None
   columns = {name: table.column(name).to_pylist() for name in table.column_names}
-  return columns, [f'{path}: row {i + 1}' for i in range(table.num_rows)]
+  return columns, range(1, table.num_rows + 1)
 
 
 def _read_tabular(path: pathlib.Path, sep: str | None, progress: bool):
@@ -506,6 +640,20 @@ def _read_tabular(path: pathlib.Path, sep: str | None, progress: bool):
     raise PrepareError(f'{path}: no such file')
   kind = _tabular_kind(path, sep)
   return _read_parquet(path) if kind == 'parquet' else _read_csv(path, kind, progress)
+
+
+def check_multi_sep(values: list, name: str, multi_sep: str, path: pathlib.Path) -> None:
+  """A --multi column none of whose values holds `multi_sep`, while some hold another common
+  separator, is an error naming the separator to pass."""
+  texts = [v for v in values if isinstance(v, str)]
+  if not texts or any(multi_sep in v for v in texts):
+    return
+  found = {sep: sum(sep in v for v in texts) for sep in MULTI_SEPS if sep != multi_sep}
+  sep, count = max(found.items(), key=lambda kv: kv[1])
+  if count:
+    raise PrepareError(f'{path}: --multi column {name!r}: no value contains --multi-sep '
+                       f'{multi_sep!r} but {count} values contain {sep!r}; pass --multi-sep '
+                       f"'{sep}'")
 
 
 def _infer_column(values: list, multi_sep: str | None) -> Column:
@@ -523,34 +671,41 @@ def _infer_column(values: list, multi_sep: str | None) -> Column:
 
 
 def _tabular_items(path: pathlib.Path, key_col: str, sep: str | None, multi: tuple[str, ...],
-                   multi_sep: str, progress: bool) -> ItemTable:
-  columns, _ = _read_tabular(path, sep, progress)
+                   multi_sep: str, progress: bool, drop: bool) -> ItemTable:
+  columns, lines = _read_tabular(path, sep, progress)
   _column_index(list(columns), key_col, path)
-  keys = [str(k).strip() for k in columns.pop(key_col)]
-  if not keys:
+  rows = isinstance(lines, range)  # Parquet: row numbers
+  keys = [item_key(k, f'{path}: row {n}' if rows else f'{path}:{n}', drop)
+          for k, n in zip(columns.pop(key_col), lines)]
+  kept = [i for i, k in enumerate(keys) if k is not None]
+  if not kept:
     raise PrepareError(f'{path}: no items found (empty item file)')
-  return ItemTable(keys=keys, columns={
-      name: _infer_column(values, multi_sep if name in multi else None)
+  for name in multi:
+    if name in columns:
+      check_multi_sep(columns[name], name, multi_sep, path)
+  return ItemTable(keys=[keys[i] for i in kept], missing=len(keys) - len(kept), columns={
+      name: _infer_column([values[i] for i in kept], multi_sep if name in multi else None)
       for name, values in columns.items()})
 
 
 def csv(path: str | pathlib.Path, *, user_col: str, item_col: str, time_col: str,
         items: str | pathlib.Path | None = None, item_key_col: str | None = None,
         sep: str | None = None, multi: tuple[str, ...] = (), multi_sep: str = '|',
-        time_unit: str = 's', progress: bool = True) -> RawData:
+        time_unit: str = 'auto', progress: bool = True,
+        drop_missing_ids: bool = False) -> RawData:
   """CSV/TSV (delimiter from the extension or `sep`) or Parquet with named columns; the item
   file `items` (same kinds of file) is keyed by `item_key_col` (default `item_col`), and its
   other columns are the features; `multi` columns hold `multi_sep`-joined values."""
   path = pathlib.Path(path)
-  columns, wheres = _read_tabular(path, sep, progress)
+  columns, lines = _read_tabular(path, sep, progress)
   for col in (user_col, item_col, time_col):
     _column_index(list(columns), col, path)
-  users = [str(u).strip() for u in columns[user_col]]
-  items_e = [str(i).strip() for i in columns[item_col]]
-  times = [to_seconds(t, w, time_unit) for t, w in zip(columns[time_col], wheres)]
+  log = EventLog(path, drop_missing_ids, time_unit, rows=isinstance(lines, range))
+  for row in zip(columns[user_col], columns[item_col], columns[time_col], lines):
+    log.add(*row)
   table = (_tabular_items(pathlib.Path(items), item_key_col or item_col, sep, tuple(multi),
-                          multi_sep, progress) if items else None)
-  return _raw_data(users, items_e, times, table, str(path))
+                          multi_sep, progress, drop_missing_ids) if items else None)
+  return log.raw_data(table)
 
 
 READERS = {'recbole': recbole, 'movielens': movielens, 'amazon': amazon,

@@ -29,6 +29,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+import threadpoolctl
 
 from heterrec_jax.data.dataset import Feature, dump_json
 from heterrec_jax.data.raw import FLOAT, TOKEN, TOKEN_SEQ, Column, ItemTable, PrepareError
@@ -39,6 +40,7 @@ FREE_TEXT_FRACTION = 0.5  # more distinct values than this fraction of items: fr
 GROUP_DIMS = 4  # default g: dimensions per multimodal group when PCA is automatic
 MAX_GROUP_CODES = 1 << 24  # q^g above this would not fit a sane embedding table
 PCA_ARRAYS = ('pca_mean', 'pca_components')  # arrays of a multimodal feature with PCA
+JOINING_SEPS = ('|', ',', ';')  # a --multi token column mostly holding these is an error
 _SAFE_NAME = re.compile(r'^[A-Za-z0-9_.-]+$')
 
 
@@ -130,13 +132,22 @@ def stable_hash(value: str) -> int:
   return zlib.crc32(value.encode('utf-8'))
 
 
+def one_blas_thread():
+  """A context in which BLAS and LAPACK run on one thread: their results then do not depend
+  on the thread count (a threaded matmul may sum in another order), and they stay fast when
+  other processes compete for the cores (an oversubscribed threaded BLAS spins)."""
+  return threadpoolctl.threadpool_limits(limits=1, user_api='blas')
+
+
 def pca_fit(x_NxD: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
   """(mean [D], components [dim, D]) of the top principal directions, each signed so that its
-  largest-magnitude entry is positive (a deterministic choice of the eigenvector sign)."""
+  largest-magnitude entry is positive (a deterministic choice of the eigenvector sign).
+  Float64 on one BLAS thread: the same bytes whatever the thread count."""
   x_NxD = np.asarray(x_NxD, np.float64)
   mean_D = x_NxD.mean(0)
   centred_NxD = x_NxD - mean_D
-  _, vectors_DxD = np.linalg.eigh(centred_NxD.T @ centred_NxD)
+  with one_blas_thread():
+    _, vectors_DxD = np.linalg.eigh(centred_NxD.T @ centred_NxD)
   comps_KxD = vectors_DxD[:, ::-1][:, :dim].T
   signs_K = np.sign(comps_KxD[np.arange(dim), np.abs(comps_KxD).argmax(1)])
   return mean_D, comps_KxD * np.where(signs_K == 0, 1, signs_K)[:, None]
@@ -199,8 +210,23 @@ def detect_kinds(table: ItemTable, options: Options) -> tuple[dict[str, str], di
       raise PrepareError(f'--numerical {name}: a multi-valued (token_seq) column cannot be '
                          'numerical')
     else:
+      if column.type == TOKEN and kind == 'multi':
+        _check_single_values(name, column)
       kinds[name] = kind
   return kinds, skipped
+
+
+def _check_single_values(name: str, column: Column) -> None:
+  """A token column made --multi keeps one value per item: an error when its values look
+  joined by a separator (the reader, not the tokenizer, splits values)."""
+  present = [v for v in column.values if v is not None]
+  for sep in JOINING_SEPS:
+    joined = sum(sep in v for v in present)
+    if present and joined * 2 > len(present):
+      raise PrepareError(f'--multi {name}: {joined} of {len(present)} values contain {sep!r} '
+                         'but this column holds single values; for --format csv pass '
+                         f"--multi-sep '{sep}', for recbole declare it {name}:token_seq with "
+                         'space-separated values')
 
 
 def _float_text(value: float) -> str | None:
@@ -324,7 +350,8 @@ def project(feature: FittedFeature, matrix_NxD: np.ndarray) -> np.ndarray:
   matrix_NxD = np.asarray(matrix_NxD, np.float64)
   if not feature.params['pca']:
     return matrix_NxD
-  return (matrix_NxD - feature.arrays['pca_mean']) @ feature.arrays['pca_components'].T
+  with one_blas_thread():
+    return (matrix_NxD - feature.arrays['pca_mean']) @ feature.arrays['pca_components'].T
 
 
 def multimodal_ids(feature: FittedFeature, matrix_NxD: np.ndarray) -> np.ndarray:
