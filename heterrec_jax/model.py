@@ -231,11 +231,12 @@ class HeterRec(nnx.Module):
   """
 
   def __init__(self, schema: Schema, model_cfg: ModelConfig, loss_cfg: LossConfig, *,
-               rngs: nnx.Rngs, embeddings: dict | None = None):
+               rngs: nnx.Rngs, embeddings: dict | None = None, max_len: int = 0):
     # Parameters carry logical axis names, mapped to the mesh by `sharding.create_sharded`;
     # Flax must not try to place them itself (that would fail outside a mesh).
     with nnx.use_eager_sharding(False):
       self._build(schema, model_cfg, loss_cfg, rngs, embeddings)
+      self._build_options(schema, model_cfg, rngs, max_len)
 
   def _build(self, schema, cfg: ModelConfig, loss_cfg: LossConfig, rngs, embeddings):
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -264,6 +265,17 @@ class HeterRec(nnx.Module):
     """L2-normalised under cosine scoring, raw under 'dot'; float32 either way."""
     return layers.l2_normalize(x) if self.cosine else x.astype(jnp.float32)
 
+  def _build_options(self, schema: Schema, cfg: ModelConfig, rngs: nnx.Rngs, max_len: int):
+    """The optional free per-item vector and item-level positions (ModelConfig)."""
+    if cfg.item_positions and max_len < 1:
+      raise ConfigError('model.item_positions needs the learned positions of data.max_len')
+    self.item_vectors = (nnx.Embed(table_rows(schema.n_items + 1), cfg.d_k, rngs=rngs,
+                                   dtype=jnp.dtype(cfg.compute_dtype), embedding_init=table_init())
+                         if cfg.item_id_vector else None)
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, 'embed'))
+    self.positions = (nnx.Param(init(rngs.params(), (max_len, cfg.d_k), jnp.float32))
+                      if cfg.item_positions else None)
+
   # ---- user tower -------------------------------------------------------------------------
 
   def encode_user(self, items_BxT: jax.Array, tokens_BxTxS: jax.Array, timestamps_BxT: jax.Array,
@@ -283,6 +295,12 @@ class HeterRec(nnx.Module):
                                       layers.block_causal_mask(mask_BxT))
     fused = h0_BxTxKxDf if tok_BxTxKxDf is None else tok_BxTxKxDf
     item_BxTxDk = self.fusion(fused.reshape(*fused.shape[:2], -1))
+    if self.positions is not None:
+      t = item_BxTxDk.shape[1]
+      if t > self.positions.shape[0]:
+        raise ValueError(f'sequences of {t} positions are longer than the '
+                         f'{self.positions.shape[0]} learned positions (data.max_len)')
+      item_BxTxDk = item_BxTxDk + self.positions[...][-t:].astype(item_BxTxDk.dtype)
     return self.encode_item_level(item_BxTxDk, timestamps_BxT, mask_BxT), tok_BxTxKxDf
 
   def encode_item_level(self, x_BxTxDk: jax.Array, timestamps_BxT: jax.Array,
@@ -305,6 +323,8 @@ class HeterRec(nnx.Module):
     Any leading shape: `items [...]`, `tokens [..., S]`.
     """
     item_NxDk, slots_NxKxDf = self.item_tower(self.htfl(items_N, tokens_NxS))
+    if self.item_vectors is not None:
+      item_NxDk = item_NxDk + self.item_vectors(items_N)
     return self.normalize(item_NxDk), self.normalize(slots_NxKxDf)
 
   def step_queries(self, user_BxTxDk: jax.Array) -> jax.Array:

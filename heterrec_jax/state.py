@@ -45,7 +45,7 @@ def build_model(cfg: Config, dataset: Dataset, seed: int) -> nnx.Module:
                                     cfg.data.max_len)
   embeddings = dict(dataset.embeddings) if cfg.model.variant == 'no_mfk' else None
   return HeterRec(dataset.schema, cfg.model, cfg.loss, rngs=nnx.Rngs(seed),
-                  embeddings=embeddings)
+                  embeddings=embeddings, max_len=cfg.data.max_len)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:

@@ -1,5 +1,7 @@
 """HeterRec: shapes for every variant, causality by gradients, HTFL details, the public API."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -246,3 +248,38 @@ def test_parameters_name_logical_axes_and_are_float32():
   assert table.get_metadata()['out_sharding'] == ('vocab', 'embed')
   out = jax.jit(lambda m, b: m.forward(b))(model, _batch())
   chex.assert_tree_all_finite(out)
+
+
+def test_item_id_vector_adds_a_free_row_to_v():
+  """With dot scoring, V(item_id_vector) - V(paper) is exactly the item's own free row."""
+  cfg = ModelConfig(d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2, dropout=0.0, time_buckets=8)
+  loss = LossConfig(n_step=N_STEP, scoring='dot')
+  plain = HeterRec(SCHEMA, cfg, loss, rngs=nnx.Rngs(0), embeddings=RAW)
+  free = HeterRec(SCHEMA, dataclasses.replace(cfg, item_id_vector=True), loss, rngs=nnx.Rngs(0),
+                  embeddings=RAW)
+  items = jnp.array([1, 4, 7])
+  tokens = jnp.asarray(_batch()['tokens'][0, :3])
+  v_plain, _ = plain.encode_items(items, tokens)
+  v_free, _ = free.encode_items(items, tokens)
+  rows = np.asarray(free.item_vectors.embedding[...])[[1, 4, 7]]
+  np.testing.assert_allclose(v_free - v_plain, rows, atol=1e-5)
+
+
+def test_item_positions_are_right_aligned_and_causal():
+  cfg = ModelConfig(d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2, dropout=0.0, time_buckets=8,
+                    item_positions=True)
+  model = HeterRec(SCHEMA, cfg, LossConfig(n_step=N_STEP), rngs=nnx.Rngs(0), embeddings=RAW,
+                   max_len=T)
+  model.eval()
+  with pytest.raises(ConfigError, match='max_len'):
+    HeterRec(SCHEMA, cfg, LossConfig(n_step=N_STEP), rngs=nnx.Rngs(0), embeddings=RAW)
+  batch = _batch()
+  args = tuple(jnp.asarray(batch[k][:, :T]) for k in ('items', 'tokens', 'timestamps', 'mask'))
+  before = model.user_vector(*args)
+  model.positions[...] = model.positions[...] + 1.0
+  assert float(jnp.abs(model.user_vector(*args) - before).max()) > 1e-4
+
+  items, tokens, ts, mask = _full_mask_inputs()
+  norms = _grad_norms(lambda h: model.encode_tokens(h, ts, mask)[0], model.htfl(items, tokens))
+  for t in range(T):
+    assert np.all(norms[t, t + 1:] == 0), (t, norms[t])
