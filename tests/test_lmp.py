@@ -301,15 +301,15 @@ class SampledSoftmaxTest(chex.TestCase):
     assert abs(ref - unmasked) > 1e-2
 
 
-@pytest.mark.parametrize('tau,lambda_m,opens', [(2.0, 1.0, False), (0.05, 1.0, True),
-                                                (0.2, 0.1, True), (1.0, 0.0, True)])
-def test_gate_opens_only_where_the_margin_is_reachable(tau, lambda_m, opens):
-  """Cosine logits live in [-1, 1]: at tau = 2 and lambda_m = 1 the gate needs
-  e^{s_prev/2} - e^{s/2} > 1, impossible (e^{0.5} - e^{-0.5} = 1.04 only at the extremes, and
-  the bound is strict below it for random unit vectors); smaller tau or margin opens it."""
+@pytest.mark.parametrize('tau,lambda_m', [(2.0, 1.0), (0.05, 1.0), (0.2, 0.1), (1.0, 0.0)])
+def test_gate_at_several_tau(tau, lambda_m):
+  """The gate against NumPy on cosine-range logits. At tau = 2, lambda_m = 1 it opens only for
+  a cosine drop >= 1.87 (SPEC 6: almost never); at smaller tau or margin it opens often."""
   rng = np.random.default_rng(0)
-  prev, pos = (np.clip(rng.uniform(-1, 1, (4000,)), -0.99, 0.99) for _ in range(2))
+  prev, pos = (rng.uniform(-1, 1, (4000,)) for _ in range(2))
   gate = np.asarray(loss_lib.margin_gate(jnp.asarray(prev), jnp.asarray(pos), tau, lambda_m))
-  want = np.exp(prev / tau) > np.exp(pos / tau) + lambda_m
-  np.testing.assert_array_equal(gate, want)
-  assert bool(gate.any()) == opens
+  np.testing.assert_array_equal(gate, np.exp(prev / tau) > np.exp(pos / tau) + lambda_m)
+  if tau == 2.0:
+    assert np.all(prev[gate] - pos[gate] >= 1.87) and gate.mean() < 0.01
+  else:
+    assert gate.mean() > 0.2
