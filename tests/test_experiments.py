@@ -57,6 +57,33 @@ def test_compare_plan_only_writes_exact_commands(tmp_path):
         'data/ml100k', 50, 32, 32)
 
 
+def test_compare_model_config_gives_a_row_its_own_config(tmp_path):
+  out = tmp_path / 'out'
+  rc = ex.main(['compare', '--config', 'configs/ml100k.py', '--models', 'heterrec,sasrec',
+                '--model-config', 'sasrec=configs/ml100k_sasrec.py', '--seeds', '1',
+                '--out', str(out), '--plan-only'])
+  assert rc == 0
+  assert _plan(out) == [
+      _train_command('configs/ml100k.py', out / 'runs' / 'heterrec-seed0',
+                     ['model.name=heterrec', 'train.seed=0']),
+      _train_command('configs/ml100k_sasrec.py', out / 'runs' / 'sasrec-seed0',
+                     ['model.name=sasrec', 'train.seed=0'])]
+
+
+@pytest.mark.parametrize('flags,match', [
+    (['--model-config', 'sasrec'], 'NAME=CONFIG_FILE'),
+    (['--model-config', 'bert4rec=configs/ml100k_bert4rec.py'], 'not a trained row'),
+    (['--model-config', 'sasrec=configs/missing.py'], 'does not exist'),
+    (['--variants', 'full', '--model-config', 'sasrec=configs/ml100k_sasrec.py'], 'ablation'),
+])
+def test_compare_bad_model_config(tmp_path, capsys, flags, match):
+  models = [] if '--variants' in flags else ['--models', 'heterrec,sasrec']
+  rc = ex.main(['compare', '--out', str(tmp_path / 'out'), '--plan-only', *models, *flags])
+  assert rc == 2
+  assert match in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()
+
+
 def test_compare_plan_default_models_runs_models_times_seeds(tmp_path):
   assert ex.main(['compare', '--out', str(tmp_path), '--seeds', '3', '--plan-only']) == 0
   lines = _plan(tmp_path)

@@ -32,7 +32,8 @@ from heterrec_jax.experiments import runner, scaling as scaling_lib, tables
 from heterrec_jax.experiments.sweep import (DEFAULT_CONFIG, DEFAULT_MODELS, POPULARITY, TUNABLE,
                                             Sweep, Tuning, ablation_runs, check_configs,
                                             common_overrides, compare_runs, load_with, parse_grid,
-                                            parse_list, parse_tune, scaling_runs, write_plan)
+                                            parse_list, parse_model_configs, parse_tune,
+                                            scaling_runs, write_plan)
 
 
 def _common_flags(parser: argparse.ArgumentParser, seeds: int) -> None:
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='choose one config field per row on validation, e.g. '
                             'loss.tau=0.05,0.1,0.2,0.5 (seed-0 runs at every value, then the '
                             'other seeds at the best; default: no tuning)')
+  compare.add_argument('--model-config', action='append', default=[], metavar='NAME=FILE',
+                       help="a row's own config file instead of --config (its reference "
+                            'settings), e.g. sasrec=configs/ml100k_sasrec.py; repeatable')
   _common_flags(compare, seeds=3)
   scaling = sub.add_parser('scaling', help='the (N1, N2) grid with and without HTFL (Figure 3)')
   scaling.add_argument('--grid', default='1x1,1x2,2x2,3x3', help='N1xN2 points (default: '
@@ -111,6 +115,8 @@ def _compare_sweep(args: argparse.Namespace) -> Sweep:
     tuning = Tuning(field, values, metric)
   out = pathlib.Path(args.out)
   if args.variants is not None:
+    if args.model_config:
+      raise ConfigError('--model-config names rows of --models; the ablation has one config')
     if args.models is not None:
       raise ConfigError('give --models (the baseline table) or --variants (the ablation), '
                         'not both')
@@ -118,8 +124,10 @@ def _compare_sweep(args: argparse.Namespace) -> Sweep:
     return Sweep('ablation', args.config, out, common, tuple(ablation_runs(variants, args.seeds)),
                  tuple(variants), 'full', tuning)
   models = parse_list('--models', args.models or DEFAULT_MODELS, MODEL_NAMES + (POPULARITY,))
-  return Sweep('compare', args.config, out, common, tuple(compare_runs(models, args.seeds)),
-               tuple(models), 'heterrec', tuning)
+  configs = parse_model_configs(args.model_config, models)
+  return Sweep('compare', args.config, out, common,
+               tuple(compare_runs(models, args.seeds, configs)), tuple(models), 'heterrec',
+               tuning)
 
 
 def make_sweep(args: argparse.Namespace) -> Sweep:

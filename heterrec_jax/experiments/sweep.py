@@ -32,6 +32,7 @@ class Run:
   group: str  # the table row (model or variant) or the scaling point 'VARIANT-N1xN2'
   seed: int
   overrides: tuple[str, ...]  # the overrides only this run has, in command order
+  config: str = ''  # its own config file (compare --model-config); '' = the sweep's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +141,28 @@ def common_overrides(data: str | None, steps: int | None, extra: list[str],
   return tuple(out + list(extra))
 
 
-def compare_runs(models: list[str], seeds: int) -> list[Run]:
-  """One run per (model, seed); popularity is not trained."""
-  return [Run(f'{m}-seed{s}', m, s, (f'model.name={m}', f'train.seed={s}'))
+def compare_runs(models: list[str], seeds: int,
+                 configs: dict[str, str] | None = None) -> list[Run]:
+  """One run per (model, seed); popularity is not trained. `configs` maps a model to its own
+  config file (its reference settings), used instead of the sweep's."""
+  configs = configs or {}
+  return [Run(f'{m}-seed{s}', m, s, (f'model.name={m}', f'train.seed={s}'), configs.get(m, ''))
           for m in models if m != POPULARITY for s in range(seeds)]
+
+
+def parse_model_configs(items: list[str], models: list[str]) -> dict[str, str]:
+  """'NAME=FILE' pairs of --model-config; NAME must be a row, FILE a readable config."""
+  out = {}
+  for item in items:
+    name, sep, path = item.partition('=')
+    if not sep or not path:
+      raise ConfigError(f'--model-config {item!r} must look like NAME=CONFIG_FILE')
+    if name not in models or name == POPULARITY:
+      raise ConfigError(f'--model-config {item!r}: {name!r} is not a trained row of --models '
+                        f'{models}')
+    load_config(resolve_config(path))  # a missing or bad file fails before anything runs
+    out[name] = path
+  return out
 
 
 def ablation_runs(variants: list[str], seeds: int) -> list[Run]:
@@ -166,8 +185,8 @@ def scaling_runs(grid: list[tuple[int, int]], variants: list[str], seeds: int) -
 def with_value(run: Run, tuning: Tuning, value: str) -> Run:
   """`run` with the tuned field set to `value` (its name says the value)."""
   stem = run.name.rpartition('-seed')[0]
-  return Run(f'{stem}-{tuning.tag(value)}-seed{run.seed}', run.group, run.seed,
-             run.overrides + (f'{tuning.field}={value}',))
+  return dataclasses.replace(run, name=f'{stem}-{tuning.tag(value)}-seed{run.seed}',
+                             overrides=run.overrides + (f'{tuning.field}={value}',))
 
 
 def tuning_runs(sweep: Sweep) -> list[Run]:
@@ -227,12 +246,12 @@ def load_with(config: str, overrides: list[str]) -> Config:
 
 
 def run_config(sweep: Sweep, run: Run) -> Config:
-  return load_with(sweep.config, run_overrides(sweep, run))
+  return load_with(run.config or sweep.config, run_overrides(sweep, run))
 
 
 def command(sweep: Sweep, run: Run) -> str:
   """The shell command that trains `run` (what plan.txt holds)."""
-  argv = ['python', '-m', 'heterrec_jax.train', '--config', sweep.config,
+  argv = ['python', '-m', 'heterrec_jax.train', '--config', run.config or sweep.config,
           '--workdir', str(sweep.run_dir(run)), *run_overrides(sweep, run)]
   return shlex.join(argv)
 

@@ -1,0 +1,22 @@
+"""BERT4Rec on MovieLens-100k as RecBole 1.2.1 trains it: d = 64, 2 layers, 2 heads, GELU FFN
+4x, dropout 0.2 (hidden and attention), Cloze with mask ratio 0.2 and a full softmax over all
+items with raw dot products, Adam 1e-3. Windows of T events cover every training event once
+per epoch ('all', horizon 0).
+
+    python -m heterrec_jax.train --config configs/ml100k_bert4rec.py --workdir runs/ml100k_bert4rec
+"""
+
+import dataclasses
+import pathlib
+
+from heterrec_jax.config import Config, load_config
+
+
+def sasrec_config() -> Config:
+  return load_config(str(pathlib.Path(__file__).with_name('ml100k_sasrec.py')))
+
+
+def get_config() -> Config:
+  cfg = sasrec_config()
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name='bert4rec',
+                                                            dropout=0.2))
