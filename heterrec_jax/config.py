@@ -146,6 +146,9 @@ class LossConfig:
   w_tok: float = 1.0
   # Token kinds (feature names) of the token-level loss; empty: every kind but the item id.
   token_kinds: tuple[str, ...] = ()
+  # Negative source of the token-level loss ('' = loss.negatives). 'uniform' keeps the token
+  # level cheap when the item level uses 'all' (the token level has K - 1 softmaxes per step).
+  token_negatives: str = ''
 
   def __post_init__(self):
     _check_in('loss.name', self.name, ('default', 'sampled_softmax'))
@@ -153,6 +156,7 @@ class LossConfig:
     _check_positive('loss.tau', self.tau)
     _check_positive('loss.null_logit_c', self.null_logit_c, allow_zero=True)
     _check_in('loss.negatives', self.negatives, NEGATIVES)
+    _check_in('loss.token_negatives', self.token_negatives, ('',) + NEGATIVES)
     _check_in('loss.scoring', self.scoring, ('cosine', 'dot'))
     _check_positive('loss.pool_size', self.pool_size)
     _check_positive('loss.n_uniform', self.n_uniform)

@@ -104,11 +104,17 @@ def make(cfg: Config, model: Any, item_tokens: np.ndarray,
   if name == 'heterrec' and cfg.loss.name == 'default':
     loss_cfg = lmp.ablated(cfg.loss, cfg.model.variant)
     token_columns = tuple(model.token_kinds)
+    token_cfg = None
+    if loss_cfg.token_negatives not in ('', loss_cfg.negatives) and token_columns:
+      token_cfg = dataclasses.replace(loss_cfg, negatives=loss_cfg.token_negatives, log_q=False)
 
     def lmp_fn(model, batch, rng):
       outputs = model.forward(batch)
       negatives, cat = draw(loss_cfg, model, batch, rng)
-      return lmp.lmp_loss(outputs, batch, token_columns, loss_cfg, negatives, cat)
+      token_draw = None
+      if token_cfg is not None:
+        token_draw = draw(token_cfg, model, batch, jax.random.fold_in(rng, 1))
+      return lmp.lmp_loss(outputs, batch, token_columns, loss_cfg, negatives, cat, token_draw)
     return lmp_fn
 
   if name == 'pinnerformer' and cfg.loss.name == 'default':

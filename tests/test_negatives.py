@@ -32,6 +32,11 @@ def _example(seed):
              'token_queries': unit(N, 1, B, T, DF), 'token_targets': unit(1, B, W, DF)}
   batch = {'items': items, 'tokens': ITEM_TOKENS[items], 'mask': mask}
   catalogue = {'vectors': unit(N_ITEMS, D), 'slots': unit(N_ITEMS, 2, DF)}
+  # As in a model: a target is the item tower's vector of its item (the catalogue's row).
+  real = mask[..., None]
+  outputs['targets'] = np.where(real, catalogue['vectors'][items - 1], outputs['targets'])
+  outputs['token_targets'] = np.where(real, catalogue['slots'][items - 1, 1],
+                                      outputs['token_targets'][0])[None]
   return outputs, batch, catalogue
 
 
@@ -233,3 +238,21 @@ def test_next_item_in_batch_equals_the_in_batch_softmax():
   want = softmax.sampled_softmax_loss(q, table[batch['items']], batch['items'], batch['mask'],
                                       0.5)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_token_level_draws_its_own_source():
+  """token_draw replaces the token level's candidates only: the item level is unchanged and
+  the token level equals a run whose only source is the token source."""
+  outputs, batch, catalogue = _example(7)
+  cfg = LossConfig(negatives='all', tau=0.2, n_step=N, w_tok=1.0)
+  tok_cfg = LossConfig(negatives='in_batch', tau=0.2, n_step=N, w_tok=1.0)
+  mask = jnp.asarray(batch['mask'])
+  item_neg = negatives_lib.sample(cfg, mask, N_ITEMS, jax.random.key(0))
+  tok_neg = negatives_lib.sample(tok_cfg, mask, N_ITEMS, jax.random.key(0))
+  cat = {'vectors': catalogue['vectors'], 'slots': catalogue['slots'], 'tokens': ITEM_TOKENS[1:]}
+  _, mixed = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, item_neg, cat, (tok_neg, None))
+  _, item_only = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, item_neg, cat)
+  _, token_only = lmp.lmp_loss(outputs, batch, COLUMNS, tok_cfg, tok_neg, None)
+  np.testing.assert_allclose(mixed['item_loss'], item_only['item_loss'], rtol=1e-6)
+  np.testing.assert_allclose(mixed['token_loss'], token_only['token_loss'], rtol=1e-6)
+  assert abs(float(mixed['token_loss'] - item_only['token_loss'])) > 1e-3
