@@ -40,6 +40,10 @@ class DataConfig:
   # 'last' (one window per user: the most recent T + h events) or 'random' (one window per
   # user per epoch, ending at a random training event).
   window: str = 'all'
+  # 'all' windows: stride S between windows (0: max_len); a window counts the targets of its
+  # last S inputs only, so every target has >= max_len - S events of context, at max_len / S
+  # times the compute per epoch (RecBole trains every target with its full context, S = 1).
+  stride: int = 0
   # Seed of the shuffling and of random windows.
   seed: int = 0
   # Built-in synthetic data: number of users, items and latent topics, and the generator seed.
@@ -52,6 +56,9 @@ class DataConfig:
 
   def __post_init__(self):
     _check_positive('data.max_len', self.max_len)
+    if not 0 <= self.stride <= self.max_len:
+      raise ConfigError(f'data.stride={self.stride} must be in [0, data.max_len={self.max_len}] '
+                        '(0: data.max_len)')
     _check_in('data.window', self.window, ('all', 'last', 'random'))
     _check_positive('data.workers', self.workers, allow_zero=True)
     for name in ('synthetic_users', 'synthetic_items', 'synthetic_topics'):

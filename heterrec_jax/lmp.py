@@ -179,12 +179,14 @@ def margin_gate(prev_xBxT: jax.Array, pos_xBxT: jax.Array, tau: float,
 def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
                      keys: tuple[jax.Array, ...], mask_BxW: jax.Array, cfg: LossConfig,
                      shared: Shared | None,
-                     pos_log_q_BxW: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     pos_log_q_BxW: jax.Array | None = None,
+                     count_from_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """The step losses `[N]` of one level (the items or one token kind) and the fraction of
-  valid positions each step counted `[N]` (1 where the gate is off)."""
+  valid positions each step counted `[N]` (1 where the gate is off). Queries at input
+  positions before `count_from_B` (a window's context, `pipeline`) are not counted."""
   n, _, t, _ = queries_NxBxTxD.shape
   pos_NxBxT, neg_NxBxTxC = lmp_step_logits(queries_NxBxTxD, targets_BxWxD, shared)
-  valid_NxBxT = mask_BxW[None, :, :t] & _shifted(mask_BxW, n, t)
+  valid_NxBxT = counted_queries(mask_BxW, t, count_from_B)[None] & _shifted(mask_BxW, n, t)
   counted_NxBxT = valid_NxBxT
   if cfg.gate and n > 1:
     # Steps 2..N, each against the positive logit of the step before it.
@@ -202,6 +204,14 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
                          cfg.null_logit_c, pos_log_q, neg_log_q)
   fractions_N = jnp.sum(counted_NxBxT, axis=(1, 2)) / _count(valid_NxBxT)
   return losses_N, fractions_N
+
+
+def counted_queries(mask_BxW: jax.Array, t: int, count_from_B: jax.Array | None) -> jax.Array:
+  """`[B, T]`: real query positions at or after the row's `count_from` (all when None)."""
+  real_BxT = mask_BxW[:, :t].astype(bool)
+  if count_from_B is None:
+    return real_BxT
+  return real_BxT & (jnp.arange(t)[None] >= count_from_B[:, None])
 
 
 def _check_outputs(outputs: dict[str, jax.Array], token_columns) -> None:
@@ -243,8 +253,9 @@ def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_c
       pos_log_q = negatives.log_expected(batch['items'])
     elif negatives.index is None and not negatives.n_uniform:  # 'all'
       shared = dataclasses.replace(shared, whole_catalogue=True)
+  count_from_B = batch.get('count_from')
   item_steps, fractions = lmp_level_losses(f32('queries'), f32('targets'), (item_key_BxWx1,),
-                                           mask_BxW, cfg, shared, pos_log_q)
+                                           mask_BxW, cfg, shared, pos_log_q, count_from_B)
   token_steps = jnp.zeros_like(item_steps)
   queries_NxSxBxTxD, targets_SxBxWxD = f32('token_queries'), f32('token_targets')
   if token_draw is not None:
@@ -259,7 +270,7 @@ def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_c
         cat_vectors = catalogue['slots'][:, k]
       level = shared_level(negatives, targets_SxBxWxD[s], keys, cat_vectors, cat_keys)
     steps, _ = lmp_level_losses(queries_NxSxBxTxD[:, s], targets_SxBxWxD[s], keys, mask_BxW,
-                                cfg, level)
+                                cfg, level, count_from_B=count_from_B)
     token_steps = token_steps + steps
   return _total(item_steps, token_steps, fractions, cfg.w_tok)
 

@@ -63,7 +63,8 @@ def _multi_step(queries_BxTxD: jax.Array, targets: jax.Array, batch: dict[str, j
   steps_N = jnp.stack([aux[f'item_loss_step{i}'] for i in range(1, n + 1)])
   mask_BxW = batch['mask'].astype(bool)
   t = queries_BxTxD.shape[1]
-  pairs_N = jnp.stack([jnp.sum(mask_BxW[:, :t] & mask_BxW[:, i:t + i]) for i in range(1, n + 1)])
+  queries_BxT = lmp.counted_queries(mask_BxW, t, batch.get('count_from'))
+  pairs_N = jnp.stack([jnp.sum(queries_BxT & mask_BxW[:, i:t + i]) for i in range(1, n + 1)])
   pooled = jnp.sum(steps_N * pairs_N) / jnp.maximum(jnp.sum(pairs_N), 1).astype(jnp.float32)
   return pooled, steps_N
 
@@ -91,13 +92,16 @@ def make(cfg: Config, model: Any, item_tokens: np.ndarray,
     def cloze(model, batch, rng):
       del rng
       out = model.forward(batch)
+      # Only the [MASK]ed positions a window counts (its context positions are inputs only).
+      masked_BxT = lmp.counted_queries(out['cloze_mask'], out['cloze_mask'].shape[1],
+                                       batch.get('count_from'))
       if cfg.loss.name == 'default':
         loss = softmax.cloze_loss(out['queries'], out['corpus'], out['window_items'],
-                                  out['cloze_mask'], cfg.loss.tau)
+                                  masked_BxT, cfg.loss.tau)
         return loss, {'cloze_loss': loss}
       loss = softmax.masked_sampled_softmax_loss(out['queries'], out['targets'],
                                                  out['window_items'], out['window_mask'],
-                                                 out['cloze_mask'], cfg.loss.tau)
+                                                 masked_BxT, cfg.loss.tau)
       return loss, {'sampled_softmax_loss': loss}
     return cloze
 

@@ -82,6 +82,7 @@ def train_iterator(cfg: Config, tstate: state_lib.TrainState):
   dataset = pipeline.train_dataset(
       tstate.dataset, max_len=cfg.data.max_len, horizon=horizon(cfg.model.name, cfg.loss),
       batch_size=per_process_batch(cfg), seed=cfg.data.seed, window=cfg.data.window,
+      stride=cfg.data.stride,
       process_index=jax.process_index(), process_count=jax.process_count(),
       workers=cfg.data.workers)
   return iter(dataset)

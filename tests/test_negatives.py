@@ -256,3 +256,36 @@ def test_token_level_draws_its_own_source():
   np.testing.assert_allclose(mixed['item_loss'], item_only['item_loss'], rtol=1e-6)
   np.testing.assert_allclose(mixed['token_loss'], token_only['token_loss'], rtol=1e-6)
   assert abs(float(mixed['token_loss'] - item_only['token_loss'])) > 1e-3
+
+
+def test_count_from_leaves_a_window_s_context_uncounted():
+  """Queries before `count_from` are context only: the loss equals the reference computed
+  with those queries' input positions treated as not counted."""
+  outputs, batch, catalogue = _example(8)
+  outputs = {**outputs, 'token_queries': outputs['token_queries'][:, :0],
+             'token_targets': outputs['token_targets'][:0]}
+  cfg = LossConfig(negatives='in_batch', tau=0.2, n_step=N, w_tok=0.0, gate=False)
+  negatives = negatives_lib.sample(cfg, jnp.asarray(batch['mask']), N_ITEMS, jax.random.key(0))
+  count_from = np.array([2, 0, 4], np.int32)
+  got, _ = lmp.lmp_loss(outputs, {**batch, 'count_from': count_from}, (), cfg, negatives)
+  # Reference: the same loss, each query counted only from its row's count_from.
+  cands = _ref_candidates(outputs, batch, catalogue, negatives, -1)
+  q = outputs['queries'].copy()
+  total = 0.0
+  for i in range(1, N + 1):
+    step, count = 0.0, 0
+    for b in range(B):
+      for t in range(count_from[b], T):
+        if not (batch['mask'][b, t] and batch['mask'][b, t + i]):
+          continue
+        sp = q[i - 1, b, t] @ outputs['targets'][b, t + i] / cfg.tau
+        den = cfg.null_logit_c + math.exp(sp) + sum(
+            math.exp(q[i - 1, b, t] @ v / cfg.tau) for v, k, _ in cands
+            if k[0] != batch['items'][b, t + i])
+        step += math.log(den) - sp
+        count += 1
+    total += step / count
+  np.testing.assert_allclose(float(got), total, rtol=2e-5)
+  none, _ = lmp.lmp_loss(outputs, {**batch, 'count_from': np.full(B, T, np.int32)}, (), cfg,
+                         negatives)
+  assert float(none) == 0.0

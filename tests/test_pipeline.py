@@ -281,23 +281,32 @@ def ref_coverage_targets(ds, horizon):
   return sorted((u, e) for u, lo, end in ref_train_users(ds) for e in range(lo + first, end))
 
 
-@pytest.mark.parametrize('horizon', [0, 1, 3])
-def test_all_windows_cover_every_target_once(dataset, horizon):
-  """One epoch of 'all' windows: every training target exactly once, inputs right-aligned
-  (the last input column of every window is a real event), rows equal to a slow reference."""
+@pytest.mark.parametrize('horizon,stride', [(0, 0), (1, 0), (3, 0), (1, 2), (0, 1), (3, 4)])
+def test_all_windows_cover_every_target_once(dataset, horizon, stride):
+  """One epoch of 'all' windows: every training target counted exactly once (a window counts
+  its queries from `count_from` on), inputs right-aligned (the last input column of every
+  window is a real event), rows equal to a slow reference; with a stride S < T every counted
+  target but a user's first T has >= T - S events of context in its window."""
   split = splits.dataset_split(dataset)
-  user_E, start_E = pipeline.coverage_windows(split, MAX_LEN, horizon)
+  coverage = pipeline.coverage_windows(split, MAX_LEN, horizon, stride)
+  user_E, start_E, count_from_E = coverage
   length = MAX_LEN + horizon
   got = []
-  for w, (u, s) in enumerate(zip(user_E, start_E)):
+  for w, (u, s, first) in enumerate(zip(user_E, start_E, count_from_E)):
     lo, end = int(split.train_start[u]), int(split.train_end[u])
     events = [e for e in range(s, s + length)]
     real = [lo <= e < end for e in events]
     assert real[MAX_LEN - 1], 'the input must end at a real event'
-    cols = range(1, MAX_LEN + 1) if horizon else range(MAX_LEN)
-    # A target counts where it and (h >= 1) the input before it are real, as in the losses.
-    got += [(int(u), events[c]) for c in cols if real[c] and (not horizon or real[c - 1])]
-    batch = pipeline.CoverageWindows(dataset, split, user_E, start_E, length)(np.array([w]))
+    shift = 1 if horizon else 0
+    # A target counts where it and (h >= 1) the input before it are real, as in the losses,
+    # and its query position is >= count_from.
+    counted = [(q, events[q + shift]) for q in range(first, MAX_LEN)
+               if real[q + shift] and real[q]]
+    got += [(int(u), e) for _, e in counted]
+    if first > 0:
+      assert all(q >= MAX_LEN - (stride or MAX_LEN) for q, _ in counted)
+    batch = pipeline.CoverageWindows(dataset, split, coverage, length)(np.array([w]))
+    assert batch['count_from'][0] == first
     first = next(e for e, r in zip(events, real) if r)
     want_items = [int(dataset.items[e]) if r else 0 for e, r in zip(events, real)]
     want_ts = [int(dataset.timestamps[e] - dataset.timestamps[first]) if r else 0
@@ -311,10 +320,10 @@ def test_all_windows_cover_every_target_once(dataset, horizon):
 def test_all_windows_one_epoch_in_the_stream(loo):
   """The first epoch of the 'all' stream is every window once (then the next epoch)."""
   split = splits.dataset_split(loo)
-  user_E, start_E = pipeline.coverage_windows(split, MAX_LEN, N_STEP)
-  n = len(user_E)
+  coverage = pipeline.coverage_windows(split, MAX_LEN, N_STEP)
+  n = len(coverage[0])
   want = sorted(r for w in range(n) for r in rows(pipeline.CoverageWindows(
-      loo, split, user_E, start_E, MAX_LEN + N_STEP)(np.array([w]))))
+      loo, split, coverage, MAX_LEN + N_STEP)(np.array([w]))))
   batches = take(iter(train_ds(loo, window='all', batch_size=n)), 2)
   assert sorted(rows(batches[0])) == want
   assert batches[0]['items'].shape == (n, MAX_LEN + N_STEP)

@@ -6,6 +6,7 @@ A batch is a dict of NumPy arrays, the per-process part of the global batch:
   tokens      int32 [B, L, S]  `dataset.item_tokens[items]` (row 0 is the padding item)
   timestamps  int32 [B, L]     seconds since the first real event of the row, 0 on padding
   mask        bool  [B, L]     True on real events
+  count_from  int32 [B]        (training) the first input position whose query the losses count
 
 Rows are RIGHT-aligned: the most recent event is in the last column, padding on the left.
 Training batches have L = max_len + n_step; evaluation batches have L = max_len and also
@@ -20,9 +21,10 @@ events, h = the model's horizon (1 for next-item models, N_step for LMP, 0 for C
 model reads the first max_len as input. The examples (`window`):
 
   'all'     every training target of every user once per epoch (SPEC 2): each user's training
-            part cut into windows whose inputs tile it, stride max_len, the last one's input
-            ending just before the last training event (with h > 1 its last h - 1 target
-            columns are padding, mask False). Inputs are right-aligned, as at evaluation.
+            part cut into windows of stride S (`data.stride`, default max_len), the last one's
+            input ending just before the last training event (with h > 1 its last h - 1 target
+            columns are padding, mask False); a window counts the queries of its last S input
+            positions (`count_from`), so S < max_len gives every target more context.
   'last'    one window per user, the most recent L training events (right-aligned).
   'random'  one window per user per epoch, ending at a uniform end point of the training part. Evaluation
 (`eval_dataset`) is a plain re-iterable of fixed-size batches, the same count on every process.
@@ -75,27 +77,32 @@ class _Reloadable:
     self.__dict__.update(state)
 
 
-def coverage_windows(split: splits.Split, max_len: int, horizon: int) -> tuple[np.ndarray,
-                                                                                np.ndarray]:
-  """(user `[E]`, first event index `[E]`) of the 'all' windows of every training user.
+def coverage_windows(split: splits.Split, max_len: int, horizon: int,
+                     stride: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(user `[E]`, first event index `[E]`, first counted query position `[E]`) of the 'all'
+  windows of every training user, `stride` S (0: S = max_len = T) apart.
 
-  A window of user u starting at event s covers events [s, s + max_len + h), real where inside
-  the training part [start_u, end_u). Its targets at offset 1 (h >= 1) are events
-  (s, s + max_len], or for h = 0 (Cloze) the input events [s, s + max_len); consecutive
-  windows are max_len apart, so every such target is in exactly one window. The last window
-  starts at end_u - max_len - min(h, 1). The first events of a window may precede start_u.
+  A window of user u starting at event s covers events [s, s + T + h), real where inside the
+  training part [start_u, end_u). Its query at input position t predicts event s + t + 1
+  (h >= 1; for h = 0, Cloze, the input event s + t itself). Window k = 0, 1, ... from the end
+  starts at end_u - T - min(h, 1) - k S and counts its queries t >= T - S: targets
+  (end_u - (k+1) S, end_u - k S] shifted by min(h, 1); the earliest window counts all its
+  queries (t >= 0). So every training target is counted in exactly one window, and with S < T
+  each one has at least T - S events of context (RecBole's one-prefix-per-target protocol is
+  S = 1). The first events of a window may precede start_u.
   """
+  stride = stride or max_len
   users = splits.train_users(split)
   start_U, end_U = split.train_start[users], split.train_end[users]
   shift = min(horizon, 1)
-  # Windows k = 0, 1, ... from the end while their targets reach the training part:
-  # targets of window k are (end - (k+1) max_len, end - k max_len] - shift; need > start.
-  first_target_U = start_U + shift
-  count_U = -(-(end_U - first_target_U) // max_len)
+  targets_U = end_U - start_U - shift
+  count_U = 1 + -(-np.maximum(targets_U - max_len, 0) // stride)
   user_E = np.repeat(users, count_U)
   k_E = np.arange(count_U.sum()) - np.repeat(np.cumsum(count_U) - count_U, count_U)
-  start_E = np.repeat(end_U, count_U) - max_len - shift - k_E * max_len
-  return user_E.astype(np.int64), start_E.astype(np.int64)
+  start_E = np.repeat(end_U, count_U) - max_len - shift - k_E * stride
+  earliest_E = k_E == np.repeat(count_U - 1, count_U)
+  count_from_E = np.where(earliest_E, 0, max_len - stride)
+  return user_E.astype(np.int64), start_E.astype(np.int64), count_from_E.astype(np.int32)
 
 
 def spans(dataset: Dataset, first_B: np.ndarray, lo_B: np.ndarray, hi_B: np.ndarray,
@@ -119,16 +126,17 @@ def spans(dataset: Dataset, first_B: np.ndarray, lo_B: np.ndarray, hi_B: np.ndar
 class CoverageWindows(_Reloadable):
   """Grain transform: a batch of window ids `[B]` -> a training batch ('all' windows)."""
 
-  def __init__(self, dataset: Dataset, split: splits.Split, user_E: np.ndarray,
-               start_E: np.ndarray, length: int):
+  def __init__(self, dataset: Dataset, split: splits.Split, windows: tuple[np.ndarray, ...],
+               length: int):
     super().__init__(dataset)
     self.lo_U, self.hi_U, self.length = split.train_start, split.train_end, length
-    self.user_E, self.start_E = user_E, start_E
+    self.user_E, self.start_E, self.count_from_E = windows
 
   def __call__(self, windows_B: np.ndarray) -> Batch:
     users_B = self.user_E[windows_B]
-    return spans(self.dataset, self.start_E[windows_B], self.lo_U[users_B], self.hi_U[users_B],
-                 self.length)
+    batch = spans(self.dataset, self.start_E[windows_B], self.lo_U[users_B],
+                  self.hi_U[users_B], self.length)
+    return {**batch, 'count_from': self.count_from_E[windows_B]}
 
 
 class TrainWindows(_Reloadable):
@@ -146,7 +154,8 @@ class TrainWindows(_Reloadable):
     starts_B, ends_B = self.start_U[users_B], self.end_U[users_B]
     if rng is not None:
       ends_B = starts_B + rng.integers(splits.MIN_TRAIN_EVENTS, ends_B - starts_B + 1)
-    return windows(self.dataset, starts_B, ends_B, self.length)
+    batch = windows(self.dataset, starts_B, ends_B, self.length)
+    return {**batch, 'count_from': np.zeros(len(users_B), np.int32)}
 
 
 class ShuffledExamples:
@@ -185,17 +194,18 @@ class ShuffledExamples:
     return users_B
 
 
-def windows_per_epoch(dataset: Dataset, max_len: int, horizon: int, window: str) -> int:
+def windows_per_epoch(dataset: Dataset, max_len: int, horizon: int, window: str,
+                      stride: int = 0) -> int:
   """Training examples in one epoch (all processes): 'all' windows, else training users."""
   split = splits.dataset_split(dataset)
   if window == 'all':
-    return len(coverage_windows(split, max_len, horizon)[0])
+    return len(coverage_windows(split, max_len, horizon, stride)[0])
   return len(splits.train_users(split))
 
 
 def train_dataset(dataset: Dataset, *, max_len: int, horizon: int, batch_size: int, seed: int,
-                  window: str = 'all', process_index: int = 0, process_count: int = 1,
-                  workers: int = 0) -> grain.IterDataset:
+                  window: str = 'all', stride: int = 0, process_index: int = 0,
+                  process_count: int = 1, workers: int = 0) -> grain.IterDataset:
   """The endless, shuffled training batches of this process (`batch_size` rows each), windows
   of `max_len + horizon` events (module docstring).
 
@@ -212,9 +222,11 @@ def train_dataset(dataset: Dataset, *, max_len: int, horizon: int, batch_size: i
   split = splits.dataset_split(dataset)
   length = max_len + horizon
   if window == 'all':
-    user_E, start_E = coverage_windows(split, max_len, horizon)
-    examples = np.arange(len(user_E))[process_index::process_count]
-    gather = CoverageWindows(dataset, split, user_E, start_E, length)
+    if not 0 <= stride <= max_len:
+      raise ConfigError(f'stride={stride} must be in [0, max_len={max_len}] (0: max_len)')
+    coverage = coverage_windows(split, max_len, horizon, stride)
+    examples = np.arange(len(coverage[0]))[process_index::process_count]
+    gather = CoverageWindows(dataset, split, coverage, length)
   else:
     examples = splits.train_users(split)[process_index::process_count]
     gather = TrainWindows(dataset, split, length)
