@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import pathlib
 import typing
 from typing import Any
@@ -313,3 +314,61 @@ def load_config(path: str | None) -> Config:
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path} does not define get_config()')
   return module.get_config()
+
+
+# ------------------------------------------------------------------------------------------------
+# Config files and the config a run saves in its workdir.
+
+# The config `train`, `bench` and `experiments` use when given none.
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py')
+
+# Config groups and fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = ('train.steps', 'train.eval_every', 'train.patience', 'train.log_every',
+                     'train.checkpoint_every', 'train.keep_checkpoints', 'train.compile_cache_dir',
+                     'eval.', 'data.workers')
+
+
+def save_config(cfg: Config, workdir: pathlib.Path) -> None:
+  (workdir / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + '\n')
+
+
+def load_saved_config(workdir: pathlib.Path) -> Config:
+  """The config a run in `workdir` was trained with."""
+  file = workdir / 'config.json'
+  if not file.is_file():
+    raise ConfigError(f'{file} does not exist: is {workdir} a training workdir?')
+  data = json.loads(file.read_text())
+  groups = {f.name: f.type for f in dataclasses.fields(Config)}
+  kwargs = {}
+  for name, values in data.items():
+    cls = globals()[groups[name]] if isinstance(groups[name], str) else groups[name]
+    if name == 'mesh':
+      values['rules'] = tuple(tuple(r) for r in values['rules'])
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    kwargs[name] = cls(**values)
+  return Config(**kwargs)
+
+
+def check_resumable(cfg: Config, workdir: pathlib.Path) -> None:
+  """Refuses to resume a run in `workdir` whose saved config differs in what shapes the state
+  or the data stream (the model, the loss, the optimiser, the data, the batch, the seed)."""
+  if not (workdir / 'config.json').is_file():
+    return
+  saved = _flatten(json.loads((workdir / 'config.json').read_text()))
+  new = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg))))
+  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k)
+                   and not k.startswith(RESUMABLE_CHANGES))
+  if changed:
+    diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:6])
+    raise ConfigError(f'{workdir} holds a run with another config ({diffs}); resume it with its '
+                      'own config, or train into another --workdir')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out

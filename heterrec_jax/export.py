@@ -28,23 +28,15 @@ from flax import nnx
 from heterrec_jax import evaluate as evaluate_lib
 from heterrec_jax import sharding
 from heterrec_jax.config import ConfigError
+from heterrec_jax.data import pipeline
 from heterrec_jax.data.dataset import Dataset, DatasetError
+from heterrec_jax.run import restore_run
 
 
 def latest_windows(dataset: Dataset, users: np.ndarray, max_len: int) -> dict[str, np.ndarray]:
   """The latest `max_len` events of each user, right-aligned: the user tower's input."""
   offsets = np.asarray(dataset.offsets)
-  hi = offsets[users + 1]
-  lo = np.maximum(offsets[users], hi - max_len)
-  pos_BxT = hi[:, None] - max_len + np.arange(max_len)[None, :]
-  mask = pos_BxT >= lo[:, None]
-  pos_BxT = np.where(mask, pos_BxT, 0)
-  items = np.where(mask, np.asarray(dataset.items)[pos_BxT], 0).astype(np.int32)
-  ts = np.asarray(dataset.timestamps)[pos_BxT].astype(np.int64)
-  first = np.where(mask, ts, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
-  ts = np.where(mask, ts - first, 0).astype(np.int32)
-  tokens = np.asarray(dataset.item_tokens)[items]
-  return {'items': items, 'tokens': tokens, 'timestamps': ts, 'mask': mask}
+  return pipeline.windows(dataset, offsets[users], offsets[users + 1], max_len)
 
 
 def user_tower(graphdef, state):
@@ -57,11 +49,11 @@ def user_tower(graphdef, state):
 
 def export_run(workdir: pathlib.Path, output: pathlib.Path, which: str = 'best',
                batch_size: int = 256) -> dict:
-  tstate = evaluate_lib.restore_run(workdir, which)
-  cfg, dataset = tstate.cfg, tstate.dataset
-  graphdef = evaluate_lib.eval_graphdef(tstate)
+  run = restore_run(workdir, which)
+  cfg, dataset = run.cfg, run.dataset
+  graphdef = evaluate_lib.eval_graphdef(run)
   # One device, jax arrays: the exported tower closes over them as constants.
-  state = jax.tree.map(jnp.asarray, jax.device_get(evaluate_lib.model_state(tstate.state)))
+  state = jax.tree.map(jnp.asarray, jax.device_get(evaluate_lib.model_state(run.state)))
   items = evaluate_lib.item_vectors(graphdef, state, dataset, cfg.eval.item_batch_size)
   tower = user_tower(graphdef, state)
   n_users, t, s = dataset.schema.n_users, cfg.data.max_len, dataset.schema.n_sub

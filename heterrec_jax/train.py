@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import math
 import pathlib
@@ -26,33 +27,33 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import compile_cache, evaluate as evaluate_lib
-from heterrec_jax import losses, metrics, sharding, state as state_lib
+from heterrec_jax import evaluate as evaluate_lib
+from heterrec_jax import losses, metrics, sharding
+from heterrec_jax import run as run_lib
 from heterrec_jax.checkpoint import Checkpointer
-from heterrec_jax.config import Config, ConfigError, apply_overrides, load_config
+from heterrec_jax.config import (DEFAULT_CONFIG, Config, ConfigError, apply_overrides,
+                                 check_resumable, load_config, save_config)
 from heterrec_jax.data import pipeline
 from heterrec_jax.data.dataset import DatasetError
 from heterrec_jax.writers import MetricWriter
-
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
 
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite; nothing was checkpointed after it."""
 
 
-def batch_shardings(tstate: state_lib.TrainState, batch: dict[str, Any]) -> dict[str, Any]:
-  return {k: sharding.batch_sharding(tstate.mesh, np.ndim(v)) for k, v in batch.items()}
+def batch_shardings(run: run_lib.Run, batch: dict[str, Any]) -> dict[str, Any]:
+  return {k: sharding.batch_sharding(run.mesh, np.ndim(v)) for k, v in batch.items()}
 
 
-def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
+def make_train_step(run: run_lib.Run, example_batch: dict[str, Any],
                     decorate: Callable = lambda f: f) -> Callable:
   """One jitted step `(state, batch) -> (state, aux)` with in/out shardings, state donated.
 
   `decorate` wraps the Python step before jit (tests pass `chex.assert_max_traces`).
   """
-  graphdef, cfg = tstate.graphdef, tstate.cfg
-  compute_loss = losses.make(cfg, tstate.model())
+  graphdef, cfg = run.graphdef, run.cfg
+  compute_loss = losses.make(cfg, run.model())
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
@@ -66,13 +67,27 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
     aux = {**aux, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
     return nnx.state((model, optimizer)), aux
 
-  return jax.jit(decorate(step), in_shardings=(tstate.shardings, batch_shardings(tstate, example_batch)),
-                 out_shardings=(tstate.shardings, None), donate_argnums=0)
+  return jax.jit(decorate(step), in_shardings=(run.shardings, batch_shardings(run, example_batch)),
+                 out_shardings=(run.shardings, None), donate_argnums=0)
 
 
-def train_iterator(cfg: Config, tstate: state_lib.TrainState):
+def compile_step(step: Callable, run: run_lib.Run, example_batch: dict[str, Any],
+                 report: bool = True) -> Callable:
+  """`step` compiled ahead of time for the run's state and `example_batch`; with `report`,
+  its memory use (per device) printed once to stderr, as MaxText does."""
+  compiled = step.lower(run.state, example_batch).compile()
+  memory = compiled.memory_analysis()
+  if report and memory is not None:
+    mib = lambda n: f'{n / 2**20:.1f} MiB'
+    print(f'train step compiled: arguments {mib(memory.argument_size_in_bytes)}, outputs '
+          f'{mib(memory.output_size_in_bytes)}, temporaries {mib(memory.temp_size_in_bytes)} '
+          'per device', file=sys.stderr)
+  return compiled
+
+
+def train_iterator(cfg: Config, run: run_lib.Run):
   dataset = pipeline.train_dataset(
-      tstate.dataset, max_len=cfg.data.max_len, n_step=cfg.loss.n_step,
+      run.dataset, max_len=cfg.data.max_len, n_step=cfg.loss.n_step,
       batch_size=per_process_batch(cfg), seed=cfg.data.seed, window=cfg.data.window,
       process_index=jax.process_index(), process_count=jax.process_count(),
       workers=cfg.data.workers)
@@ -120,21 +135,25 @@ def _finite_or_raise(step: int, aux: dict[str, Any]) -> dict[str, float]:
   return values
 
 
+class Action(enum.Enum):
+  """What the loop does after a step's boundary work (checkpoint, validation, preemption)."""
+  CONTINUE = 'continue'  # take the next step
+  LEAVE = 'leave'  # preempted or told to stop: the checkpoint is saved, return now
+  STOP_EARLY = 'stop_early'  # early stopping fired: finish the run as done
+
+
 class Trainer:
   """The training loop of one run in one workdir."""
 
   def __init__(self, cfg: Config, workdir: pathlib.Path, progress: bool = True):
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
-    compile_cache.enable(cfg.train.compile_cache_dir)
     workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / 'checkpoints').is_dir():
-      state_lib.check_resumable(cfg, workdir)
+      check_resumable(cfg, workdir)
     if jax.process_index() == 0:
-      state_lib.save_config(cfg, workdir)
-    dataset = state_lib.load_dataset(cfg, workdir, progress)
-    mesh = sharding.make_mesh(cfg.mesh)
-    self.tstate = state_lib.build_state(cfg, dataset, mesh)
-    self.data_iter = train_iterator(cfg, self.tstate)
+      save_config(cfg, workdir)
+    self.run = run_lib.start_run(cfg, workdir, progress)
+    self.data_iter = train_iterator(cfg, self.run)
     self.latest = Checkpointer(workdir / 'checkpoints', keep=cfg.train.keep_checkpoints)
     self.best = Checkpointer(workdir / 'best', keep=1)
     self.writer = MetricWriter(workdir)
@@ -145,71 +164,79 @@ class Trainer:
     step = self.latest.latest_step()
     if step is None:
       return
-    self.tstate.state, record = self.latest.restore(step, self.tstate.abstract(), self.data_iter)
+    self.run.state, record = self.latest.restore(step, self.run.abstract(), self.data_iter)
     self.record = Progress(**record)
     if self.progress:
       print(f'resumed from {self.latest.directory}/{step}', file=sys.stderr)
 
   def save(self) -> None:
-    self.latest.save(self.record.step, self.tstate.state, dataclasses.asdict(self.record),
+    self.latest.save(self.record.step, self.run.state, dataclasses.asdict(self.record),
                      self.data_iter)
 
   def validate(self) -> bool:
     """Validates; saves the best state; returns True when early stopping says stop."""
     cfg, rec = self.cfg.train, self.record
-    results = evaluate_lib.evaluate(self.tstate, 'valid')
+    results = evaluate_lib.evaluate(self.run, 'valid')
     self.writer.write(rec.step, 'valid', results)
     if results[cfg.early_stop_metric] > rec.best_metric:
       rec.best_metric, rec.best_step, rec.bad_evals = results[cfg.early_stop_metric], rec.step, 0
-      self.best.save(rec.step, self.tstate.state, dataclasses.asdict(rec))
+      self.best.save(rec.step, self.run.state, dataclasses.asdict(rec))
     else:
       rec.bad_evals += 1
     rec.stopped_early = bool(cfg.patience and rec.bad_evals >= cfg.patience)
     return rec.stopped_early
 
-  def run(self, stop_after: int | None = None) -> str:
+  def _next_batch(self) -> dict[str, jax.Array]:
+    return sharding.global_batch(next(self.data_iter), self.run.mesh)
+
+  def loop(self, stop_after: int | None = None) -> str:
     """Trains to train.steps (or early stop); `stop_after` steps at most in this call, as if
     killed there (for tests). Returns 'done', 'preempted' or 'interrupted'."""
     cfg = self.cfg.train
-    step_fn, pending = None, None
-    preemption = _Preemption()
+    if self.record.step >= cfg.steps or self.record.stopped_early:
+      self.save()
+      return 'done'
+    batch = self._next_batch()  # the first step's batch, also the example the step compiles for
+    step_fn = compile_step(make_train_step(self.run, batch), self.run, batch, self.progress)
+    pending, preemption = None, _Preemption()
     bar = tqdm(total=cfg.steps, initial=self.record.step, disable=not self.progress,
                desc='train', dynamic_ncols=True)
     t0, steps_done = time.perf_counter(), 0
     try:
-      while self.record.step < cfg.steps and not self.record.stopped_early:
-        batch = sharding.global_batch(next(self.data_iter), self.tstate.mesh)
-        step_fn = step_fn or make_train_step(self.tstate, batch)
-        self.tstate.state, aux = step_fn(self.tstate.state, batch)
+      while True:
+        self.run.state, aux = step_fn(self.run.state, batch)
         self.record.step += 1
         steps_done += 1
         if pending is not None:  # step N-1's metrics, read after step N was dispatched
           self._log(*pending, steps_done / (time.perf_counter() - t0), bar)
         pending = (self.record.step, aux)
-        if self._boundary(pending, preemption, stop_after, steps_done):
+        action = self._boundary(aux, preemption, stop_after, steps_done)
+        if action is Action.LEAVE:
           return 'preempted' if preemption.requested else 'interrupted'
-      if pending is not None:
-        self._log(*pending, steps_done / max(time.perf_counter() - t0, 1e-9), bar)
+        if action is Action.STOP_EARLY or self.record.step >= cfg.steps:
+          break
+        batch = self._next_batch()
+      self._log(*pending, steps_done / max(time.perf_counter() - t0, 1e-9), bar)
       self.save()
       return 'done'
     finally:
       preemption.restore()
       bar.close()
 
-  def _boundary(self, pending, preemption, stop_after, steps_done) -> bool:
-    """Checkpoints, validates and handles preemption after a step; True means leave now."""
+  def _boundary(self, aux, preemption, stop_after, steps_done) -> Action:
+    """Checkpoints, validates and handles preemption after a step; says what the loop does."""
     step, cfg = self.record.step, self.cfg.train
-    leave = preemption.requested or (stop_after is not None and steps_done >= stop_after)
-    leave = leave or self.latest.reached_preemption(step)
-    at_eval = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps
-    at_ckpt = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+    leave = (preemption.requested or (stop_after is not None and steps_done >= stop_after)
+             or self.latest.reached_preemption(step))
+    at_eval = bool((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
+    at_ckpt = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
     if leave or at_eval or at_ckpt:
-      _finite_or_raise(step, pending[1])  # never checkpoint a diverged state
+      _finite_or_raise(step, aux)  # never checkpoint a diverged state
     if at_eval and self.validate():
-      return False
+      return Action.STOP_EARLY
     if leave or at_ckpt:
       self.save()
-    return leave
+    return Action.LEAVE if leave else Action.CONTINUE
 
   def _log(self, step: int, aux: dict[str, Any], steps_per_s: float, bar) -> None:
     values = _finite_or_raise(step, aux)
@@ -220,10 +247,10 @@ class Trainer:
 
   def final_results(self) -> dict[str, dict[str, float]]:
     """Validation and test of the best state (the latest when never validated)."""
-    state = self.tstate.state
+    state = self.run.state
     if self.best.latest_step() is not None:
-      state, _ = self.best.restore(self.best.latest_step(), self.tstate.abstract())
-    return {split: evaluate_lib.evaluate(self.tstate, split, state, progress=self.progress)
+      state, _ = self.best.restore(self.best.latest_step(), self.run.abstract())
+    return {split: evaluate_lib.evaluate(self.run, split, state, progress=self.progress)
             for split in ('valid', 'test')}
 
   def close(self) -> None:
@@ -237,11 +264,11 @@ def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
   """Trains (or resumes) the run in `workdir`; returns the results written to results.json."""
   trainer = Trainer(cfg, workdir, progress)
   try:
-    status = trainer.run(stop_after)
+    status = trainer.loop(stop_after)
     if status != 'done':
       return {'status': status, 'step': trainer.record.step}
     results = trainer.final_results()
-    floor = {s: evaluate_lib.popularity(cfg, trainer.tstate.dataset, s) for s in results}
+    floor = {s: evaluate_lib.popularity(cfg, trainer.run.dataset, s) for s in results}
     trainer.writer.write(trainer.record.step, 'test', results['test'])
   finally:
     trainer.close()
@@ -262,7 +289,7 @@ def results_table(cfg: Config, out: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> tuple[Config, pathlib.Path]:
   parser = argparse.ArgumentParser(prog='python -m heterrec_jax.train', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', default=str(DEFAULT_CONFIG),
+  parser.add_argument('--config', default=DEFAULT_CONFIG,
                       help='a Python file exporting get_config() (default: configs/default.py)')
   parser.add_argument('--workdir', default=None,
                       help='where checkpoints, metrics and results go (default: runs/CONFIG_NAME)')

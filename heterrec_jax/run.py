@@ -1,0 +1,119 @@
+"""A run: its config, dataset, mesh, and the model and optimiser state with its shardings, built
+in one place from a config (`start_run`) or from a workdir and its checkpoint (`restore_run`).
+
+Training (`train.py`), evaluation (`evaluate.py`) and export (`export.py`) all start here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from heterrec_jax import baselines, compile_cache, sharding
+from heterrec_jax.checkpoint import Checkpointer
+from heterrec_jax.config import Config, load_saved_config
+from heterrec_jax.data.dataset import Dataset
+from heterrec_jax.model import HeterRec
+
+
+def load_dataset(cfg: Config, workdir: pathlib.Path, progress: bool = True) -> Dataset:
+  """The prepared folder of `data.path`, or the built-in synthetic data prepared into
+  WORKDIR/data on first use (by process 0; the others wait)."""
+  if cfg.data.path:
+    return Dataset.load(cfg.data.path)
+  folder = workdir / 'data'
+  if jax.process_index() == 0 and not (folder / 'schema.json').is_file():
+    from heterrec_jax.data import prepare, synthetic  # pylint: disable=g-import-not-at-top
+    d = cfg.data
+    raw = synthetic.generate(d.synthetic_users, d.synthetic_items, d.synthetic_topics,
+                             d.synthetic_seed)
+    prepare.prepare_dataset(raw, folder, progress=progress)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('synthetic data prepared')
+  return Dataset.load(folder)
+
+
+def build_model(cfg: Config, dataset: Dataset, seed: int) -> nnx.Module:
+  """HeterRec, or the baseline named by `model.name` (`baselines.py`)."""
+  if cfg.model.name != 'heterrec':
+    return baselines.build_baseline(dataset.schema, cfg.model, cfg.loss, nnx.Rngs(seed),
+                                    cfg.data.max_len)
+  embeddings = dict(dataset.embeddings) if cfg.model.variant == 'no_mfk' else None
+  return HeterRec(dataset.schema, cfg.model, cfg.loss, rngs=nnx.Rngs(seed),
+                  embeddings=embeddings)
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and cosine decay, after global-norm clipping."""
+  o = cfg.optim
+  warmup = min(o.warmup_steps, max(cfg.train.steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else o.lr, peak_value=o.lr, warmup_steps=warmup,
+      decay_steps=max(cfg.train.steps, warmup + 1), end_value=o.lr * o.final_lr_fraction)
+  adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  if o.clip_norm:
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
+  return adamw
+
+
+@dataclasses.dataclass
+class Run:
+  """One run: its config and dataset, and `nnx.split((model, optimizer))` laid out over `mesh`."""
+  cfg: Config
+  dataset: Dataset
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  state: Any
+  shardings: Any
+
+  def model(self, state: Any | None = None) -> nnx.Module:
+    """The model of `state` (default: the current one)."""
+    model, _ = nnx.merge(self.graphdef, self.state if state is None else state)
+    return model
+
+  def abstract(self) -> Any:
+    """The state's shapes, dtypes and shardings: the target a checkpoint is restored into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self.state, self.shardings)
+
+
+def build_run(cfg: Config, dataset: Dataset, mesh: jax.sharding.Mesh) -> Run:
+  """Creates model and optimiser state directly sharded (built from shapes first)."""
+  tx = make_optimizer(cfg)
+
+  def build():
+    model = build_model(cfg, dataset, cfg.train.seed)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  graphdef, state, shardings = sharding.create_sharded(build, cfg.mesh.rules, mesh)
+  return Run(cfg, dataset, mesh, graphdef, state, shardings)
+
+
+def start_run(cfg: Config, workdir: pathlib.Path, progress: bool = True) -> Run:
+  """A freshly initialised run of `cfg` (its synthetic data, if any, prepared in `workdir`)."""
+  compile_cache.enable(cfg.train.compile_cache_dir)
+  dataset = load_dataset(cfg, workdir, progress)
+  return build_run(cfg, dataset, sharding.make_mesh(cfg.mesh))
+
+
+def restore_run(workdir: pathlib.Path, checkpoint: str = 'best') -> Run:
+  """The state of a finished or interrupted run, from its `best` (falling back to its latest)
+  or its `latest` checkpoint."""
+  run = start_run(load_saved_config(workdir), workdir, progress=False)
+  folders = ['best', 'checkpoints'] if checkpoint == 'best' else ['checkpoints']
+  for folder in folders:
+    if (workdir / folder).is_dir():
+      ckpt = Checkpointer(workdir / folder)
+      step = ckpt.latest_step()
+      if step is not None:
+        run.state, _ = ckpt.restore(step, run.abstract())
+        ckpt.close()
+        return run
+      ckpt.close()
+  raise FileNotFoundError(f'no checkpoint in {workdir}/{" or ".join(folders)}')
