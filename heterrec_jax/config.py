@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
 import typing
 from typing import Any
@@ -24,9 +25,18 @@ def _check_in(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 
 def _check_positive(field: str, value: float, allow_zero: bool = False) -> None:
+  if not math.isfinite(value):
+    raise ConfigError(f'{field}={value!r} is not allowed; it must be a finite number')
   if value < 0 or (value == 0 and not allow_zero):
     bound = '>= 0' if allow_zero else '> 0'
     raise ConfigError(f'{field}={value!r} is not allowed; it must be {bound}')
+
+
+def _check_fraction(field: str, value: float, closed: bool = False) -> None:
+  """`value` in [0, 1) (AdamW's moments), or in [0, 1] with `closed`."""
+  if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+    raise ConfigError(f'{field}={value!r} is not allowed; it must be in '
+                      f'[0, 1{"]" if closed else ")"}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +62,8 @@ class DataConfig:
     _check_positive('data.max_len', self.max_len)
     _check_in('data.window', self.window, ('last', 'random'))
     _check_positive('data.workers', self.workers, allow_zero=True)
+    _check_positive('data.seed', self.seed, allow_zero=True)
+    _check_positive('data.synthetic_seed', self.synthetic_seed, allow_zero=True)
     for name in ('synthetic_users', 'synthetic_items', 'synthetic_topics'):
       _check_positive(f'data.{name}', getattr(self, name))
 
@@ -155,6 +167,9 @@ class OptimConfig:
     _check_positive('optim.warmup_steps', self.warmup_steps, allow_zero=True)
     _check_positive('optim.weight_decay', self.weight_decay, allow_zero=True)
     _check_positive('optim.clip_norm', self.clip_norm, allow_zero=True)
+    _check_fraction('optim.final_lr_fraction', self.final_lr_fraction, closed=True)
+    _check_fraction('optim.b1', self.b1)
+    _check_fraction('optim.b2', self.b2)
 
 
 # Logical axis -> mesh axis. Parameters and activations name logical axes only.
@@ -214,6 +229,7 @@ class TrainConfig:
     for name in ('eval_every', 'patience', 'checkpoint_every', 'log_every'):
       _check_positive(f'train.{name}', getattr(self, name), allow_zero=True)
     _check_positive('train.keep_checkpoints', self.keep_checkpoints)
+    _check_positive('train.seed', self.seed, allow_zero=True)
     _check_in('train.early_stop_metric', self.early_stop_metric, METRIC_NAMES)
 
 
@@ -309,11 +325,20 @@ def load_config(path: str | None) -> Config:
   if not file.is_file():
     raise ConfigError(f'config file {path} does not exist')
   spec = importlib.util.spec_from_file_location(f'_heterrec_config_{file.stem}', file)
+  if spec is None:
+    raise ConfigError(f'config file {path} is not a Python file (name it *.py)')
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'config file {e.filename}:{e.lineno}: syntax error: {e.msg}') from None
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the user's code, any error
+    raise ConfigError(f'config file {path} failed to load: {type(e).__name__}: {e}') from None
+  if not callable(getattr(module, 'get_config', None)):
     raise ConfigError(f'config file {path} does not define get_config()')
-  return module.get_config()
+  return _call_get_config(module.get_config, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,16 +362,22 @@ def load_saved_config(workdir: pathlib.Path) -> Config:
   file = workdir / 'config.json'
   if not file.is_file():
     raise ConfigError(f'{file} does not exist: is {workdir} a training workdir?')
-  data = json.loads(file.read_text())
-  groups = {f.name: f.type for f in dataclasses.fields(Config)}
-  kwargs = {}
-  for name, values in data.items():
-    cls = globals()[groups[name]] if isinstance(groups[name], str) else groups[name]
-    if name == 'mesh':
-      values['rules'] = tuple(tuple(r) for r in values['rules'])
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    kwargs[name] = cls(**values)
-  return Config(**kwargs)
+  try:
+    data = json.loads(file.read_text())
+    groups = {f.name: f.type for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for name, values in data.items():
+      cls = globals()[groups[name]] if isinstance(groups[name], str) else groups[name]
+      if name == 'mesh':
+        values['rules'] = tuple(tuple(r) for r in values['rules'])
+      values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+      kwargs[name] = cls(**values)
+    return Config(**kwargs)
+  except ConfigError as e:
+    raise ConfigError(f'{file}: {e}') from None
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ConfigError(f'{file} is damaged or from another version ({type(e).__name__}: {e})'
+                      ) from None
 
 
 def check_resumable(cfg: Config, workdir: pathlib.Path) -> None:
@@ -372,3 +403,19 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
     else:
       out[f'{prefix}{key}'] = value
   return out
+
+
+def _call_get_config(get_config: Any, path: str) -> Config:
+  """`get_config()` of a config file, checked to be a `Config`."""
+  try:
+    cfg = get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the user's code, any error
+    raise ConfigError(f'config file {path}: get_config() failed: {type(e).__name__}: {e}'
+                      ) from None
+  if not isinstance(cfg, Config):
+    raise ConfigError(f'config file {path}: get_config() returned a {type(cfg).__name__}, '
+                      'not a heterrec_jax.config.Config')
+  return cfg
+

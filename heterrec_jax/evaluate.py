@@ -24,7 +24,16 @@ from heterrec_jax import metrics, retrieval, sharding
 from heterrec_jax.config import Config, ConfigError
 from heterrec_jax.data import pipeline, splits
 from heterrec_jax.data.dataset import Dataset, DatasetError
+from heterrec_jax.checkpoint import CheckpointError
 from heterrec_jax.run import Run, restore_run
+from heterrec_jax.workdir import WorkdirError
+
+
+NON_FINITE = 'non_finite'  # users whose scores hold NaN or +inf (summed beside the metrics)
+
+
+class NonFiniteScores(ValueError):
+  """The model scored some user's candidates NaN or infinite: an error, never a rank."""
 
 
 def eval_graphdef(run: Run) -> Any:
@@ -70,12 +79,19 @@ def _eval_step(graphdef, exclude_history, mesh, state, items_NxD, batch):
   else:
     rank_B = retrieval.target_ranks(user_BxD, items_NxD, batch['target'],
                                     batch['items'], exclude_history)
-  return metrics.metrics_from_ranks(rank_B, batch['valid'])
+  sums = metrics.metrics_from_ranks(rank_B, batch['valid'])
+  no_rank_B = batch['valid'].astype(bool) & (rank_B == retrieval.NO_RANK)
+  sums[NON_FINITE] = jnp.sum(no_rank_B, dtype=jnp.float32)
+  return sums
 
 
 def evaluate(run: Run, split: str, state: Any | None = None,
              progress: bool = False) -> dict[str, float]:
-  """Recall/nDCG@{10,50,100,200} and MRR of the model in `state` on `split`."""
+  """Recall/nDCG@{10,50,100,200} and MRR of the model in `state` on `split`.
+
+  Ties count against the target (`retrieval.target_ranks`). Raises NonFiniteScores when any
+  user's scores are NaN or +inf: a diverged model has no rank, it never reports perfect metrics.
+  """
   cfg = run.cfg
   state = model_state(run.state if state is None else state)
   graphdef = eval_graphdef(run)
@@ -86,6 +102,12 @@ def evaluate(run: Run, split: str, state: Any | None = None,
     sums = _eval_step(graphdef, cfg.eval.exclude_history, run.mesh, state, items_NxD,
                       sharding.global_batch(batch, run.mesh))
     totals = metrics.add(totals, sums)
+  non_finite = totals.pop(NON_FINITE)
+  if non_finite:
+    raise NonFiniteScores(
+        f'the model scores {non_finite:g} of {totals[metrics.COUNT]:g} {split} users NaN or '
+        'infinite: its state has diverged and has no rank to report; train again with a '
+        'lower optim.lr (or evaluate an earlier checkpoint)')
   return metrics.finalize(totals)
 
 
@@ -126,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
   sharding.maybe_initialize_distributed()
   try:
     run = restore_run(pathlib.Path(args.workdir), args.checkpoint)
-  except (ConfigError, DatasetError, FileNotFoundError) as e:
+    splits = ('valid', 'test') if args.split == 'both' else (args.split,)
+    results = {s: evaluate(run, s, progress=True) for s in splits}
+    floor = {s: popularity(run.cfg, run.dataset, s) for s in splits}
+  except (ConfigError, DatasetError, CheckpointError, NonFiniteScores, WorkdirError,
+          OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  splits = ('valid', 'test') if args.split == 'both' else (args.split,)
-  results = {s: evaluate(run, s, progress=True) for s in splits}
-  floor = {s: popularity(run.cfg, run.dataset, s) for s in splits}
   print(metrics.format_table({**{f'{run.cfg.model.name} ({s})': r for s, r in results.items()},
                               **{f'popularity ({s})': r for s, r in floor.items()}}))
   print(json.dumps(results))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -16,7 +17,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from heterrec_jax import baselines, compile_cache, sharding
-from heterrec_jax.checkpoint import Checkpointer
+from heterrec_jax import workdir as workdir_lib
+from heterrec_jax.checkpoint import CheckpointError, Checkpointer
 from heterrec_jax.config import Config, load_saved_config
 from heterrec_jax.data.dataset import Dataset
 from heterrec_jax.model import HeterRec
@@ -104,16 +106,26 @@ def start_run(cfg: Config, workdir: pathlib.Path, progress: bool = True) -> Run:
 
 def restore_run(workdir: pathlib.Path, checkpoint: str = 'best') -> Run:
   """The state of a finished or interrupted run, from its `best` (falling back to its latest)
-  or its `latest` checkpoint."""
+  or its `latest` checkpoint; the newest step of a folder that restores (`Checkpointer.
+  restore_newest`). Refuses a workdir whose recorded dataset differs from its data's."""
+  workdir_lib.check_is_folder(workdir)
   run = start_run(load_saved_config(workdir), workdir, progress=False)
+  workdir_lib.check_dataset(workdir, run.dataset, 'use')
   folders = ['best', 'checkpoints'] if checkpoint == 'best' else ['checkpoints']
   for folder in folders:
-    if (workdir / folder).is_dir():
-      ckpt = Checkpointer(workdir / folder)
-      step = ckpt.latest_step()
-      if step is not None:
-        run.state, _ = ckpt.restore(step, run.abstract())
-        ckpt.close()
-        return run
+    if not (workdir / folder).is_dir():
+      continue
+    ckpt = Checkpointer(workdir / folder)
+    try:
+      restored = ckpt.restore_newest(run.abstract())
+    except CheckpointError as e:
+      if folder == folders[-1]:
+        raise
+      print(f'warning: {e}; trying {workdir}/{folders[-1]}', file=sys.stderr)
+      continue
+    finally:
       ckpt.close()
+    if restored is not None:
+      run.state = restored[1]
+      return run
   raise FileNotFoundError(f'no checkpoint in {workdir}/{" or ".join(folders)}')

@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -30,7 +31,8 @@ from tqdm import tqdm
 from heterrec_jax import evaluate as evaluate_lib
 from heterrec_jax import losses, metrics, sharding
 from heterrec_jax import run as run_lib
-from heterrec_jax.checkpoint import Checkpointer
+from heterrec_jax import workdir as workdir_lib
+from heterrec_jax.checkpoint import CheckpointError, Checkpointer
 from heterrec_jax.config import (DEFAULT_CONFIG, Config, ConfigError, apply_overrides,
                                  check_resumable, load_config, save_config)
 from heterrec_jax.data import pipeline
@@ -38,8 +40,17 @@ from heterrec_jax.data.dataset import DatasetError
 from heterrec_jax.writers import MetricWriter
 
 
+# Exit codes of `main` (documented in docs/failure_run.md).
+EXIT_OK = 0
+EXIT_ERROR = 2  # a clear one-line error: bad input, a diverged run, no restorable checkpoint
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: preempted (SIGTERM), checkpoint saved; run again to resume
+
+ERRORS = (ConfigError, DatasetError, CheckpointError, evaluate_lib.NonFiniteScores, OSError,
+          workdir_lib.WorkdirError)
+
+
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite; nothing was checkpointed after it."""
+  """The loss or the state became NaN or infinite; nothing was checkpointed after it."""
 
 
 def batch_shardings(run: run_lib.Run, batch: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +94,23 @@ def compile_step(step: Callable, run: run_lib.Run, example_batch: dict[str, Any]
           f'{mib(memory.output_size_in_bytes)}, temporaries {mib(memory.temp_size_in_bytes)} '
           'per device', file=sys.stderr)
   return compiled
+
+
+def make_probe(run: run_lib.Run, example_batch: dict[str, Any]) -> Callable:
+  """`(state, batch) -> (loss, finite)`: the loss of the state a step produced (the step's
+  own loss is that of the state before its update) and whether every float in the state
+  (parameters and optimiser moments) is finite. Called before anything is saved."""
+  graphdef, cfg = run.graphdef, run.cfg
+  compute_loss = losses.make(cfg, run.model())
+
+  def probe(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    rng = jax.random.fold_in(jax.random.key(cfg.train.seed), optimizer.step[...])
+    loss, _ = compute_loss(model.forward(batch), batch, rng)
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return loss, jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+
+  return jax.jit(probe, in_shardings=(run.shardings, batch_shardings(run, example_batch)))
 
 
 def train_iterator(cfg: Config, run: run_lib.Run):
@@ -147,24 +175,40 @@ class Trainer:
 
   def __init__(self, cfg: Config, workdir: pathlib.Path, progress: bool = True):
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
+    workdir_lib.check_is_folder(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if (workdir / 'checkpoints').is_dir():
+    self.lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+    self.latest = self.best = self.writer = None
+    try:
+      self._open()
+    except BaseException:
+      self.close()
+      raise
+
+  def _open(self) -> None:
+    cfg, workdir = self.cfg, self.workdir
+    resuming = (workdir / 'checkpoints').is_dir()
+    if resuming:
       check_resumable(cfg, workdir)
+    self.run = run_lib.start_run(cfg, workdir, self.progress)
     if jax.process_index() == 0:
+      workdir_lib.record_dataset(workdir, self.run.dataset, resuming)
       save_config(cfg, workdir)
-    self.run = run_lib.start_run(cfg, workdir, progress)
     self.data_iter = train_iterator(cfg, self.run)
     self.latest = Checkpointer(workdir / 'checkpoints', keep=cfg.train.keep_checkpoints)
     self.best = Checkpointer(workdir / 'best', keep=1)
-    self.writer = MetricWriter(workdir)
     self.record = Progress()
     self._resume()
+    if jax.process_index() == 0:
+      workdir_lib.trim_metrics(workdir, self.record.step)
+    self.writer = MetricWriter(workdir)
 
   def _resume(self) -> None:
-    step = self.latest.latest_step()
-    if step is None:
+    """Restores the newest checkpoint that can be (an unreadable newer one is moved aside)."""
+    restored = self.latest.restore_newest(self.run.abstract(), self.data_iter)
+    if restored is None:
       return
-    self.run.state, record = self.latest.restore(step, self.run.abstract(), self.data_iter)
+    step, self.run.state, record = restored
     self.record = Progress(**record)
     if self.progress:
       print(f'resumed from {self.latest.directory}/{step}', file=sys.stderr)
@@ -198,6 +242,7 @@ class Trainer:
       return 'done'
     batch = self._next_batch()  # the first step's batch, also the example the step compiles for
     step_fn = compile_step(make_train_step(self.run, batch), self.run, batch, self.progress)
+    self.probe = make_probe(self.run, batch)
     pending, preemption = None, _Preemption()
     bar = tqdm(total=cfg.steps, initial=self.record.step, disable=not self.progress,
                desc='train', dynamic_ncols=True)
@@ -210,8 +255,9 @@ class Trainer:
         if pending is not None:  # step N-1's metrics, read after step N was dispatched
           self._log(*pending, steps_done / (time.perf_counter() - t0), bar)
         pending = (self.record.step, aux)
-        action = self._boundary(aux, preemption, stop_after, steps_done)
+        action = self._boundary(aux, batch, preemption, stop_after, steps_done)
         if action is Action.LEAVE:
+          self._log(*pending, steps_done / (time.perf_counter() - t0), bar)
           return 'preempted' if preemption.requested else 'interrupted'
         if action is Action.STOP_EARLY or self.record.step >= cfg.steps:
           break
@@ -223,20 +269,31 @@ class Trainer:
       preemption.restore()
       bar.close()
 
-  def _boundary(self, aux, preemption, stop_after, steps_done) -> Action:
+  def _boundary(self, aux, batch, preemption, stop_after, steps_done) -> Action:
     """Checkpoints, validates and handles preemption after a step; says what the loop does."""
     step, cfg = self.record.step, self.cfg.train
     leave = (preemption.requested or (stop_after is not None and steps_done >= stop_after)
              or self.latest.reached_preemption(step))
     at_eval = bool((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
     at_ckpt = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-    if leave or at_eval or at_ckpt:
-      _finite_or_raise(step, aux)  # never checkpoint a diverged state
+    if leave or at_eval or at_ckpt:  # never validate or checkpoint a diverged state
+      _finite_or_raise(step, aux)
+      self._check_state(step, batch)
     if at_eval and self.validate():
       return Action.STOP_EARLY
     if leave or at_ckpt:
       self.save()
     return Action.LEAVE if leave else Action.CONTINUE
+
+  def _check_state(self, step: int, batch: dict[str, jax.Array]) -> None:
+    """Raises TrainingDiverged unless the state after `step` is finite and its loss on the
+    step's batch is too."""
+    loss, finite = (float(x) for x in self.probe(self.run.state, batch))
+    if not (finite and math.isfinite(loss)):
+      what = f'its loss is {loss}' if finite else 'a parameter or optimiser moment is not finite'
+      raise TrainingDiverged(
+          f'the state after step {step} has diverged ({what}); stopping before it is checkpointed. '
+          'Try a lower optim.lr, a larger loss.tau or model.compute_dtype=float32.')
 
   def _log(self, step: int, aux: dict[str, Any], steps_per_s: float, bar) -> None:
     values = _finite_or_raise(step, aux)
@@ -248,15 +305,18 @@ class Trainer:
   def final_results(self) -> dict[str, dict[str, float]]:
     """Validation and test of the best state (the latest when never validated)."""
     state = self.run.state
-    if self.best.latest_step() is not None:
-      state, _ = self.best.restore(self.best.latest_step(), self.run.abstract())
+    best = self.best.restore_newest(self.run.abstract())
+    if best is not None:
+      state = best[1]
     return {split: evaluate_lib.evaluate(self.run, split, state, progress=self.progress)
             for split in ('valid', 'test')}
 
   def close(self) -> None:
-    self.writer.close()
-    self.latest.close()
-    self.best.close()
+    for part in (self.writer, self.latest, self.best):
+      if part is not None:
+        part.close()
+    if self.lock is not None:
+      self.lock.release()
 
 
 def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
@@ -305,17 +365,17 @@ def main(argv: list[str] | None = None) -> int:
   try:
     cfg, workdir = parse_args(argv)
     out = train(cfg, workdir)
-  except (ConfigError, DatasetError, TrainingDiverged) as e:
+  except (*ERRORS, TrainingDiverged) as e:
     print(f'error: {e}', file=sys.stderr)
-    return 2
+    return EXIT_ERROR
   if out['status'] != 'done':
     print(f'{out["status"]} at step {out["step"]}; checkpoint saved in {workdir}/checkpoints; '
-          'run the same command again to resume', file=sys.stderr)
-    return 0
+          f'run the same command again to resume (exit {EXIT_PREEMPTED})', file=sys.stderr)
+    return EXIT_PREEMPTED
   if jax.process_index() == 0:
     print(results_table(cfg, out))
     print(f'results: {workdir}/results.json', file=sys.stderr)
-  return 0
+  return EXIT_OK
 
 
 if __name__ == '__main__':
