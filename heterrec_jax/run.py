@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from heterrec_jax import baselines, compile_cache, sharding
 from heterrec_jax import workdir as workdir_lib
 from heterrec_jax.checkpoint import CheckpointError, Checkpointer
-from heterrec_jax.config import Config, load_saved_config
+from heterrec_jax.config import Config, ConfigError, load_saved_config
 from heterrec_jax.data.dataset import Dataset
 from heterrec_jax.model import HeterRec
 
@@ -100,8 +100,20 @@ def build_run(cfg: Config, dataset: Dataset, mesh: jax.sharding.Mesh) -> Run:
 def start_run(cfg: Config, workdir: pathlib.Path, progress: bool = True) -> Run:
   """A freshly initialised run of `cfg` (its synthetic data, if any, prepared in `workdir`)."""
   compile_cache.enable(cfg.train.compile_cache_dir)
+  mesh = sharding.make_mesh(cfg.mesh)
+  check_batch_sizes(cfg, mesh)
   dataset = load_dataset(cfg, workdir, progress)
-  return build_run(cfg, dataset, sharding.make_mesh(cfg.mesh))
+  return build_run(cfg, dataset, mesh)
+
+
+def check_batch_sizes(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+  """Global batches are split over the mesh's "data" axis: their sizes must divide by it."""
+  data = mesh.shape['data']
+  for field, size in (('train.batch_size', cfg.train.batch_size),
+                      ('eval.batch_size', cfg.eval.batch_size)):
+    if size % data:
+      raise ConfigError(f'{field}={size} must divide by the {data} devices of the mesh\'s '
+                        '"data" axis (set mesh.data, or a multiple of it as the batch size)')
 
 
 def restore_run(workdir: pathlib.Path, checkpoint: str = 'best') -> Run:

@@ -176,6 +176,7 @@ class Trainer:
   def __init__(self, cfg: Config, workdir: pathlib.Path, progress: bool = True):
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
     workdir_lib.check_is_folder(workdir)
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     self.lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
     self.latest = self.best = self.writer = None
@@ -183,6 +184,8 @@ class Trainer:
       self._open()
     except BaseException:
       self.close()
+      if created:
+        workdir_lib.remove_if_empty(workdir)  # a run that never started leaves no folder
       raise
 
   def _open(self) -> None:
@@ -243,41 +246,43 @@ class Trainer:
     batch = self._next_batch()  # the first step's batch, also the example the step compiles for
     step_fn = compile_step(make_train_step(self.run, batch), self.run, batch, self.progress)
     self.probe = make_probe(self.run, batch)
-    pending, preemption = None, _Preemption()
-    bar = tqdm(total=cfg.steps, initial=self.record.step, disable=not self.progress,
-               desc='train', dynamic_ncols=True)
-    t0, steps_done = time.perf_counter(), 0
+    preemption = _Preemption()
+    self._bar = tqdm(total=cfg.steps, initial=self.record.step, disable=not self.progress,
+                     desc='train', dynamic_ncols=True)
+    self._t0, self._steps_done, self._pending = time.perf_counter(), 0, None
     try:
       while True:
         self.run.state, aux = step_fn(self.run.state, batch)
         self.record.step += 1
-        steps_done += 1
-        if pending is not None:  # step N-1's metrics, read after step N was dispatched
-          self._log(*pending, steps_done / (time.perf_counter() - t0), bar)
-        pending = (self.record.step, aux)
-        action = self._boundary(aux, batch, preemption, stop_after, steps_done)
+        self._steps_done += 1
+        self._log_pending()  # step N-1's metrics, read after step N was dispatched
+        self._pending = (self.record.step, aux)
+        action = self._boundary(batch, preemption, stop_after)
         if action is Action.LEAVE:
-          self._log(*pending, steps_done / (time.perf_counter() - t0), bar)
           return 'preempted' if preemption.requested else 'interrupted'
         if action is Action.STOP_EARLY or self.record.step >= cfg.steps:
           break
         batch = self._next_batch()
-      self._log(*pending, steps_done / max(time.perf_counter() - t0, 1e-9), bar)
+      self._log_pending()
       self.save()
       return 'done'
     finally:
       preemption.restore()
-      bar.close()
+      self._bar.close()
 
-  def _boundary(self, aux, batch, preemption, stop_after, steps_done) -> Action:
-    """Checkpoints, validates and handles preemption after a step; says what the loop does."""
+  def _boundary(self, batch, preemption, stop_after) -> Action:
+    """Checkpoints, validates and handles preemption after a step; says what the loop does.
+
+    Before anything is validated or saved, the step's metrics line is written (so a checkpoint
+    of step N implies metrics up to N) and the loss and the new state are checked finite.
+    """
     step, cfg = self.record.step, self.cfg.train
-    leave = (preemption.requested or (stop_after is not None and steps_done >= stop_after)
+    leave = (preemption.requested or (stop_after is not None and self._steps_done >= stop_after)
              or self.latest.reached_preemption(step))
     at_eval = bool((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
     at_ckpt = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-    if leave or at_eval or at_ckpt:  # never validate or checkpoint a diverged state
-      _finite_or_raise(step, aux)
+    if leave or at_eval or at_ckpt:
+      self._log_pending()  # raises TrainingDiverged on a non-finite loss
       self._check_state(step, batch)
     if at_eval and self.validate():
       return Action.STOP_EARLY
@@ -295,10 +300,15 @@ class Trainer:
           f'the state after step {step} has diverged ({what}); stopping before it is checkpointed. '
           'Try a lower optim.lr, a larger loss.tau or model.compute_dtype=float32.')
 
-  def _log(self, step: int, aux: dict[str, Any], steps_per_s: float, bar) -> None:
+  def _log_pending(self) -> None:
+    """Writes the metrics of the step awaiting its line (if any); raises on a non-finite loss."""
+    if self._pending is None:
+      return
+    (step, aux), self._pending = self._pending, None
     values = _finite_or_raise(step, aux)
-    bar.update(step - bar.n)
-    bar.set_postfix(loss=f'{values["loss"]:.4f}', refresh=False)
+    steps_per_s = self._steps_done / max(time.perf_counter() - self._t0, 1e-9)
+    self._bar.update(step - self._bar.n)
+    self._bar.set_postfix(loss=f'{values["loss"]:.4f}', refresh=False)
     if step % max(self.cfg.train.log_every, 1) == 0 or step == self.cfg.train.steps:
       self.writer.write(step, 'train', {**values, 'steps_per_s': steps_per_s})
 

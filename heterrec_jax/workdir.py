@@ -51,6 +51,13 @@ class Lock:
       self._fd = None
 
 
+def remove_if_empty(workdir: pathlib.Path) -> None:
+  """Removes `workdir` if it holds nothing but the lock file."""
+  if {p.name for p in workdir.iterdir()} <= {LOCK_FILE}:
+    (workdir / LOCK_FILE).unlink(missing_ok=True)
+    workdir.rmdir()
+
+
 def record_dataset(workdir: pathlib.Path, dataset: Dataset, resuming: bool) -> None:
   """Writes the dataset's fingerprint to WORKDIR/dataset.json; when `resuming`, first checks
   that a recorded one matches."""
