@@ -4,8 +4,10 @@
 
 With no arguments it trains `configs/default.py`'s setting (the built-in synthetic data) into
 `runs/default`. Overrides are dotted config fields, e.g. `model.n1=3 train.steps=200`. A run
-resumes from the latest checkpoint in its workdir. It writes WORKDIR/metrics.jsonl, TensorBoard
-events, checkpoints, WORKDIR/results.json, and prints the results beside the popularity floor.
+resumes from the newest checkpoint of its workdir that restores. It writes WORKDIR/metrics.jsonl,
+TensorBoard events, checkpoints, WORKDIR/results.json, and prints the results beside the
+popularity floor. Exit status: 0 done, 2 a one-line `error:` (bad input, diverged), 75 preempted
+with the checkpoint saved (run the same command again); see docs/failure_run.md.
 """
 
 from __future__ import annotations

@@ -124,6 +124,7 @@ def test_corrupt_latest_checkpoint_falls_back(finished, tmp_path, capsys, how):
   assert evaluate_lib.main(['--workdir', str(workdir), '--checkpoint', 'latest']) == 0
   err = capsys.readouterr().err
   assert f'cannot restore {workdir.resolve()}/checkpoints/6' in err and 'Traceback' not in err
+  assert 'Event loop is closed' not in err
   names = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
   assert names == ['3', '6.corrupt-1'], names
   # Training resumes from step 3 and finishes with the results of the undamaged run.
