@@ -93,6 +93,9 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
   resumed = train_lib.train(cfg, tmp_path / 'resumed', progress=False)
   assert resumed['status'] == 'done' and resumed['step'] == 6
   a, b = _losses(tmp_path / 'straight'), _losses(tmp_path / 'resumed')
+  lines = (tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()
+  keys = [(r['step'], r['split']) for r in map(json.loads, lines)]
+  assert len(keys) == len(set(keys)), 'a replayed step was written twice'
   for step in (4, 5, 6):
     np.testing.assert_allclose(b[step], a[step], rtol=1e-6)
   np.testing.assert_allclose(resumed['test']['mrr'], straight['test']['mrr'], rtol=1e-5)
