@@ -179,14 +179,15 @@ class Trainer:
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
     workdir_lib.check_is_folder(workdir)
     created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    self.lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
-    self.latest = self.best = self.writer = None
+    self.preemption = _Preemption()  # from here on SIGTERM only sets a flag
+    self.lock = self.latest = self.best = self.writer = None
     try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      self.lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
       self._open()
     except BaseException:
       self.close()
-      if created:
+      if created and workdir.is_dir():
         workdir_lib.remove_if_empty(workdir)  # a run that never started leaves no folder
       raise
 
@@ -248,7 +249,6 @@ class Trainer:
     batch = self._next_batch()  # the first step's batch, also the example the step compiles for
     step_fn = compile_step(make_train_step(self.run, batch), self.run, batch, self.progress)
     self.probe = make_probe(self.run, batch)
-    preemption = _Preemption()
     self._bar = tqdm(total=cfg.steps, initial=self.record.step, disable=not self.progress,
                      desc='train', dynamic_ncols=True)
     self._t0, self._steps_done, self._pending = time.perf_counter(), 0, None
@@ -259,9 +259,9 @@ class Trainer:
         self._steps_done += 1
         self._log_pending()  # step N-1's metrics, read after step N was dispatched
         self._pending = (self.record.step, aux)
-        action = self._boundary(batch, preemption, stop_after)
+        action = self._boundary(batch, stop_after)
         if action is Action.LEAVE:
-          return 'preempted' if preemption.requested else 'interrupted'
+          return 'preempted' if self.preemption.requested else 'interrupted'
         if action is Action.STOP_EARLY or self.record.step >= cfg.steps:
           break
         batch = self._next_batch()
@@ -269,17 +269,16 @@ class Trainer:
       self.save()
       return 'done'
     finally:
-      preemption.restore()
       self._bar.close()
 
-  def _boundary(self, batch, preemption, stop_after) -> Action:
+  def _boundary(self, batch, stop_after) -> Action:
     """Checkpoints, validates and handles preemption after a step; says what the loop does.
 
     Before anything is validated or saved, the step's metrics line is written (so a checkpoint
     of step N implies metrics up to N) and the loss and the new state are checked finite.
     """
     step, cfg = self.record.step, self.cfg.train
-    leave = (preemption.requested or (stop_after is not None and self._steps_done >= stop_after)
+    leave = (self.preemption.requested or (stop_after is not None and self._steps_done >= stop_after)
              or self.latest.reached_preemption(step))
     at_eval = bool((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
     at_ckpt = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
@@ -329,6 +328,7 @@ class Trainer:
         part.close()
     if self.lock is not None:
       self.lock.release()
+    self.preemption.restore()
 
 
 def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
@@ -337,6 +337,8 @@ def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
   trainer = Trainer(cfg, workdir, progress)
   try:
     status = trainer.loop(stop_after)
+    if status == 'done' and trainer.preemption.requested:
+      status = 'preempted'  # after the loop's last save: the final evaluation is left to a rerun
     if status != 'done':
       return {'status': status, 'step': trainer.record.step}
     results = trainer.final_results()
