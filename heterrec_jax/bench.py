@@ -39,8 +39,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from heterrec_jax import sharding, state as state_lib, train as train_lib
-from heterrec_jax.config import Config, ConfigError, apply_overrides, load_config
+from heterrec_jax import run as run_lib, sharding, train as train_lib
+from heterrec_jax.config import DEFAULT_CONFIG, Config, ConfigError, apply_overrides, load_config
 from heterrec_jax.data import pipeline
 from heterrec_jax.data.dataset import Dataset, DatasetError
 
@@ -129,8 +129,8 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10,
   """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps."""
   if steps < 1 or warmup < 1:
     raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
-  dataset = state_lib.load_dataset(cfg, workdir, progress=False)
-  tstate = state_lib.build_state(cfg, dataset, sharding.make_mesh(cfg.mesh))
+  dataset = run_lib.load_dataset(cfg, workdir, progress=False)
+  tstate = run_lib.build_run(cfg, dataset, sharding.make_mesh(cfg.mesh))
   data_iter = train_lib.train_iterator(cfg, tstate)
   batches = [sharding.global_batch(next(data_iter), tstate.mesh) for _ in range(2)]
   step = train_lib.make_train_step(tstate, batches[0])
@@ -174,7 +174,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser('train', help='train-step time, throughput, FLOPs and memory of a config')
-  p.add_argument('--config', default=str(train_lib.DEFAULT_CONFIG), help='a config file')
+  p.add_argument('--config', default=DEFAULT_CONFIG, help='a config file')
   p.add_argument('--steps', type=int, default=10, help='steps timed')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after the compilation')
   p.add_argument('overrides', nargs='*', help='dotted overrides such as train.batch_size=8')

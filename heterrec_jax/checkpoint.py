@@ -8,11 +8,16 @@ restores go straight into a sharded abstract target.
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a folder that holds some can be restored."""
 
 
 class Checkpointer:
@@ -55,6 +60,44 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored['state'], restored['record']
 
+  def restore_newest(self, target: Any, data_iter: Any | None = None,
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """`(step, state, record)` of the newest step that restores; None when there is none.
+
+    A step that cannot be restored (a truncated, deleted or garbled file) is reported on stderr
+    with its path and the reason; once an older step has restored, the newer broken ones are
+    moved aside as `STEP.corrupt-N` (kept for inspection, ignored from then on). When no step
+    restores, nothing is moved and CheckpointError names the newest one and why.
+    """
+    broken: list[tuple[int, str]] = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, record = self.restore(step, target, data_iter)
+      except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore raise anything
+        broken.append((step, _reason(e)))
+        print(f'warning: cannot restore {self.directory / str(step)}: {broken[-1][1]}',
+              file=sys.stderr)
+        continue
+      for bad, _ in broken:
+        moved = self._move_aside(bad)
+        print(f'warning: moved {self.directory / str(bad)} aside to {moved}; restored step '
+              f'{step} instead', file=sys.stderr)
+      return step, state, record
+    if broken:
+      step, reason = broken[0]
+      raise CheckpointError(f'no checkpoint in {self.directory} can be restored (the newest, '
+                            f'{self.directory / str(step)}: {reason})')
+    return None
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    n = 1
+    while (self.directory / f'{step}.corrupt-{n}').exists():
+      n += 1
+    target = self.directory / f'{step}.corrupt-{n}'
+    (self.directory / str(step)).rename(target)
+    self._manager.reload()
+    return target
+
   def read_record(self, step: int) -> dict[str, Any]:
     return self._manager.restore(
         step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
@@ -67,3 +110,11 @@ def _abstract(x: Any) -> Any:
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of the error's root cause, at most 200 characters."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = (str(error).strip().splitlines() or [''])[0]
+  return f'{type(error).__name__}: {text[:200]}'

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import math
 import pathlib
 import typing
 from typing import Any
@@ -23,9 +25,18 @@ def _check_in(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
 
 
 def _check_positive(field: str, value: float, allow_zero: bool = False) -> None:
+  if not math.isfinite(value):
+    raise ConfigError(f'{field}={value!r} is not allowed; it must be a finite number')
   if value < 0 or (value == 0 and not allow_zero):
     bound = '>= 0' if allow_zero else '> 0'
     raise ConfigError(f'{field}={value!r} is not allowed; it must be {bound}')
+
+
+def _check_fraction(field: str, value: float, closed: bool = False) -> None:
+  """`value` in [0, 1) (AdamW's moments), or in [0, 1] with `closed`."""
+  if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+    raise ConfigError(f'{field}={value!r} is not allowed; it must be in '
+                      f'[0, 1{"]" if closed else ")"}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,8 @@ class DataConfig:
                         '(0: data.max_len)')
     _check_in('data.window', self.window, ('all', 'last', 'random'))
     _check_positive('data.workers', self.workers, allow_zero=True)
+    _check_positive('data.seed', self.seed, allow_zero=True)
+    _check_positive('data.synthetic_seed', self.synthetic_seed, allow_zero=True)
     for name in ('synthetic_users', 'synthetic_items', 'synthetic_topics'):
       _check_positive(f'data.{name}', getattr(self, name))
 
@@ -195,6 +208,9 @@ class OptimConfig:
     _check_positive('optim.warmup_steps', self.warmup_steps, allow_zero=True)
     _check_positive('optim.weight_decay', self.weight_decay, allow_zero=True)
     _check_positive('optim.clip_norm', self.clip_norm, allow_zero=True)
+    _check_fraction('optim.final_lr_fraction', self.final_lr_fraction, closed=True)
+    _check_fraction('optim.b1', self.b1)
+    _check_fraction('optim.b2', self.b2)
 
 
 # Logical axis -> mesh axis. Parameters and activations name logical axes only.
@@ -254,6 +270,7 @@ class TrainConfig:
     for name in ('eval_every', 'patience', 'checkpoint_every', 'log_every'):
       _check_positive(f'train.{name}', getattr(self, name), allow_zero=True)
     _check_positive('train.keep_checkpoints', self.keep_checkpoints)
+    _check_positive('train.seed', self.seed, allow_zero=True)
     _check_in('train.early_stop_metric', self.early_stop_metric, METRIC_NAMES)
 
 
@@ -360,8 +377,97 @@ def load_config(path: str | None) -> Config:
   if not file.is_file():
     raise ConfigError(f'config file {path} does not exist')
   spec = importlib.util.spec_from_file_location(f'_heterrec_config_{file.stem}', file)
+  if spec is None:
+    raise ConfigError(f'config file {path} is not a Python file (name it *.py)')
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'config file {e.filename}:{e.lineno}: syntax error: {e.msg}') from None
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the user's code, any error
+    raise ConfigError(f'config file {path} failed to load: {type(e).__name__}: {e}') from None
+  if not callable(getattr(module, 'get_config', None)):
     raise ConfigError(f'config file {path} does not define get_config()')
-  return module.get_config()
+  return _call_get_config(module.get_config, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config files and the config a run saves in its workdir.
+
+# The config `train`, `bench` and `experiments` use when given none.
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py')
+
+# Config groups and fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = ('train.steps', 'train.eval_every', 'train.patience', 'train.log_every',
+                     'train.checkpoint_every', 'train.keep_checkpoints', 'train.compile_cache_dir',
+                     'eval.', 'data.workers')
+
+
+def save_config(cfg: Config, workdir: pathlib.Path) -> None:
+  (workdir / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + '\n')
+
+
+def load_saved_config(workdir: pathlib.Path) -> Config:
+  """The config a run in `workdir` was trained with."""
+  file = workdir / 'config.json'
+  if not file.is_file():
+    raise ConfigError(f'{file} does not exist: is {workdir} a training workdir?')
+  try:
+    data = json.loads(file.read_text())
+    groups = {f.name: f.type for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for name, values in data.items():
+      cls = globals()[groups[name]] if isinstance(groups[name], str) else groups[name]
+      if name == 'mesh':
+        values['rules'] = tuple(tuple(r) for r in values['rules'])
+      values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+      kwargs[name] = cls(**values)
+    return Config(**kwargs)
+  except ConfigError as e:
+    raise ConfigError(f'{file}: {e}') from None
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    raise ConfigError(f'{file} is damaged or from another version ({type(e).__name__}: {e})'
+                      ) from None
+
+
+def check_resumable(cfg: Config, workdir: pathlib.Path) -> None:
+  """Refuses to resume a run in `workdir` whose saved config differs in what shapes the state
+  or the data stream (the model, the loss, the optimiser, the data, the batch, the seed)."""
+  if not (workdir / 'config.json').is_file():
+    return
+  saved = _flatten(json.loads((workdir / 'config.json').read_text()))
+  new = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg))))
+  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k)
+                   and not k.startswith(RESUMABLE_CHANGES))
+  if changed:
+    diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:6])
+    raise ConfigError(f'{workdir} holds a run with another config ({diffs}); resume it with its '
+                      'own config, or train into another --workdir')
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _call_get_config(get_config: Any, path: str) -> Config:
+  """`get_config()` of a config file, checked to be a `Config`."""
+  try:
+    cfg = get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the user's code, any error
+    raise ConfigError(f'config file {path}: get_config() failed: {type(e).__name__}: {e}'
+                      ) from None
+  if not isinstance(cfg, Config):
+    raise ConfigError(f'config file {path}: get_config() returned a {type(cfg).__name__}, '
+                      'not a heterrec_jax.config.Config')
+  return cfg
+

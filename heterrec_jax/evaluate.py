@@ -20,18 +20,25 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import compile_cache, metrics, retrieval, sharding
-from heterrec_jax import state as state_lib
-from heterrec_jax.checkpoint import Checkpointer
+from heterrec_jax import metrics, retrieval, sharding
 from heterrec_jax.config import Config, ConfigError
 from heterrec_jax.data import pipeline, splits
 from heterrec_jax.data.dataset import Dataset, DatasetError
-from heterrec_jax.state import TrainState
+from heterrec_jax.checkpoint import CheckpointError
+from heterrec_jax.run import Run, restore_run
+from heterrec_jax.workdir import WorkdirError
 
 
-def eval_graphdef(tstate: TrainState) -> Any:
+NON_FINITE = 'non_finite'  # users whose scores hold NaN or +inf (summed beside the metrics)
+
+
+class NonFiniteScores(ValueError):
+  """The model scored some user's candidates NaN or infinite: an error, never a rank."""
+
+
+def eval_graphdef(run: Run) -> Any:
   """The graph of the model alone, in evaluation mode (no dropout)."""
-  model = tstate.model()
+  model = run.model()
   model.eval()
   return nnx.split(model)[0]
 
@@ -72,23 +79,35 @@ def _eval_step(graphdef, exclude_history, mesh, state, items_NxD, batch):
   else:
     rank_B = retrieval.target_ranks(user_BxD, items_NxD, batch['target'],
                                     batch['items'], exclude_history)
-  return metrics.metrics_from_ranks(rank_B, batch['valid'])
+  sums = metrics.metrics_from_ranks(rank_B, batch['valid'])
+  no_rank_B = batch['valid'].astype(bool) & (rank_B == retrieval.NO_RANK)
+  sums[NON_FINITE] = jnp.sum(no_rank_B, dtype=jnp.float32)
+  return sums
 
 
-def evaluate(tstate: TrainState, split: str, state: Any | None = None,
+def evaluate(run: Run, split: str, state: Any | None = None,
              progress: bool = False) -> dict[str, float]:
-  """Recall/nDCG@{10,50,100,200} and MRR of the model in `state` on `split`."""
-  cfg = tstate.cfg
-  state = model_state(tstate.state if state is None else state)
-  graphdef = eval_graphdef(tstate)
-  items_NxD = item_vectors(graphdef, state, tstate.dataset, cfg.eval.item_batch_size)
-  batches = _eval_batches(cfg, tstate.dataset, split)
+  """Recall/nDCG@{10,50,100,200} and MRR of the model in `state` on `split`.
+
+  Ties count against the target (`retrieval.target_ranks`). Raises NonFiniteScores when any
+  user's scores are NaN or +inf: a diverged model has no rank, it never reports perfect metrics.
+  """
+  cfg = run.cfg
+  state = model_state(run.state if state is None else state)
+  graphdef = eval_graphdef(run)
+  items_NxD = item_vectors(graphdef, state, run.dataset, cfg.eval.item_batch_size)
+  batches = _eval_batches(cfg, run.dataset, split)
   totals: dict[str, float] = {}
   for batch in tqdm(batches, desc=f'eval {split}', disable=not progress, leave=False):
-    sums = _eval_step(graphdef, cfg.eval.exclude_history, tstate.mesh, state, items_NxD,
-                      sharding.global_batch(batch, tstate.mesh))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
+    sums = _eval_step(graphdef, cfg.eval.exclude_history, run.mesh, state, items_NxD,
+                      sharding.global_batch(batch, run.mesh))
+    totals = metrics.add(totals, sums)
+  non_finite = totals.pop(NON_FINITE)
+  if non_finite:
+    raise NonFiniteScores(
+        f'the model scores {non_finite:g} of {totals[metrics.COUNT]:g} {split} users NaN or '
+        'infinite: its state has diverged and has no rank to report; train again with a '
+        'lower optim.lr (or evaluate an earlier checkpoint)')
   return metrics.finalize(totals)
 
 
@@ -111,36 +130,11 @@ def popularity(cfg: Config, dataset: Dataset, split: str) -> dict[str, float]:
   for batch in _eval_batches(cfg, dataset, split):
     rank = _popularity_ranks(scores, jnp.asarray(batch['target']), jnp.asarray(batch['items']),
                              cfg.eval.exclude_history)
-    for k, v in metrics.metrics_from_ranks(rank, jnp.asarray(batch['valid'])).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
+    totals = metrics.add(totals, metrics.metrics_from_ranks(rank, jnp.asarray(batch['valid'])))
   return metrics.finalize(totals)
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _popularity_ranks(scores_N, target_B, history_BxT, exclude_history):
-  user_Bx1 = jnp.ones((target_B.shape[0], 1), jnp.float32)
-  return retrieval.target_ranks(user_Bx1, scores_N[:, None], target_B, history_BxT,
-                                exclude_history)
-
-
-def restore_run(workdir: pathlib.Path, which: str = 'best') -> TrainState:
-  """The state of a finished or interrupted run, from its `best` (falling back to its latest)
-  or its `latest` checkpoint."""
-  cfg = state_lib.load_saved_config(workdir)
-  compile_cache.enable(cfg.train.compile_cache_dir)
-  dataset = state_lib.load_dataset(cfg, workdir, progress=False)
-  tstate = state_lib.build_state(cfg, dataset, sharding.make_mesh(cfg.mesh))
-  folders = ['best', 'checkpoints'] if which == 'best' else ['checkpoints']
-  for folder in folders:
-    if (workdir / folder).is_dir():
-      ckpt = Checkpointer(workdir / folder)
-      step = ckpt.latest_step()
-      if step is not None:
-        tstate.state, _ = ckpt.restore(step, tstate.abstract())
-        ckpt.close()
-        return tstate
-      ckpt.close()
-  raise FileNotFoundError(f'no checkpoint in {workdir}/{" or ".join(folders)}')
+_popularity_ranks = jax.jit(retrieval.popularity_ranks, static_argnums=(3,))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,14 +147,15 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   sharding.maybe_initialize_distributed()
   try:
-    tstate = restore_run(pathlib.Path(args.workdir), args.checkpoint)
-  except (ConfigError, DatasetError, FileNotFoundError) as e:
+    run = restore_run(pathlib.Path(args.workdir), args.checkpoint)
+    splits = ('valid', 'test') if args.split == 'both' else (args.split,)
+    results = {s: evaluate(run, s, progress=True) for s in splits}
+    floor = {s: popularity(run.cfg, run.dataset, s) for s in splits}
+  except (ConfigError, DatasetError, CheckpointError, NonFiniteScores, WorkdirError,
+          OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  splits = ('valid', 'test') if args.split == 'both' else (args.split,)
-  results = {s: evaluate(tstate, s, progress=True) for s in splits}
-  floor = {s: popularity(tstate.cfg, tstate.dataset, s) for s in splits}
-  print(metrics.format_table({**{f'{tstate.cfg.model.name} ({s})': r for s, r in results.items()},
+  print(metrics.format_table({**{f'{run.cfg.model.name} ({s})': r for s, r in results.items()},
                               **{f'popularity ({s})': r for s, r in floor.items()}}))
   print(json.dumps(results))
   return 0

@@ -11,14 +11,22 @@ DIR2 receives
                        f(items[B,T] int32, tokens[B,T,S] int32, timestamps[B,T] int32, mask[B,T] bool)
                        -> [B, d_k]; load with `jax.export.deserialize(bytes).call(...)`
   manifest.json        shapes, dtypes and where the run came from
+
+DIR2 must be a new or empty folder, or an earlier export (it holds manifest.json), which is
+replaced; a file, the workdir itself, a folder holding the workdir, or any other non-empty
+folder is refused before anything is computed. The export is written into a temporary sibling
+and renamed into place, so a failure leaves DIR2 as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -27,24 +35,36 @@ from flax import nnx
 
 from heterrec_jax import evaluate as evaluate_lib
 from heterrec_jax import sharding
+from heterrec_jax.checkpoint import CheckpointError
 from heterrec_jax.config import ConfigError
+from heterrec_jax.data import pipeline
 from heterrec_jax.data.dataset import Dataset, DatasetError
+from heterrec_jax.run import restore_run
+from heterrec_jax.workdir import WorkdirError
+
+
+class OutputError(ValueError):
+  """An --output that export must not write into."""
+
+
+def check_output(output: pathlib.Path, workdir: pathlib.Path) -> None:
+  """Refuses an --output that is a file, is the workdir or holds it, or is a non-empty folder
+  other than an earlier export."""
+  out, run = output.resolve(), workdir.resolve()
+  if out.exists() and not out.is_dir():
+    raise OutputError(f'--output {output} is a file; give a new folder or an earlier export')
+  if out == run or out in run.parents:
+    raise OutputError(f'--output {output} is (or holds) the workdir {workdir}; '
+                      'give a folder of its own')
+  if out.is_dir() and any(out.iterdir()) and not (out / 'manifest.json').is_file():
+    raise OutputError(f'--output {output} is a non-empty folder that is not an export '
+                      '(no manifest.json); give a new or empty folder')
 
 
 def latest_windows(dataset: Dataset, users: np.ndarray, max_len: int) -> dict[str, np.ndarray]:
   """The latest `max_len` events of each user, right-aligned: the user tower's input."""
   offsets = np.asarray(dataset.offsets)
-  hi = offsets[users + 1]
-  lo = np.maximum(offsets[users], hi - max_len)
-  pos_BxT = hi[:, None] - max_len + np.arange(max_len)[None, :]
-  mask = pos_BxT >= lo[:, None]
-  pos_BxT = np.where(mask, pos_BxT, 0)
-  items = np.where(mask, np.asarray(dataset.items)[pos_BxT], 0).astype(np.int32)
-  ts = np.asarray(dataset.timestamps)[pos_BxT].astype(np.int64)
-  first = np.where(mask, ts, np.iinfo(np.int64).max).min(axis=1, keepdims=True)
-  ts = np.where(mask, ts - first, 0).astype(np.int32)
-  tokens = np.asarray(dataset.item_tokens)[items]
-  return {'items': items, 'tokens': tokens, 'timestamps': ts, 'mask': mask}
+  return pipeline.windows(dataset, offsets[users], offsets[users + 1], max_len)
 
 
 def user_tower(graphdef, state):
@@ -57,11 +77,13 @@ def user_tower(graphdef, state):
 
 def export_run(workdir: pathlib.Path, output: pathlib.Path, which: str = 'best',
                batch_size: int = 256) -> dict:
-  tstate = evaluate_lib.restore_run(workdir, which)
-  cfg, dataset = tstate.cfg, tstate.dataset
-  graphdef = evaluate_lib.eval_graphdef(tstate)
+  """Writes the export of the run in `workdir` to `output` (see the module docstring)."""
+  check_output(output, workdir)
+  run = restore_run(workdir, which)
+  cfg, dataset = run.cfg, run.dataset
+  graphdef = evaluate_lib.eval_graphdef(run)
   # One device, jax arrays: the exported tower closes over them as constants.
-  state = jax.tree.map(jnp.asarray, jax.device_get(evaluate_lib.model_state(tstate.state)))
+  state = jax.tree.map(jnp.asarray, jax.device_get(evaluate_lib.model_state(run.state)))
   items = evaluate_lib.item_vectors(graphdef, state, dataset, cfg.eval.item_batch_size)
   tower = user_tower(graphdef, state)
   n_users, t, s = dataset.schema.n_users, cfg.data.max_len, dataset.schema.n_sub
@@ -72,17 +94,52 @@ def export_run(workdir: pathlib.Path, output: pathlib.Path, which: str = 'best',
   spec = (jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t, s), jnp.int32),
           jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.bool_))
   exported = jax.export.export(tower)(*spec)
-  output.mkdir(parents=True, exist_ok=True)
-  np.save(output / 'item_embeddings.npy', np.asarray(items)[1:])
-  np.save(output / 'user_embeddings.npy', np.concatenate(users))
+  users = np.concatenate(users)
+  if not (np.isfinite(users).all() and np.isfinite(np.asarray(items)[1:]).all()):
+    raise evaluate_lib.NonFiniteScores(f'the {which} state of {workdir} gives NaN or infinite '
+                                       'vectors: its training diverged; nothing was written')
   keys = (dataset.path / 'item_keys.txt').read_text().splitlines()[1:]
-  (output / 'item_keys.txt').write_text(''.join(f'{k}\n' for k in keys))
-  (output / 'user_keys.txt').write_text((dataset.path / 'user_keys.txt').read_text())
-  (output / 'user_tower.jaxexport').write_bytes(exported.serialize())
   manifest = {'workdir': str(workdir), 'checkpoint': which, 'n_items': len(keys),
-              'n_users': n_users, 'd_k': int(items.shape[1]), 'max_len': t, 'n_sub': s}
-  (output / 'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
+              'n_users': n_users, 'd_k': int(items.shape[1]), 'max_len': t, 'n_sub': s,
+              'dataset_fingerprint': dataset.fingerprint()}
+  files = {'item_embeddings.npy': np.asarray(items)[1:], 'user_embeddings.npy': users,
+           'item_keys.txt': ''.join(f'{k}\n' for k in keys),
+           'user_keys.txt': (dataset.path / 'user_keys.txt').read_text(),
+           'user_tower.jaxexport': exported.serialize(),
+           'manifest.json': json.dumps(manifest, indent=1) + '\n'}
+  _write_atomically(output, files)
   return manifest
+
+
+def _write_atomically(output: pathlib.Path, files: dict) -> None:
+  """Writes `files` (name -> array, text or bytes) into a temporary sibling of `output`, then
+  renames it over `output` (an earlier export there is replaced)."""
+  output = output.resolve()
+  output.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{output.name}.tmp-', dir=output.parent))
+  try:
+    for name, data in files.items():
+      if isinstance(data, np.ndarray):
+        np.save(tmp / name, data, allow_pickle=False)
+      elif isinstance(data, str):
+        (tmp / name).write_text(data)
+      else:
+        (tmp / name).write_bytes(data)
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = output.with_name(f'.{output.name}.old-{os.getpid()}')
+    if output.exists():
+      os.rename(output, old)
+    os.rename(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
   sharding.maybe_initialize_distributed()
   try:
     manifest = export_run(pathlib.Path(args.workdir), pathlib.Path(args.output), args.checkpoint)
-  except (ConfigError, DatasetError, FileNotFoundError) as e:
+  except (ConfigError, DatasetError, CheckpointError, OutputError, WorkdirError, OSError,
+          evaluate_lib.NonFiniteScores) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(json.dumps(manifest))

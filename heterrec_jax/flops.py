@@ -10,7 +10,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from heterrec_jax import state as state_lib
+from heterrec_jax import run as run_lib
 from heterrec_jax.config import Config
 from heterrec_jax.data.dataset import Dataset
 
@@ -53,7 +53,7 @@ def model_size(cfg: Config, run_dir: pathlib.Path) -> dict[str, Any]:
   synthetic data), or {'error': why} when the dataset or the model cannot be built."""
   try:
     dataset = Dataset.load(cfg.data.path or run_dir / 'data')
-    params = count_params(lambda: state_lib.build_model(cfg, dataset, 0))
+    params = count_params(lambda: run_lib.build_model(cfg, dataset, 0))
     return {'params': params, 'n_kinds': dataset.schema.n_kinds}
   except Exception as e:  # pylint: disable=broad-except  # the size is optional information
     return {'error': f'{type(e).__name__}: {e}'}

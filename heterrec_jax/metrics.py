@@ -23,11 +23,6 @@ from heterrec_jax.config import CUTOFFS
 COUNT = 'count'
 
 
-def metric_names(cutoffs: tuple[int, ...] = CUTOFFS) -> tuple[str, ...]:
-  """The metric keys in report order; equals `config.METRIC_NAMES` for the default cutoffs."""
-  return tuple(f'{m}@{k}' for k in cutoffs for m in ('recall', 'ndcg')) + ('mrr',)
-
-
 def metrics_from_ranks(rank_B: jax.Array, valid_B: jax.Array,
                        cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, jax.Array]:
   """Sums of every metric over the rows where `valid_B` is true, plus 'count' (their number).

@@ -6,9 +6,13 @@ Candidate rules, shared by every function here:
   * with `exclude_history`, the non-zero items of the user's input sequence are removed
     (score -inf) EXCEPT the target itself, which stays a candidate (HSTU-style exclusion: a
     repeated purchase can still be hit). Off by default (RecBole-style; repeats are real).
-  * rank of the target = the number of candidates whose score is STRICTLY greater than the
-    target's score: ties are resolved in the target's favour (an optimistic rank; with
-    continuous learned scores ties have probability ~0, but the popularity baseline has many).
+  * rank of the target = the number of OTHER candidates whose score is GREATER THAN OR EQUAL TO
+    the target's: ties are broken against the target (a pessimistic rank, so a model that
+    scores every item alike ranks its target last, not first; with continuous learned scores
+    ties have probability ~0, but the popularity baseline has many).
+  * a row whose target score, or any candidate's score, is NaN or +inf has no rank: it comes out
+    as NO_RANK (-1), and the caller must treat it as an error, never as a rank (`evaluate`
+    raises). -inf marks a non-candidate and is never an error among the other candidates.
   * top-k slots beyond the number of candidates hold score -inf and id 0.
 
 `sharded_top_k` / `sharded_target_ranks` split the item vectors over one mesh axis (and the
@@ -24,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
+
+NO_RANK = -1  # the rank of a row whose scores are not finite: an error, never a rank
 
 
 def _history_mask(history_BxT: jax.Array, target_B: jax.Array, offset: jax.Array | int,
@@ -69,8 +75,20 @@ def _target_score(scores_Bxn: jax.Array, target_B: jax.Array,
   return jnp.where(inside_B, score_B, -jnp.inf)
 
 
-def _count_above(scores_Bxn: jax.Array, score_B: jax.Array) -> jax.Array:
-  return jnp.sum(scores_Bxn > score_B[:, None], axis=1, dtype=jnp.int32)
+def _count_ahead(scores_Bxn: jax.Array, score_B: jax.Array) -> jax.Array:
+  """Candidates scored >= the target's score (the target itself among them, where local)."""
+  return jnp.sum(scores_Bxn >= score_B[:, None], axis=1, dtype=jnp.int32)
+
+
+def _count_non_finite(scores_Bxn: jax.Array) -> jax.Array:
+  """Candidates scored NaN or +inf (-inf marks a non-candidate)."""
+  return jnp.sum(jnp.isnan(scores_Bxn) | (scores_Bxn == jnp.inf), axis=1, dtype=jnp.int32)
+
+
+def _rank(ahead_B: jax.Array, score_B: jax.Array, non_finite_B: jax.Array) -> jax.Array:
+  """The target's rank from the candidates ahead of it (itself included), or NO_RANK."""
+  ok_B = jnp.isfinite(score_B) & (non_finite_B == 0)
+  return jnp.where(ok_B, ahead_B - 1, NO_RANK).astype(jnp.int32)
 
 
 def target_ranks(user_BxD: jax.Array, items_NxD: jax.Array, target_B: jax.Array,
@@ -85,12 +103,14 @@ def target_ranks(user_BxD: jax.Array, items_NxD: jax.Array, target_B: jax.Array,
     history_BxT: the input item ids (0 = padding); used only with `exclude_history`.
     exclude_history: remove the history items other than the target from the candidates.
   Returns:
-    rank_B: the number of candidates scored strictly above the target (ties favour the target).
+    rank_B: the number of other candidates scored >= the target (ties count against the
+      target), or NO_RANK (-1) where a score is NaN or +inf.
   """
   target_B = jnp.asarray(target_B)
   scores_BxN = _scores(user_BxD, items_NxD, 0, items_NxD.shape[0], target_B, history_BxT,
                        exclude_history)
-  return _count_above(scores_BxN, _target_score(scores_BxN, target_B, 0))
+  score_B = _target_score(scores_BxN, target_B, 0)
+  return _rank(_count_ahead(scores_BxN, score_B), score_B, _count_non_finite(scores_BxN))
 
 
 def _top_k_of(scores_Bxn: jax.Array, ids_Bxn: jax.Array | None, k: int):
@@ -180,7 +200,8 @@ def _sharded_ranks(mesh, item_axis, user_axis, exclude_history, n_items, user_Bx
                                 target_b, history_bxT)
     # Only the shard holding the target has its score; every other shard contributes -inf.
     score_b = jax.lax.pmax(_target_score(scores_bxn, target_b, offset), item_axis)
-    return jax.lax.psum(_count_above(scores_bxn, score_b), item_axis)
+    ahead_b = jax.lax.psum(_count_ahead(scores_bxn, score_b), item_axis)
+    return _rank(ahead_b, score_b, jax.lax.psum(_count_non_finite(scores_bxn), item_axis))
 
   users = P(user_axis, None)
   return jax.shard_map(shard, mesh=mesh, in_specs=(users, P(item_axis, None), P(user_axis), users),
@@ -210,7 +231,7 @@ def sharded_target_ranks(mesh: Mesh, user_BxD: jax.Array, items_NxD: jax.Array,
                          exclude_history: bool = False, *, item_axis: str = 'model',
                          user_axis: str | None = 'data') -> jax.Array:
   """`target_ranks` with the item vectors sharded over `item_axis`, users over `user_axis`:
-  per-shard counts of the candidates above the target, summed over the shards."""
+  per-shard counts of the candidates ahead of the target, summed over the shards."""
   args = _sharded_inputs(mesh, item_axis, user_axis, user_BxD, items_NxD, target_B, history_BxT)
   rank_B = _sharded_ranks(mesh, item_axis, user_axis, exclude_history, items_NxD.shape[0], *args)
   return rank_B[:user_BxD.shape[0]]
@@ -240,7 +261,7 @@ def popularity_ranks(scores_N: jax.Array, target_B: jax.Array,
                      history_BxT: jax.Array | None = None,
                      exclude_history: bool = False) -> jax.Array:
   """Ranks of the targets when every user's scores are `scores_N` (same rules as
-  `target_ranks`; items as tied as their counts are share the target's favour)."""
+  `target_ranks`: items with as many training events as the target rank ahead of it)."""
   target_B = jnp.asarray(target_B)
   user_Bx1 = jnp.ones((target_B.shape[0], 1), jnp.float32)
   items_Nx1 = jnp.asarray(scores_N, jnp.float32)[:, None]

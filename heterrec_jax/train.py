@@ -4,14 +4,17 @@
 
 With no arguments it trains `configs/default.py`'s setting (the built-in synthetic data) into
 `runs/default`. Overrides are dotted config fields, e.g. `model.n1=3 train.steps=200`. A run
-resumes from the latest checkpoint in its workdir. It writes WORKDIR/metrics.jsonl, TensorBoard
-events, checkpoints, WORKDIR/results.json, and prints the results beside the popularity floor.
+resumes from the newest checkpoint of its workdir that restores. It writes WORKDIR/metrics.jsonl,
+TensorBoard events, checkpoints, WORKDIR/results.json, and prints the results beside the
+popularity floor. Exit status: 0 done, 2 a one-line `error:` (bad input, diverged), 75 preempted
+with the checkpoint saved (run the same command again); see docs/failure_run.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import json
 import math
 import pathlib
@@ -21,39 +24,49 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import compile_cache, evaluate as evaluate_lib
-from heterrec_jax import losses, metrics, negatives, sharding, state as state_lib
-from heterrec_jax.checkpoint import Checkpointer
-from heterrec_jax.config import Config, ConfigError, apply_overrides, horizon, load_config
+from heterrec_jax import evaluate as evaluate_lib
+from heterrec_jax import losses, metrics, negatives, sharding
+from heterrec_jax import run as run_lib
+from heterrec_jax import workdir as workdir_lib
+from heterrec_jax.checkpoint import CheckpointError, Checkpointer
+from heterrec_jax.config import (DEFAULT_CONFIG, Config, ConfigError, apply_overrides,
+                                 check_resumable, horizon, load_config, save_config)
 from heterrec_jax.data import pipeline, splits
 from heterrec_jax.data.dataset import DatasetError
 from heterrec_jax.writers import MetricWriter
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py'
+
+# Exit codes of `main` (documented in docs/failure_run.md).
+EXIT_OK = 0
+EXIT_ERROR = 2  # a clear one-line error: bad input, a diverged run, no restorable checkpoint
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: preempted (SIGTERM), checkpoint saved; run again to resume
+
+ERRORS = (ConfigError, DatasetError, CheckpointError, evaluate_lib.NonFiniteScores, OSError,
+          workdir_lib.WorkdirError)
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite; nothing was checkpointed after it."""
+  """The loss or the state became NaN or infinite; nothing was checkpointed after it."""
 
 
-def batch_shardings(tstate: state_lib.TrainState, batch: dict[str, Any]) -> dict[str, Any]:
-  return {k: sharding.batch_sharding(tstate.mesh, np.ndim(v)) for k, v in batch.items()}
+def batch_shardings(run: run_lib.Run, batch: dict[str, Any]) -> dict[str, Any]:
+  return {k: sharding.batch_sharding(run.mesh, np.ndim(v)) for k, v in batch.items()}
 
 
-def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
+def make_train_step(run: run_lib.Run, example_batch: dict[str, Any],
                     decorate: Callable = lambda f: f) -> Callable:
   """One jitted step `(state, batch) -> (state, aux)` with in/out shardings, state donated.
 
   `decorate` wraps the Python step before jit (tests pass `chex.assert_max_traces`).
   """
-  graphdef, cfg = tstate.graphdef, tstate.cfg
-  compute_loss = losses.make(cfg, tstate.model(), tstate.dataset.item_tokens,
-                             training_log_freq(tstate.dataset))
+  graphdef, cfg = run.graphdef, run.cfg
+  compute_loss = make_loss(run)
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
@@ -67,8 +80,45 @@ def make_train_step(tstate: state_lib.TrainState, example_batch: dict[str, Any],
     aux = {**aux, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
     return nnx.state((model, optimizer)), aux
 
-  return jax.jit(decorate(step), in_shardings=(tstate.shardings, batch_shardings(tstate, example_batch)),
-                 out_shardings=(tstate.shardings, None), donate_argnums=0)
+  return jax.jit(decorate(step), in_shardings=(run.shardings, batch_shardings(run, example_batch)),
+                 out_shardings=(run.shardings, None), donate_argnums=0)
+
+
+def compile_step(step: Callable, run: run_lib.Run, example_batch: dict[str, Any],
+                 report: bool = True) -> Callable:
+  """`step` compiled ahead of time for the run's state and `example_batch`; with `report`,
+  its memory use (per device) printed once to stderr, as MaxText does."""
+  compiled = step.lower(run.state, example_batch).compile()
+  memory = compiled.memory_analysis()
+  if report and memory is not None:
+    mib = lambda n: f'{n / 2**20:.1f} MiB'
+    print(f'train step compiled: arguments {mib(memory.argument_size_in_bytes)}, outputs '
+          f'{mib(memory.output_size_in_bytes)}, temporaries {mib(memory.temp_size_in_bytes)} '
+          'per device', file=sys.stderr)
+  return compiled
+
+
+def make_probe(run: run_lib.Run, example_batch: dict[str, Any]) -> Callable:
+  """`(state, batch) -> (loss, finite)`: the loss of the state a step produced (the step's
+  own loss is that of the state before its update) and whether every float in the state
+  (parameters and optimiser moments) is finite. Called before anything is saved."""
+  graphdef, cfg = run.graphdef, run.cfg
+  compute_loss = make_loss(run)
+
+  def probe(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    rng = jax.random.fold_in(jax.random.key(cfg.train.seed), optimizer.step[...])
+    loss, _ = compute_loss(model, batch, rng)
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return loss, jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+
+  return jax.jit(probe, in_shardings=(run.shardings, batch_shardings(run, example_batch)))
+
+
+def make_loss(run: run_lib.Run) -> losses.LossFn:
+  """The run's loss (`losses.make`), with the training log-frequencies for log-Q."""
+  return losses.make(run.cfg, run.model(), run.dataset.item_tokens,
+                     training_log_freq(run.dataset))
 
 
 def training_log_freq(dataset) -> np.ndarray:
@@ -78,9 +128,9 @@ def training_log_freq(dataset) -> np.ndarray:
   return negatives.training_log_freq(dataset.items, train_E, dataset.schema.n_items)
 
 
-def train_iterator(cfg: Config, tstate: state_lib.TrainState):
+def train_iterator(cfg: Config, run: run_lib.Run):
   dataset = pipeline.train_dataset(
-      tstate.dataset, max_len=cfg.data.max_len, horizon=horizon(cfg.model.name, cfg.loss),
+      run.dataset, max_len=cfg.data.max_len, horizon=horizon(cfg.model.name, cfg.loss),
       batch_size=per_process_batch(cfg), seed=cfg.data.seed, window=cfg.data.window,
       stride=cfg.data.stride,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -129,116 +179,170 @@ def _finite_or_raise(step: int, aux: dict[str, Any]) -> dict[str, float]:
   return values
 
 
+class Action(enum.Enum):
+  """What the loop does after a step's boundary work (checkpoint, validation, preemption)."""
+  CONTINUE = 'continue'  # take the next step
+  LEAVE = 'leave'  # preempted or told to stop: the checkpoint is saved, return now
+  STOP_EARLY = 'stop_early'  # early stopping fired: finish the run as done
+
+
 class Trainer:
   """The training loop of one run in one workdir."""
 
   def __init__(self, cfg: Config, workdir: pathlib.Path, progress: bool = True):
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
-    compile_cache.enable(cfg.train.compile_cache_dir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if (workdir / 'checkpoints').is_dir():
-      state_lib.check_resumable(cfg, workdir)
+    workdir_lib.check_is_folder(workdir)
+    created = not workdir.exists()
+    self.preemption = _Preemption()  # from here on SIGTERM only sets a flag
+    self.lock = self.latest = self.best = self.writer = None
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      self.lock = workdir_lib.Lock(workdir) if jax.process_index() == 0 else None
+      self._open()
+    except BaseException:
+      self.close()
+      if created and workdir.is_dir():
+        workdir_lib.remove_if_empty(workdir)  # a run that never started leaves no folder
+      raise
+
+  def _open(self) -> None:
+    cfg, workdir = self.cfg, self.workdir
+    resuming = (workdir / 'checkpoints').is_dir()
+    if resuming:
+      check_resumable(cfg, workdir)
+    self.run = run_lib.start_run(cfg, workdir, self.progress)
     if jax.process_index() == 0:
-      state_lib.save_config(cfg, workdir)
-    dataset = state_lib.load_dataset(cfg, workdir, progress)
-    mesh = sharding.make_mesh(cfg.mesh)
-    self.tstate = state_lib.build_state(cfg, dataset, mesh)
-    self.data_iter = train_iterator(cfg, self.tstate)
+      workdir_lib.record_dataset(workdir, self.run.dataset, resuming)
+      save_config(cfg, workdir)
+    self.data_iter = train_iterator(cfg, self.run)
     self.latest = Checkpointer(workdir / 'checkpoints', keep=cfg.train.keep_checkpoints)
     self.best = Checkpointer(workdir / 'best', keep=1)
-    self.writer = MetricWriter(workdir)
     self.record = Progress()
     self._resume()
+    if jax.process_index() == 0:
+      workdir_lib.trim_metrics(workdir, self.record.step)
+    self.writer = MetricWriter(workdir)
 
   def _resume(self) -> None:
-    step = self.latest.latest_step()
-    if step is None:
+    """Restores the newest checkpoint that can be (an unreadable newer one is moved aside)."""
+    restored = self.latest.restore_newest(self.run.abstract(), self.data_iter)
+    if restored is None:
       return
-    self.tstate.state, record = self.latest.restore(step, self.tstate.abstract(), self.data_iter)
+    step, self.run.state, record = restored
     self.record = Progress(**record)
     if self.progress:
       print(f'resumed from {self.latest.directory}/{step}', file=sys.stderr)
 
   def save(self) -> None:
-    self.latest.save(self.record.step, self.tstate.state, dataclasses.asdict(self.record),
+    self.latest.save(self.record.step, self.run.state, dataclasses.asdict(self.record),
                      self.data_iter)
 
   def validate(self) -> bool:
     """Validates; saves the best state; returns True when early stopping says stop."""
     cfg, rec = self.cfg.train, self.record
-    results = evaluate_lib.evaluate(self.tstate, 'valid')
+    results = evaluate_lib.evaluate(self.run, 'valid')
     self.writer.write(rec.step, 'valid', results)
     if results[cfg.early_stop_metric] > rec.best_metric:
       rec.best_metric, rec.best_step, rec.bad_evals = results[cfg.early_stop_metric], rec.step, 0
-      self.best.save(rec.step, self.tstate.state, dataclasses.asdict(rec))
+      self.best.save(rec.step, self.run.state, dataclasses.asdict(rec))
     else:
       rec.bad_evals += 1
     rec.stopped_early = bool(cfg.patience and rec.bad_evals >= cfg.patience)
     return rec.stopped_early
 
-  def run(self, stop_after: int | None = None) -> str:
+  def _next_batch(self) -> dict[str, jax.Array]:
+    return sharding.global_batch(next(self.data_iter), self.run.mesh)
+
+  def loop(self, stop_after: int | None = None) -> str:
     """Trains to train.steps (or early stop); `stop_after` steps at most in this call, as if
     killed there (for tests). Returns 'done', 'preempted' or 'interrupted'."""
     cfg = self.cfg.train
-    step_fn, pending = None, None
-    preemption = _Preemption()
-    bar = tqdm(total=cfg.steps, initial=self.record.step, disable=not self.progress,
-               desc='train', dynamic_ncols=True)
-    t0, steps_done = time.perf_counter(), 0
+    if self.record.step >= cfg.steps or self.record.stopped_early:
+      self.save()
+      return 'done'
+    batch = self._next_batch()  # the first step's batch, also the example the step compiles for
+    step_fn = compile_step(make_train_step(self.run, batch), self.run, batch, self.progress)
+    self.probe = make_probe(self.run, batch)
+    self._bar = tqdm(total=cfg.steps, initial=self.record.step, disable=not self.progress,
+                     desc='train', dynamic_ncols=True)
+    self._t0, self._steps_done, self._pending = time.perf_counter(), 0, None
     try:
-      while self.record.step < cfg.steps and not self.record.stopped_early:
-        batch = sharding.global_batch(next(self.data_iter), self.tstate.mesh)
-        step_fn = step_fn or make_train_step(self.tstate, batch)
-        self.tstate.state, aux = step_fn(self.tstate.state, batch)
+      while True:
+        self.run.state, aux = step_fn(self.run.state, batch)
         self.record.step += 1
-        steps_done += 1
-        if pending is not None:  # step N-1's metrics, read after step N was dispatched
-          self._log(*pending, steps_done / (time.perf_counter() - t0), bar)
-        pending = (self.record.step, aux)
-        if self._boundary(pending, preemption, stop_after, steps_done):
-          return 'preempted' if preemption.requested else 'interrupted'
-      if pending is not None:
-        self._log(*pending, steps_done / max(time.perf_counter() - t0, 1e-9), bar)
+        self._steps_done += 1
+        self._log_pending()  # step N-1's metrics, read after step N was dispatched
+        self._pending = (self.record.step, aux)
+        action = self._boundary(batch, stop_after)
+        if action is Action.LEAVE:
+          return 'preempted' if self.preemption.requested else 'interrupted'
+        if action is Action.STOP_EARLY or self.record.step >= cfg.steps:
+          break
+        batch = self._next_batch()
+      self._log_pending()
       self.save()
       return 'done'
     finally:
-      preemption.restore()
-      bar.close()
+      self._bar.close()
 
-  def _boundary(self, pending, preemption, stop_after, steps_done) -> bool:
-    """Checkpoints, validates and handles preemption after a step; True means leave now."""
+  def _boundary(self, batch, stop_after) -> Action:
+    """Checkpoints, validates and handles preemption after a step; says what the loop does.
+
+    Before anything is validated or saved, the step's metrics line is written (so a checkpoint
+    of step N implies metrics up to N) and the loss and the new state are checked finite.
+    """
     step, cfg = self.record.step, self.cfg.train
-    leave = preemption.requested or (stop_after is not None and steps_done >= stop_after)
-    leave = leave or self.latest.reached_preemption(step)
-    at_eval = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps
-    at_ckpt = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+    leave = (self.preemption.requested or (stop_after is not None and self._steps_done >= stop_after)
+             or self.latest.reached_preemption(step))
+    at_eval = bool((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
+    at_ckpt = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
     if leave or at_eval or at_ckpt:
-      _finite_or_raise(step, pending[1])  # never checkpoint a diverged state
+      self._log_pending()  # raises TrainingDiverged on a non-finite loss
+      self._check_state(step, batch)
     if at_eval and self.validate():
-      return False
+      return Action.STOP_EARLY
     if leave or at_ckpt:
       self.save()
-    return leave
+    return Action.LEAVE if leave else Action.CONTINUE
 
-  def _log(self, step: int, aux: dict[str, Any], steps_per_s: float, bar) -> None:
+  def _check_state(self, step: int, batch: dict[str, jax.Array]) -> None:
+    """Raises TrainingDiverged unless the state after `step` is finite and its loss on the
+    step's batch is too."""
+    loss, finite = (float(x) for x in self.probe(self.run.state, batch))
+    if not (finite and math.isfinite(loss)):
+      what = f'its loss is {loss}' if finite else 'a parameter or optimiser moment is not finite'
+      raise TrainingDiverged(
+          f'the state after step {step} has diverged ({what}); stopping before it is checkpointed. '
+          'Try a lower optim.lr, a larger loss.tau or model.compute_dtype=float32.')
+
+  def _log_pending(self) -> None:
+    """Writes the metrics of the step awaiting its line (if any); raises on a non-finite loss."""
+    if self._pending is None:
+      return
+    (step, aux), self._pending = self._pending, None
     values = _finite_or_raise(step, aux)
-    bar.update(step - bar.n)
-    bar.set_postfix(loss=f'{values["loss"]:.4f}', refresh=False)
+    steps_per_s = self._steps_done / max(time.perf_counter() - self._t0, 1e-9)
+    self._bar.update(step - self._bar.n)
+    self._bar.set_postfix(loss=f'{values["loss"]:.4f}', refresh=False)
     if step % max(self.cfg.train.log_every, 1) == 0 or step == self.cfg.train.steps:
       self.writer.write(step, 'train', {**values, 'steps_per_s': steps_per_s})
 
   def final_results(self) -> dict[str, dict[str, float]]:
     """Validation and test of the best state (the latest when never validated)."""
-    state = self.tstate.state
-    if self.best.latest_step() is not None:
-      state, _ = self.best.restore(self.best.latest_step(), self.tstate.abstract())
-    return {split: evaluate_lib.evaluate(self.tstate, split, state, progress=self.progress)
+    state = self.run.state
+    best = self.best.restore_newest(self.run.abstract())
+    if best is not None:
+      state = best[1]
+    return {split: evaluate_lib.evaluate(self.run, split, state, progress=self.progress)
             for split in ('valid', 'test')}
 
   def close(self) -> None:
-    self.writer.close()
-    self.latest.close()
-    self.best.close()
+    for part in (self.writer, self.latest, self.best):
+      if part is not None:
+        part.close()
+    if self.lock is not None:
+      self.lock.release()
+    self.preemption.restore()
 
 
 def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
@@ -246,11 +350,13 @@ def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
   """Trains (or resumes) the run in `workdir`; returns the results written to results.json."""
   trainer = Trainer(cfg, workdir, progress)
   try:
-    status = trainer.run(stop_after)
+    status = trainer.loop(stop_after)
+    if status == 'done' and trainer.preemption.requested:
+      status = 'preempted'  # after the loop's last save: the final evaluation is left to a rerun
     if status != 'done':
       return {'status': status, 'step': trainer.record.step}
     results = trainer.final_results()
-    floor = {s: evaluate_lib.popularity(cfg, trainer.tstate.dataset, s) for s in results}
+    floor = {s: evaluate_lib.popularity(cfg, trainer.run.dataset, s) for s in results}
     trainer.writer.write(trainer.record.step, 'test', results['test'])
   finally:
     trainer.close()
@@ -271,7 +377,7 @@ def results_table(cfg: Config, out: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> tuple[Config, pathlib.Path]:
   parser = argparse.ArgumentParser(prog='python -m heterrec_jax.train', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--config', default=str(DEFAULT_CONFIG),
+  parser.add_argument('--config', default=DEFAULT_CONFIG,
                       help='a Python file exporting get_config() (default: configs/default.py)')
   parser.add_argument('--workdir', default=None,
                       help='where checkpoints, metrics and results go (default: runs/CONFIG_NAME)')
@@ -287,17 +393,17 @@ def main(argv: list[str] | None = None) -> int:
   try:
     cfg, workdir = parse_args(argv)
     out = train(cfg, workdir)
-  except (ConfigError, DatasetError, TrainingDiverged) as e:
+  except (*ERRORS, TrainingDiverged) as e:
     print(f'error: {e}', file=sys.stderr)
-    return 2
+    return EXIT_ERROR
   if out['status'] != 'done':
     print(f'{out["status"]} at step {out["step"]}; checkpoint saved in {workdir}/checkpoints; '
-          'run the same command again to resume', file=sys.stderr)
-    return 0
+          f'run the same command again to resume (exit {EXIT_PREEMPTED})', file=sys.stderr)
+    return EXIT_PREEMPTED
   if jax.process_index() == 0:
     print(results_table(cfg, out))
     print(f'results: {workdir}/results.json', file=sys.stderr)
-  return 0
+  return EXIT_OK
 
 
 if __name__ == '__main__':

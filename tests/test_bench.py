@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from heterrec_jax import bench, state as state_lib
+from heterrec_jax import bench, run as run_lib
 from heterrec_jax.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -17,7 +17,7 @@ TINY = str(ROOT / 'configs' / 'tiny.py')
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
   cfg = load_config(TINY)
-  return state_lib.load_dataset(cfg, tmp_path_factory.mktemp('bench-data'), progress=False).path
+  return run_lib.load_dataset(cfg, tmp_path_factory.mktemp('bench-data'), progress=False).path
 
 
 def _last_json(capsys):

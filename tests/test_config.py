@@ -1,6 +1,7 @@
 """Config checks, dotted overrides and config files."""
 
 import pathlib
+import re
 
 import pytest
 
@@ -28,9 +29,16 @@ def test_overrides_set_typed_values():
     ('model=3', 'is a group'),
     ('model.n1', 'field.name=value'),
     ('model.d_f=31', 'divisible by model.heads'),
+    ('optim.b1=1.5', r'optim.b1=1.5 is not allowed; it must be in [0, 1)'),
+    ('optim.b2=1', r'optim.b2=1.0 is not allowed; it must be in [0, 1)'),
+    ('optim.lr=nan', 'optim.lr=nan is not allowed; it must be a finite number'),
+    ('loss.tau=inf', 'loss.tau=inf is not allowed; it must be a finite number'),
+    ('optim.final_lr_fraction=1.5', r'must be in [0, 1]'),
+    ('data.seed=-1', 'data.seed=-1 is not allowed'),
+    ('train.seed=-1', 'train.seed=-1 is not allowed'),
 ])
 def test_bad_overrides_name_the_field(override, fragment):
-  with pytest.raises(ConfigError, match=fragment.replace('(', r'\(')):
+  with pytest.raises(ConfigError, match=re.escape(fragment)):
     apply_overrides(Config(), [override])
 
 
@@ -52,6 +60,12 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
   (tmp_path / 'empty.py').write_text('x = 1\n')
   with pytest.raises(ConfigError, match='get_config'):
     load_config(str(tmp_path / 'empty.py'))
+  (tmp_path / 'syntax.py').write_text('x = 1\ndef get_config(:\n')
+  with pytest.raises(ConfigError, match=r'syntax.py:2: syntax error'):
+    load_config(str(tmp_path / 'syntax.py'))
+  (tmp_path / 'dict.py').write_text('def get_config():\n  return {}\n')
+  with pytest.raises(ConfigError, match='returned a dict, not a heterrec_jax.config.Config'):
+    load_config(str(tmp_path / 'dict.py'))
 
 
 def test_metric_names_cover_cutoffs():
@@ -60,9 +74,9 @@ def test_metric_names_cover_cutoffs():
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
-  from heterrec_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   cfg = Config()
-  state_lib.save_config(cfg, tmp_path)
-  state_lib.check_resumable(apply_overrides(cfg, ['train.steps=5', 'eval.batch_size=8']), tmp_path)
+  config_lib.save_config(cfg, tmp_path)
+  assert config_lib.load_saved_config(tmp_path) == cfg
+  config_lib.check_resumable(apply_overrides(cfg, ['train.steps=5', 'eval.batch_size=8']), tmp_path)
   with pytest.raises(ConfigError, match=r'model.d_f: 64 -> 32'):
-    state_lib.check_resumable(apply_overrides(cfg, ['model.d_f=32']), tmp_path)
+    config_lib.check_resumable(apply_overrides(cfg, ['model.d_f=32']), tmp_path)

@@ -36,13 +36,21 @@ def reference_scores(user_BxD, items_NxD, target_B, history_BxT, exclude_history
     for j in range(1, items_NxD.shape[0]):
       if exclude_history and j in history_BxT[b] and j != target_B[b]:
         continue
-      scores[b, j] = float(np.dot(user_BxD[b].astype(np.float64), items_NxD[j]))
+      with np.errstate(invalid='ignore'):  # inf * 0 is NaN on purpose in some tests
+        scores[b, j] = float(np.dot(user_BxD[b].astype(np.float64), items_NxD[j]))
   return scores
 
 
 def reference_ranks_loop(scores_BxN, target_B):
-  """Candidates strictly above the target (ties favour the target)."""
-  return np.array([sum(s > row[t] for s in row) for row, t in zip(scores_BxN, target_B)])
+  """Other candidates scored >= the target (ties count against it); -1 (no rank) when the
+  target's score or any candidate's is NaN or +inf."""
+  ranks = []
+  for row, t in zip(scores_BxN, target_B):
+    if not np.isfinite(row[t]) or any(np.isnan(s) or s == np.inf for s in row):
+      ranks.append(-1)
+      continue
+    ranks.append(sum(s >= row[t] for j, s in enumerate(row) if j != t))
+  return np.array(ranks)
 
 
 def reference_ranks_argsort(scores_BxN, target_B):
@@ -80,6 +88,28 @@ class RanksTest(chex.TestCase, parameterized.TestCase):
     scores = reference_scores(user, items, target, history, exclude)
     np.testing.assert_array_equal(fn(user, items, target, history),
                                   reference_ranks_argsort(scores, target))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(False, True)
+  def test_random_ties_and_non_finite_rows_match_loop(self, exclude):
+    for seed in range(3):
+      user, items, target, history = make_inputs(20 + seed, n_users=24)
+      user[3, 0] = np.nan  # one user's scores are all NaN
+      user[5, 1] = np.inf  # +inf, -inf and NaN scores
+      items[7, 2] = np.nan  # one item NaN for every user: every row has no rank
+      fn = self.variant(functools.partial(retrieval.target_ranks, exclude_history=exclude))
+      for it in (items, np.nan_to_num(items)):
+        scores = reference_scores(user, it, target, history, exclude)
+        np.testing.assert_array_equal(fn(user, it, target, history),
+                                      reference_ranks_loop(scores, target))
+
+  def test_ties_count_against_the_target(self):
+    user = np.ones((1, 1), np.float32)
+    items = np.array([[0.0], [2.0], [2.0], [2.0], [1.0]], np.float32)  # 1, 2, 3 tie
+    np.testing.assert_array_equal(retrieval.target_ranks(user, items, np.array([2])), [2])
+    np.testing.assert_array_equal(retrieval.target_ranks(user, items, np.array([4])), [3])
+    flat = np.zeros((5, 1), np.float32)  # a model that scores every item alike: last, not first
+    np.testing.assert_array_equal(retrieval.target_ranks(user, flat, np.array([1])), [3])
 
   def test_exclusion_keeps_the_target(self):
     user = np.ones((2, 1), np.float32)
@@ -161,6 +191,14 @@ class ShardedTest(parameterized.TestCase):
     np.testing.assert_array_equal(
         retrieval.sharded_target_ranks(mesh, user, items, target, history, exclude),
         retrieval.target_ranks(user, items, target, history, exclude))
+
+  def test_sharded_non_finite_rows_have_no_rank(self):
+    mesh = make_mesh((4, 2))
+    user, items, target, history = make_inputs(11, n_users=12)
+    user[2, 0], items[9, 0] = np.nan, np.nan
+    got = retrieval.sharded_target_ranks(mesh, user, items, target, history)
+    np.testing.assert_array_equal(got, retrieval.target_ranks(user, items, target, history))
+    self.assertTrue(np.all(np.asarray(got) == retrieval.NO_RANK))
 
   def test_sharded_users_replicated_and_continuous_scores(self):
     mesh = make_mesh((2, 4))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from heterrec_jax import sharding, state as state_lib, train as train_lib
+from heterrec_jax import run as run_lib, sharding, train as train_lib
 from heterrec_jax import evaluate as evaluate_lib, export as export_lib
 from heterrec_jax.config import MeshConfig, apply_overrides, load_config
 
@@ -21,25 +21,25 @@ def tiny(tmp_path_factory):
   """The tiny config and its synthetic dataset, prepared once for the module."""
   cfg = load_config(str(ROOT / 'configs' / 'tiny.py'))
   workdir = tmp_path_factory.mktemp('tiny-data')
-  dataset = state_lib.load_dataset(cfg, workdir, progress=False)
+  dataset = run_lib.load_dataset(cfg, workdir, progress=False)
   cfg = apply_overrides(cfg, [f'data.path={dataset.path}'])
   return cfg, dataset
 
 
 def _one_step(cfg, dataset, mesh):
-  tstate = state_lib.build_state(cfg, dataset, mesh)
-  batch_np = next(train_lib.train_iterator(cfg, tstate))
+  run = run_lib.build_run(cfg, dataset, mesh)
+  batch_np = next(train_lib.train_iterator(cfg, run))
   batch = sharding.global_batch(batch_np, mesh)
-  step = train_lib.make_train_step(tstate, batch)
-  state, aux = step(tstate.state, batch)
-  return tstate, jax.device_get(state), jax.device_get(aux)
+  step = train_lib.make_train_step(run, batch)
+  state, aux = step(run.state, batch)
+  return run, jax.device_get(state), jax.device_get(aux)
 
 
 def test_sharded_step_equals_one_device(tiny):
   cfg, dataset = tiny
   mesh8 = sharding.make_mesh(MeshConfig(data=4, model=2))
   mesh1 = sharding.make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
-  tstate8, state8, aux8 = _one_step(cfg, dataset, mesh8)
+  run8, state8, aux8 = _one_step(cfg, dataset, mesh8)
   _, state1, aux1 = _one_step(cfg, dataset, mesh1)
   np.testing.assert_allclose(aux8['loss'], aux1['loss'], rtol=1e-5)
   leaves8, leaves1 = jax.tree.leaves(state8), jax.tree.leaves(state1)
@@ -50,7 +50,7 @@ def test_sharded_step_equals_one_device(tiny):
     if np.issubdtype(np.asarray(a).dtype, np.floating):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # The embedding tables really are split over the "model" axis.
-  model = tstate8.model()
+  model = run8.model()
   tables = [v for path, v in jax.tree.leaves_with_path(nnx_params(model))
             if 'emb' in jax.tree_util.keystr(path).lower()]
   assert tables, 'no embedding tables found'
@@ -66,11 +66,11 @@ def nnx_params(model):
 def test_train_step_compiles_once(tiny):
   cfg, dataset = tiny
   mesh = sharding.make_mesh(MeshConfig(data=4, model=2))
-  tstate = state_lib.build_state(cfg, dataset, mesh)
-  data_iter = train_lib.train_iterator(cfg, tstate)
+  run = run_lib.build_run(cfg, dataset, mesh)
+  data_iter = train_lib.train_iterator(cfg, run)
   batch = sharding.global_batch(next(data_iter), mesh)
-  step = train_lib.make_train_step(tstate, batch, decorate=chex.assert_max_traces(n=1))
-  state = tstate.state
+  step = train_lib.make_train_step(run, batch, decorate=chex.assert_max_traces(n=1))
+  state = run.state
   for _ in range(4):
     state, aux = step(state, sharding.global_batch(next(data_iter), mesh))
   assert np.isfinite(float(aux['loss']))
@@ -93,6 +93,9 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
   resumed = train_lib.train(cfg, tmp_path / 'resumed', progress=False)
   assert resumed['status'] == 'done' and resumed['step'] == 6
   a, b = _losses(tmp_path / 'straight'), _losses(tmp_path / 'resumed')
+  lines = (tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()
+  keys = [(r['step'], r['split']) for r in map(json.loads, lines)]
+  assert len(keys) == len(set(keys)), 'a replayed step was written twice'
   for step in (4, 5, 6):
     np.testing.assert_allclose(b[step], a[step], rtol=1e-6)
   np.testing.assert_allclose(resumed['test']['mrr'], straight['test']['mrr'], rtol=1e-5)
@@ -128,14 +131,14 @@ def test_train_end_to_end_writes_results_and_exports(tiny, tmp_path):
   table = train_lib.results_table(cfg, out)
   assert 'popularity (test)' in table
   # Re-evaluating the saved best state gives the same numbers.
-  tstate = evaluate_lib.restore_run(tmp_path / 'run', 'best')
-  again = evaluate_lib.evaluate(tstate, 'test')
+  run = run_lib.restore_run(tmp_path / 'run', 'best')
+  again = evaluate_lib.evaluate(run, 'test')
   np.testing.assert_allclose(again['mrr'], results['test']['mrr'], rtol=1e-5)
   manifest = export_lib.export_run(tmp_path / 'run', tmp_path / 'export')
   items = np.load(tmp_path / 'export' / 'item_embeddings.npy')
   assert items.shape == (manifest['n_items'], manifest['d_k'])
   np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-4)
   exported = jax.export.deserialize((tmp_path / 'export' / 'user_tower.jaxexport').read_bytes())
-  window = export_lib.latest_windows(tstate.dataset, np.arange(3), cfg.data.max_len)
+  window = export_lib.latest_windows(run.dataset, np.arange(3), cfg.data.max_len)
   users = np.load(tmp_path / 'export' / 'user_embeddings.npy')
   np.testing.assert_allclose(exported.call(*window.values()), users[:3], rtol=1e-4, atol=1e-5)

@@ -29,7 +29,7 @@ import sys
 
 from heterrec_jax.config import METRIC_NAMES, MODEL_NAMES, VARIANTS, ConfigError
 from heterrec_jax.experiments import runner, scaling as scaling_lib, tables
-from heterrec_jax.experiments.sweep import (DEFAULT_CONFIG, DEFAULT_MODELS, POPULARITY, TUNABLE,
+from heterrec_jax.experiments.sweep import (COMMAND_CONFIG, DEFAULT_MODELS, POPULARITY, TUNABLE,
                                             Sweep, Tuning, ablation_runs, check_configs,
                                             common_overrides, compare_runs, load_with, parse_grid,
                                             parse_list, parse_model_configs, parse_tune,
@@ -41,8 +41,8 @@ def _common_flags(parser: argparse.ArgumentParser, seeds: int) -> None:
                       help='prepared dataset folder, given to every run as data.path '
                            '(default: the config\'s data.path)')
   parser.add_argument('--out', required=True, help='sweep folder: runs/, plan.txt, tables')
-  parser.add_argument('--config', default=DEFAULT_CONFIG,
-                      help=f'config file of every run (default: {DEFAULT_CONFIG})')
+  parser.add_argument('--config', default=COMMAND_CONFIG,
+                      help=f'config file of every run (default: {COMMAND_CONFIG})')
   parser.add_argument('--seeds', type=int, default=seeds,
                       help=f'runs per setting, train.seed = 0..N-1 (default: {seeds})')
   parser.add_argument('--steps', type=int, default=None,

@@ -9,7 +9,7 @@ import sys
 import time
 
 from heterrec_jax import evaluate as evaluate_lib
-from heterrec_jax import state as state_lib
+from heterrec_jax import run as run_lib
 from heterrec_jax import train as train_lib
 from heterrec_jax.experiments.sweep import (POPULARITY, Run, Sweep, load_with, read_json,
                                             run_config, tuned, tuning_choices, tuning_runs)
@@ -95,7 +95,7 @@ def popularity_floor(sweep: Sweep, compute: bool, progress: bool) -> dict | None
 def compute_popularity(sweep: Sweep, progress: bool) -> dict:
   """Evaluates the popularity floor on the sweep's data; saves it to OUT/popularity.json."""
   cfg = load_with(sweep.config, list(sweep.common))
-  dataset = state_lib.load_dataset(cfg, sweep.out / POPULARITY, progress)
+  dataset = run_lib.load_dataset(cfg, sweep.out / POPULARITY, progress)
   floor = {s: evaluate_lib.popularity(cfg, dataset, s) for s in ('valid', 'test')}
   sweep.out.mkdir(parents=True, exist_ok=True)
   (sweep.out / 'popularity.json').write_text(json.dumps(floor, indent=1) + '\n')

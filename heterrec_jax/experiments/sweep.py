@@ -13,7 +13,8 @@ from typing import Any, Iterable
 from heterrec_jax.config import Config, ConfigError, apply_overrides, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
-DEFAULT_CONFIG = 'configs/default.py'
+# The default config as written in plan commands: config.DEFAULT_CONFIG relative to the repository.
+COMMAND_CONFIG = 'configs/default.py'
 POPULARITY = 'popularity'
 DEFAULT_MODELS = 'heterrec,sasrec,bert4rec,pinnerformer,hstu,popularity'
 # How the rows (models and variants) are named in tables and plots.

@@ -1,4 +1,5 @@
-"""The training state: the dataset, the model and its optimiser, built sharded from a config.
+"""A run: its config, dataset, mesh, and the model and optimiser state with its shardings, built
+in one place from a config (`start_run`) or from a workdir and its checkpoint (`restore_run`).
 
 Training (`train.py`), evaluation (`evaluate.py`) and export (`export.py`) all start here.
 """
@@ -6,8 +7,8 @@ Training (`train.py`), evaluation (`evaluate.py`) and export (`export.py`) all s
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -15,8 +16,10 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from heterrec_jax import baselines, sharding
-from heterrec_jax.config import Config, ConfigError
+from heterrec_jax import baselines, compile_cache, sharding
+from heterrec_jax import workdir as workdir_lib
+from heterrec_jax.checkpoint import CheckpointError, Checkpointer
+from heterrec_jax.config import Config, ConfigError, load_saved_config
 from heterrec_jax.data.dataset import Dataset
 from heterrec_jax.model import HeterRec
 
@@ -67,8 +70,8 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
 
 
 @dataclasses.dataclass
-class TrainState:
-  """`nnx.split((model, optimizer))` laid out over `mesh`."""
+class Run:
+  """One run: its config and dataset, and `nnx.split((model, optimizer))` laid out over `mesh`."""
   cfg: Config
   dataset: Dataset
   mesh: jax.sharding.Mesh
@@ -82,11 +85,12 @@ class TrainState:
     return model
 
   def abstract(self) -> Any:
+    """The state's shapes, dtypes and shardings: the target a checkpoint is restored into."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         self.state, self.shardings)
 
 
-def build_state(cfg: Config, dataset: Dataset, mesh: jax.sharding.Mesh) -> TrainState:
+def build_run(cfg: Config, dataset: Dataset, mesh: jax.sharding.Mesh) -> Run:
   """Creates model and optimiser state directly sharded (built from shapes first)."""
   tx = make_optimizer(cfg)
 
@@ -95,57 +99,50 @@ def build_state(cfg: Config, dataset: Dataset, mesh: jax.sharding.Mesh) -> Train
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   graphdef, state, shardings = sharding.create_sharded(build, cfg.mesh.rules, mesh)
-  return TrainState(cfg, dataset, mesh, graphdef, state, shardings)
+  return Run(cfg, dataset, mesh, graphdef, state, shardings)
 
 
-# Config groups and fields that may change between a run and its resumption.
-RESUMABLE_CHANGES = ('train.steps', 'train.eval_every', 'train.patience', 'train.log_every',
-                     'train.checkpoint_every', 'train.keep_checkpoints', 'train.compile_cache_dir',
-                     'eval.', 'data.workers')
+def start_run(cfg: Config, workdir: pathlib.Path, progress: bool = True) -> Run:
+  """A freshly initialised run of `cfg` (its synthetic data, if any, prepared in `workdir`)."""
+  compile_cache.enable(cfg.train.compile_cache_dir)
+  mesh = sharding.make_mesh(cfg.mesh)
+  check_batch_sizes(cfg, mesh)
+  dataset = load_dataset(cfg, workdir, progress)
+  return build_run(cfg, dataset, mesh)
 
 
-def check_resumable(cfg: Config, workdir: pathlib.Path) -> None:
-  """Refuses to resume a run in `workdir` whose saved config differs in what shapes the state
-  or the data stream (the model, the loss, the optimiser, the data, the batch, the seed)."""
-  if not (workdir / 'config.json').is_file():
-    return
-  saved = _flatten(json.loads((workdir / 'config.json').read_text()))
-  new = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg))))
-  changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k)
-                   and not k.startswith(RESUMABLE_CHANGES))
-  if changed:
-    diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:6])
-    raise ConfigError(f'{workdir} holds a run with another config ({diffs}); resume it with its '
-                      'own config, or train into another --workdir')
+def check_batch_sizes(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+  """Global batches are split over the mesh's "data" axis: their sizes must divide by it."""
+  data = mesh.shape['data']
+  for field, size in (('train.batch_size', cfg.train.batch_size),
+                      ('eval.batch_size', cfg.eval.batch_size)):
+    if size % data:
+      raise ConfigError(f'{field}={size} must divide by the {data} devices of the mesh\'s '
+                        '"data" axis (set mesh.data, or a multiple of it as the batch size)')
 
 
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
-def save_config(cfg: Config, workdir: pathlib.Path) -> None:
-  (workdir / 'config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + '\n')
-
-
-def load_saved_config(workdir: pathlib.Path) -> Config:
-  """The config a run in `workdir` was trained with."""
-  from heterrec_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  file = workdir / 'config.json'
-  if not file.is_file():
-    raise ConfigError(f'{file} does not exist: is {workdir} a training workdir?')
-  data = json.loads(file.read_text())
-  groups = {f.name: f.type for f in dataclasses.fields(Config)}
-  kwargs = {}
-  for name, values in data.items():
-    cls = getattr(config_lib, groups[name]) if isinstance(groups[name], str) else groups[name]
-    if name == 'mesh':
-      values['rules'] = tuple(tuple(r) for r in values['rules'])
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    kwargs[name] = cls(**values)
-  return Config(**kwargs)
+def restore_run(workdir: pathlib.Path, checkpoint: str = 'best') -> Run:
+  """The state of a finished or interrupted run, from its `best` (falling back to its latest)
+  or its `latest` checkpoint; the newest step of a folder that restores (`Checkpointer.
+  restore_newest`). Refuses a workdir whose recorded dataset differs from its data's."""
+  workdir_lib.check_is_folder(workdir)
+  run = start_run(load_saved_config(workdir), workdir, progress=False)
+  workdir_lib.check_dataset(workdir, run.dataset, 'use')
+  folders = ['best', 'checkpoints'] if checkpoint == 'best' else ['checkpoints']
+  for folder in folders:
+    if not (workdir / folder).is_dir():
+      continue
+    ckpt = Checkpointer(workdir / folder)
+    try:
+      restored = ckpt.restore_newest(run.abstract())
+    except CheckpointError as e:
+      if folder == folders[-1]:
+        raise
+      print(f'warning: {e}; trying {workdir}/{folders[-1]}', file=sys.stderr)
+      continue
+    finally:
+      ckpt.close()
+    if restored is not None:
+      run.state = restored[1]
+      return run
+  raise FileNotFoundError(f'no checkpoint in {workdir}/{" or ".join(folders)}')
