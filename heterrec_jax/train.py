@@ -7,7 +7,7 @@ With no arguments it trains `configs/default.py`'s setting (the built-in synthet
 resumes from the newest checkpoint of its workdir that restores. It writes WORKDIR/metrics.jsonl,
 TensorBoard events, checkpoints, WORKDIR/results.json, and prints the results beside the
 popularity floor. Exit status: 0 done, 2 a one-line `error:` (bad input, diverged), 75 preempted
-with the checkpoint saved (run the same command again); see docs/failure_run.md.
+with the checkpoint saved (run the same command again); see docs/failure.md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from heterrec_jax.data.dataset import DatasetError
 from heterrec_jax.writers import MetricWriter
 
 
-# Exit codes of `main` (documented in docs/failure_run.md).
+# Exit codes of `main` (documented in docs/failure.md).
 EXIT_OK = 0
 EXIT_ERROR = 2  # a clear one-line error: bad input, a diverged run, no restorable checkpoint
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: preempted (SIGTERM), checkpoint saved; run again to resume
