@@ -348,6 +348,7 @@ class Trainer:
 def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
           stop_after: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the results written to results.json."""
+  start = time.perf_counter()
   trainer = Trainer(cfg, workdir, progress)
   try:
     status = trainer.loop(stop_after)
@@ -358,12 +359,26 @@ def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
     results = trainer.final_results()
     floor = {s: evaluate_lib.popularity(cfg, trainer.run.dataset, s) for s in results}
     trainer.writer.write(trainer.record.step, 'test', results['test'])
+    results['training'] = training_summary(cfg, trainer, time.perf_counter() - start)
   finally:
     trainer.close()
   if jax.process_index() == 0:
     (workdir / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
     (workdir / 'popularity.json').write_text(json.dumps(floor, indent=1) + '\n')
   return {'status': 'done', 'step': trainer.record.step, **results, 'popularity': floor}
+
+
+def training_summary(cfg: Config, trainer: Trainer, seconds: float) -> dict[str, Any]:
+  """Steps, epochs (global batches x batch size / training examples per epoch), the best
+  validated step, whether early stopping ended the run, and this process's wall time (a
+  resumed run: its last attempt only)."""
+  d, rec = cfg.data, trainer.record
+  per_epoch = pipeline.windows_per_epoch(trainer.run.dataset, d.max_len,
+                                         horizon(cfg.model.name, cfg.loss), d.window, d.stride)
+  epochs = lambda step: round(step * cfg.train.batch_size / per_epoch, 3)
+  return {'steps': rec.step, 'epochs': epochs(rec.step), 'best_step': rec.best_step,
+          'best_epoch': epochs(max(rec.best_step, 0)), 'stopped_early': rec.stopped_early,
+          'examples_per_epoch': per_epoch, 'wall_seconds': round(seconds, 1)}
 
 
 def results_table(cfg: Config, out: dict[str, Any]) -> str:

@@ -67,7 +67,7 @@ def swapped(finished, tmp_path_factory):
   cfg = json.loads((finished / 'config.json').read_text())['data']
   raw = synthetic.generate(cfg['synthetic_users'], cfg['synthetic_items'],
                            cfg['synthetic_topics'], cfg['synthetic_seed'] + 1)
-  prepare.prepare_dataset(raw, workdir / 'data', progress=False)
+  prepare.prepare_dataset(raw, workdir / 'data', progress=False, overwrite=True)
   return workdir
 
 
