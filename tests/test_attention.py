@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from heterrec_jax import attention, layers, sharding
@@ -134,3 +135,25 @@ def test_model_causality_by_gradients_with_blockwise_attention(test, monkeypatch
   monkeypatch.setattr(layers, 'BLOCK_ITEMS', 3)
   with layers.attention_impl('blockwise'):
     test()
+
+
+def test_causal_stack_blockwise_equals_dense_with_parameter_gradients(monkeypatch):
+  """A whole CausalStack (projections, bias table, LayerNorms): output and every parameter
+  gradient, blockwise (blocks of 2 of the 5 items) against dense."""
+  monkeypatch.setattr(layers, 'BLOCK_ITEMS', 2)
+  with nnx.use_eager_sharding(False):
+    stack = layers.CausalStack(8, 2, heads=2, ffn_mult=2, dropout=0.0, time_buckets=16,
+                               dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(5).normal(size=(2, 5, 3, 8)).astype(np.float32)
+  _, _, _, _, ts, mask = _inputs(5, t=5)
+  allowed = layers.block_causal_mask(mask)
+  graphdef, states = nnx.split(stack)
+
+  def run(impl):
+    def value_and_grad(states, x):
+      loss = lambda s, x: jnp.sum(jnp.sin(s(x, ts, allowed)))
+      return nnx.value_and_grad(loss, argnums=(0, 1))(nnx.merge(graphdef, states), x)
+    with layers.attention_impl(impl):
+      return jax.jit(value_and_grad)(states, x)
+
+  _assert_close(run('blockwise'), run('dense'))
