@@ -3,7 +3,9 @@
     python -m heterrec_jax.bench data --input DIR [--max-len 200] [--n-step 3] \\
         [--batch-size 128] [--batches 200] [--warmup 10] [--window last|random] [--workers 0]
 
-    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] [key=value ...]
+    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] \\
+        [--attention auto[,dense,blockwise]] [--max-len 128,256,512] \\
+        [--dtypes float32,bfloat16] [--profile] [key=value ...]
 
 `data` times the training input pipeline (`data.pipeline.train_dataset`) on a prepared folder:
 it draws `--warmup` batches, then times `--batches` more, and prints a human line then, last,
@@ -22,6 +24,15 @@ outputs + temporaries - donated aliases, from XLA's memory analysis of the compi
 from the process's resource usage over the timed steps, `minor_page_faults_per_step` and
 `system_cpu_fraction` (kernel CPU time / all CPU time): on a CPU host, high values mean the
 allocator hands the step's large buffers back to the kernel and faults them in again every step.
+It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `compute_dtype`,
+`xla_flops_per_step` (XLA's count of the timed program) and `dense_peak_memory_bytes` (the step
+compiled with the dense attention). XLA counts a loop body once, so `flops_per_step` and
+`fraction_of_ceiling` are always those of the dense program: comparable across attentions.
+
+Comma-separated `--attention`, `--max-len` and `--dtypes` run every combination in one process
+(each run's JSON on its own line, then a table of step time and peak memory per run, then one
+JSON object `{"benchmark": "train_sweep", "runs": [...]}`). `--profile` adds `profile`: each
+component of the step compiled and timed alone (`profile.py`), printed as a table.
 """
 
 from __future__ import annotations
