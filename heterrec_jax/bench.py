@@ -3,7 +3,9 @@
     python -m heterrec_jax.bench data --input DIR [--max-len 200] [--n-step 3] \\
         [--batch-size 128] [--batches 200] [--warmup 10] [--window last|random] [--workers 0]
 
-    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] [key=value ...]
+    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] \\
+        [--attention auto[,dense,blockwise]] [--max-len 128,256,512] \\
+        [--dtypes float32,bfloat16] [--profile] [key=value ...]
 
 `data` times the training input pipeline (`data.pipeline.train_dataset`) on a prepared folder:
 it draws `--warmup` batches, then times `--batches` more, and prints a human line then, last,
@@ -22,6 +24,15 @@ outputs + temporaries - donated aliases, from XLA's memory analysis of the compi
 from the process's resource usage over the timed steps, `minor_page_faults_per_step` and
 `system_cpu_fraction` (kernel CPU time / all CPU time): on a CPU host, high values mean the
 allocator hands the step's large buffers back to the kernel and faults them in again every step.
+It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `compute_dtype`,
+`xla_flops_per_step` (XLA's count of the timed program) and `dense_peak_memory_bytes` (the step
+compiled with the dense attention). XLA counts a loop body once, so `flops_per_step` and
+`fraction_of_ceiling` are always those of the dense program: comparable across attentions.
+
+Comma-separated `--attention`, `--max-len` and `--dtypes` run every combination in one process
+(each run's JSON on its own line, then a table of step time and peak memory per run, then one
+JSON object `{"benchmark": "train_sweep", "runs": [...]}`). `--profile` adds `profile`: each
+component of the step compiled and timed alone (`profile.py`), printed as a table.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from heterrec_jax import run as run_lib, sharding, train as train_lib
+from heterrec_jax import layers, profile as profile_lib, run as run_lib, sharding
+from heterrec_jax import train as train_lib
 from heterrec_jax.config import DEFAULT_CONFIG, Config, ConfigError, apply_overrides, load_config
 from heterrec_jax.data import pipeline
 from heterrec_jax.data.dataset import Dataset, DatasetError
@@ -124,20 +136,54 @@ def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
   return flops, peak
 
 
-def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10,
-                warmup: int = 2) -> dict[str, Any]:
-  """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps."""
+def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int = 2,
+                attention: str = 'auto', profile: bool = False) -> dict[str, Any]:
+  """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps,
+  the causal blocks' attention traced as `attention` (`layers.ATTENTION_IMPLS`)."""
   if steps < 1 or warmup < 1:
     raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
+  if attention not in layers.ATTENTION_IMPLS:
+    raise ConfigError(f'--attention={attention!r} must be one of {layers.ATTENTION_IMPLS}')
   dataset = run_lib.load_dataset(cfg, workdir, progress=False)
   tstate = run_lib.build_run(cfg, dataset, sharding.make_mesh(cfg.mesh))
   data_iter = train_lib.train_iterator(cfg, tstate)
   batches = [sharding.global_batch(next(data_iter), tstate.mesh) for _ in range(2)]
-  step = train_lib.make_train_step(tstate, batches[0])
-  t_compile = time.perf_counter()
-  flops, peak = compiled_costs(step, tstate.state, batches[0])
-  compile_s = time.perf_counter() - t_compile
-  state = tstate.state
+  with layers.attention_impl(attention):
+    step = train_lib.make_train_step(tstate, batches[0])
+    t_compile = time.perf_counter()
+    xla_flops, peak = compiled_costs(step, tstate.state, batches[0])
+    compile_s = time.perf_counter() - t_compile
+  dense_flops, dense_peak = xla_flops, peak
+  if attention != 'dense':  # XLA counts a loop body once: the FLOPs are the dense program's
+    with layers.attention_impl('dense'):
+      dense_flops, dense_peak = compiled_costs(train_lib.make_train_step(tstate, batches[0]),
+                                               tstate.state, batches[0])
+  with layers.attention_impl(attention):
+    timed = _time_steps(step, tstate.state, batches, steps, warmup)
+  ceiling = matmul_ceiling()
+  b, t, k = cfg.train.batch_size, cfg.data.max_len, dataset.schema.n_kinds
+  step_time, final_state = timed.pop('step_time_s'), timed.pop('state')
+  result = {
+      'benchmark': 'train', 'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
+      'batch_size': b, 'max_len': t, 'tokens_per_item': k, 'compile_s': compile_s,
+      'compilation_cache': jax.config.jax_compilation_cache_dir, 'step_time_s': step_time,
+      'sequences_per_s': b / step_time, 'tokens_per_s': b * t * k / step_time,
+      'flops_per_step': dense_flops, 'matmul_ceiling_flops_per_s': ceiling,
+      'fraction_of_ceiling': dense_flops / step_time / ceiling if dense_flops else None,
+      'peak_memory_bytes': peak, **timed, 'attention': attention,
+      'compute_dtype': cfg.model.compute_dtype, 'xla_flops_per_step': xla_flops,
+      'dense_peak_memory_bytes': dense_peak}
+  if profile:
+    with layers.attention_impl(attention):
+      result['profile'] = profile_lib.profile_step(
+          cfg, tstate.model(final_state), batches[0], tstate.dataset.item_tokens,
+          train_lib.training_log_freq(tstate.dataset))
+  return result
+
+
+def _time_steps(step, state, batches, steps: int, warmup: int) -> dict[str, Any]:
+  """`warmup` untimed then `steps` timed steps: the mean step time and the process's page faults
+  and kernel CPU share over the timed steps; 'state' is the final (donated-into) state."""
   for i in range(warmup):
     state, aux = step(state, batches[i % 2])
   jax.block_until_ready(state)
@@ -148,28 +194,63 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10,
   step_time = (time.perf_counter() - t0) / steps
   usage1 = resource.getrusage(resource.RUSAGE_SELF)
   cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-  ceiling = matmul_ceiling()
-  b, t, k = cfg.train.batch_size, cfg.data.max_len, dataset.schema.n_kinds
-  return {'benchmark': 'train', 'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
-          'batch_size': b, 'max_len': t, 'tokens_per_item': k, 'compile_s': compile_s,
-          'compilation_cache': jax.config.jax_compilation_cache_dir, 'step_time_s': step_time,
-          'sequences_per_s': b / step_time, 'tokens_per_s': b * t * k / step_time,
-          'flops_per_step': flops, 'matmul_ceiling_flops_per_s': ceiling,
-          'fraction_of_ceiling': flops / step_time / ceiling if flops else None,
-          'peak_memory_bytes': peak,
+  return {'step_time_s': step_time,
           'minor_page_faults_per_step': (usage1.ru_minflt - usage0.ru_minflt) / steps,
-          'system_cpu_fraction': (usage1.ru_stime - usage0.ru_stime) / cpu if cpu else None}
+          'system_cpu_fraction': (usage1.ru_stime - usage0.ru_stime) / cpu if cpu else None,
+          'state': state}
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+  return lambda text: [kind(x) for x in text.split(',') if x]
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
-  cfg = apply_overrides(load_config(args.config), args.overrides)
+  """One run per (attention, max_len, dtype) of the command line, in one process."""
+  base = apply_overrides(load_config(args.config), args.overrides)
+  settings = [(a, t, d) for a in args.attention for t in (args.max_len or [None])
+              for d in (args.dtypes or [None])]
+  results = []
   with tempfile.TemporaryDirectory(prefix='heterrec-bench-') as tmp:
-    result = bench_train(cfg, pathlib.Path(tmp), steps=args.steps, warmup=args.warmup)
-  result = {'config': args.config, 'overrides': args.overrides, **result}
-  print(f'train: {result["step_time_s"] * 1e3:.1f} ms/step, {result["sequences_per_s"]:,.1f} '
-        f'sequences/s, {result["tokens_per_s"]:,.0f} tokens/s on {result["devices"]} '
+    for attention, max_len, dtype in settings:
+      extra = ([f'data.max_len={max_len}'] if max_len else []) + (
+          [f'model.compute_dtype={dtype}'] if dtype else [])
+      cfg = apply_overrides(base, extra)
+      result = bench_train(cfg, pathlib.Path(tmp), steps=args.steps, warmup=args.warmup,
+                           attention=attention, profile=args.profile)
+      results.append({'config': args.config, 'overrides': args.overrides + extra, **result})
+      _print_train(results[-1])
+      if len(settings) > 1:
+        print(json.dumps(results[-1]))
+  if len(results) == 1:
+    return results[0]
+  print(_sweep_table(results))
+  return {'benchmark': 'train_sweep', 'runs': results}
+
+
+def _print_train(result: dict[str, Any]) -> None:
+  print(f'train ({result["attention"]} attention, {result["compute_dtype"]}, T = '
+        f'{result["max_len"]}): {result["step_time_s"] * 1e3:.1f} ms/step, '
+        f'{result["sequences_per_s"]:,.1f} sequences/s, {result["tokens_per_s"]:,.0f} tokens/s, '
+        f'peak {result["peak_memory_bytes"] / 1e9:.3f} GB on {result["devices"]} '
         f'{result["platform"]} device(s)')
-  return result
+  if 'profile' in result:
+    print(profile_lib.format_table(result['profile'], result['step_time_s']))
+
+
+def _sweep_table(results: list[dict[str, Any]]) -> str:
+  """One row per run; `x peak` is the peak memory over the previous row's of the same
+  attention and dtype (a doubling of max_len when the sweep doubles it)."""
+  lines = ['| attention | dtype | max_len | step s | peak GB | x peak | dense-path peak GB |',
+           '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
+  previous: dict[tuple[str, str], int] = {}
+  for r in results:
+    key = (r['attention'], r['compute_dtype'])
+    growth = (f'{r["peak_memory_bytes"] / previous[key]:.2f}' if key in previous else '')
+    previous[key] = r['peak_memory_bytes']
+    lines.append(f'| {r["attention"]} | {r["compute_dtype"]} | {r["max_len"]} | '
+                 f'{r["step_time_s"]:.3f} | {r["peak_memory_bytes"] / 1e9:.3f} | {growth} | '
+                 f'{r["dense_peak_memory_bytes"] / 1e9:.3f} |')
+  return '\n'.join(lines)
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +258,15 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument('--config', default=DEFAULT_CONFIG, help='a config file')
   p.add_argument('--steps', type=int, default=10, help='steps timed')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after the compilation')
+  p.add_argument('--attention', type=_csv(str), default=['auto'],
+                 help='attention of the causal blocks, comma-separated to compare in one run: '
+                      + ', '.join(layers.ATTENTION_IMPLS))
+  p.add_argument('--max-len', type=_csv(int), default=None,
+                 help='comma-separated data.max_len values to sweep (e.g. 128,256,512)')
+  p.add_argument('--dtypes', type=_csv(str), default=None,
+                 help='comma-separated model.compute_dtype values (e.g. float32,bfloat16)')
+  p.add_argument('--profile', action='store_true',
+                 help='also time each component of the step alone (profile.py)')
   p.add_argument('overrides', nargs='*', help='dotted overrides such as train.batch_size=8')
 
 

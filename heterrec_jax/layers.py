@@ -4,9 +4,12 @@ Pure functions (time-gap buckets, masks, attention) and the small modules built 
 (multi-head attention, FFN, post-LN block, a stack of blocks with its own time-gap table).
 
 Every sequence here has the layout `[B, T, K, D]`: T items of K tokens each. The token level
-of HCT uses K = the number of token kinds; the item level uses K = 1. Attention logits are
-computed as `[B, H, T, K, T, K]` and the time-gap bias lives on the T x T item grid,
-`bias_BxHxTxT`, broadcast over the K x K token blocks: a per-token `[B, H, L, L]` table
+of HCT uses K = the number of token kinds; the item level uses K = 1. The dense attention
+(`block_attention`, the reference, and the path of short or non-causal sequences) computes
+`[B, H, T, K, T, K]` logits; the causal stacks of HCT run `causal_attention`, which over more
+than `BLOCK_ITEMS` items is blockwise (`attention.py`: online softmax over blocks of whole items,
+no `L x L` logits in the forward or backward pass). The time-gap bias lives on the T x T item
+grid, `bias_BxHxTxT`, broadcast over the K x K token blocks: a per-token `[B, H, L, L]` table
 (L = T*K) is never built. Masks are booleans (True = may attend) broadcastable to
 `[B, T, K, T, K]` (query item, query kind, key item, key kind).
 
@@ -15,17 +18,27 @@ Parameters name LOGICAL axes only (see `config.DEFAULT_RULES`).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from heterrec_jax import attention as attention_lib
+
 # The log base of the time-gap buckets (as HSTU): bucket = floor(ln(gap) / LOG_STEP).
 LOG_STEP = 0.301
 # A finite "minus infinity" for masked logits (finite so that no row can become NaN).
-NEG_INF = -1e9
+NEG_INF = attention_lib.NEG_INF
+# Items per block of the blockwise attention (`attention.blockwise_attention`): a causal
+# attention over more items than this runs blockwise, over at most this many, dense.
+BLOCK_ITEMS = 32
+# Which attention causal blocks use: 'auto' (blockwise above BLOCK_ITEMS items), 'dense' or
+# 'blockwise'; set by `attention_impl` (benchmarks compare the two in one process).
+ATTENTION_IMPLS = ('auto', 'dense', 'blockwise')
+_attention_impl = 'auto'
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -98,6 +111,37 @@ def block_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD:
   return jnp.einsum('bhtksj,bsjhd->btkhd', probs_BxHxTxKxTxK, v_BxTxKxHxD)
 
 
+@contextlib.contextmanager
+def attention_impl(name: str) -> Iterator[None]:
+  """Within the context, causal blocks TRACED use attention `name` (one of ATTENTION_IMPLS).
+
+  The choice is made when a function is traced: wrap the first call (or the `lower`) of a
+  jitted function, not later calls.
+  """
+  global _attention_impl
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f'attention implementation {name!r} is not one of {ATTENTION_IMPLS}')
+  previous, _attention_impl = _attention_impl, name
+  try:
+    yield
+  finally:
+    _attention_impl = previous
+
+
+def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD: jax.Array,
+                     bias_BxHxTxT: jax.Array, allowed: jax.Array) -> jax.Array:
+  """`block_attention` for item-causal masks (`allowed[b, t, :, s, :]` False for s > t):
+  blockwise over blocks of BLOCK_ITEMS items (no L x L logits, memory linear in T, key blocks
+  after the query block skipped) when the sequence has more items than one block, else dense."""
+  n_items = q_BxTxKxHxD.shape[1]
+  blockwise = (_attention_impl == 'blockwise'
+               or (_attention_impl == 'auto' and n_items > BLOCK_ITEMS))
+  if not blockwise:
+    return block_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD, bias_BxHxTxT, allowed)
+  return attention_lib.blockwise_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD,
+                                           bias_BxHxTxT, allowed, block_items=BLOCK_ITEMS)
+
+
 def dense(d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs: nnx.Rngs,
           use_bias: bool = True) -> nnx.Linear:
   """A Linear layer whose kernel names the logical axes `axes` (its bias: the output axis)."""
@@ -126,10 +170,15 @@ class Mlp(nnx.Module):
 
 
 class MultiHeadAttention(nnx.Module):
-  """Multi-head self-attention over `[B, T, K, D]` with an item-grid bias (eq. 1, 4, 5)."""
+  """Multi-head self-attention over `[B, T, K, D]` with an item-grid bias (eq. 1, 4, 5).
 
-  def __init__(self, d: int, heads: int, *, dtype, rngs: nnx.Rngs):
+  `causal=True` promises item-causal masks and lets it run `causal_attention` (blockwise for
+  long sequences); otherwise it runs the dense `block_attention` (any mask).
+  """
+
+  def __init__(self, d: int, heads: int, *, dtype, rngs: nnx.Rngs, causal: bool = False):
     self.heads = heads
+    self.causal = causal
     self.query = dense(d, d, ('embed', 'mlp'), dtype, rngs)
     self.key = dense(d, d, ('embed', 'mlp'), dtype, rngs)
     self.value = dense(d, d, ('embed', 'mlp'), dtype, rngs)
@@ -140,7 +189,8 @@ class MultiHeadAttention(nnx.Module):
     *lead, d = x_BxTxKxD.shape
     split = lambda y: y.reshape(*lead, self.heads, d // self.heads)
     q, k, v = (split(f(x_BxTxKxD)) for f in (self.query, self.key, self.value))
-    out_BxTxKxHxDh = block_attention(q, k, v, bias_BxHxTxT, allowed)
+    attend = causal_attention if self.causal else block_attention
+    out_BxTxKxHxDh = attend(q, k, v, bias_BxHxTxT, allowed)
     return self.out(out_BxTxKxHxDh.reshape(*lead, d))
 
 
@@ -148,8 +198,8 @@ class TransformerBlock(nnx.Module):
   """Post-LN block (eq. 6-7): `x = LN(x + Drop(MHA(x))); x = LN(x + Drop(FFN(x)))`."""
 
   def __init__(self, d: int, heads: int, ffn_mult: int, dropout: float, *, dtype,
-               rngs: nnx.Rngs):
-    self.attention = MultiHeadAttention(d, heads, dtype=dtype, rngs=rngs)
+               rngs: nnx.Rngs, causal: bool = False):
+    self.attention = MultiHeadAttention(d, heads, dtype=dtype, rngs=rngs, causal=causal)
     self.ffn = Mlp(d, ffn_mult * d, d, dtype=dtype, rngs=rngs)
     self.norm1 = layer_norm(d, dtype, rngs)
     self.norm2 = layer_norm(d, dtype, rngs)
@@ -165,14 +215,16 @@ class TransformerBlock(nnx.Module):
 class CausalStack(nnx.Module):
   """`n_blocks` transformer blocks of width `d` sharing one learned time-gap table `[B_t, h]`.
 
-  The bias is computed once per call on the item grid and reused by every block.
+  The bias is computed once per call on the item grid and reused by every block. Its masks must
+  be item-causal (every mask of this module is): the blocks run `causal_attention`.
   """
 
   def __init__(self, d: int, n_blocks: int, *, heads: int, ffn_mult: int, dropout: float,
                time_buckets: int, dtype, rngs: nnx.Rngs):
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), ('buckets', 'heads'))
     self.time_gap = nnx.Param(init(rngs.params(), (time_buckets, heads), jnp.float32))
-    self.blocks = nnx.List([TransformerBlock(d, heads, ffn_mult, dropout, dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([TransformerBlock(d, heads, ffn_mult, dropout, dtype=dtype, rngs=rngs,
+                                             causal=True)
                             for _ in range(n_blocks)])
 
   def __call__(self, x_BxTxKxD: jax.Array, ts_BxT: jax.Array, allowed: jax.Array) -> jax.Array:

@@ -35,6 +35,33 @@ def test_bench_train_reports_cost_memory_and_host_overhead(tiny_data, capsys):
   assert result['sequences_per_s'] == pytest.approx(16 / result['step_time_s'])
   assert result['minor_page_faults_per_step'] >= 0
   assert result['system_cpu_fraction'] is None or 0.0 <= result['system_cpu_fraction'] <= 1.0
+  assert result['attention'] == 'auto' and result['compute_dtype'] == 'float32'
+  assert result['dense_peak_memory_bytes'] > 0 and result['xla_flops_per_step'] > 0
+
+
+def test_bench_train_sweep(tiny_data, capsys):
+  """--max-len x --dtypes x --attention: one run each in one process, a table and one JSON."""
+  assert bench.main(['train', '--config', TINY, '--steps', '1', '--warmup', '1', '--max-len',
+                     '4,8', '--dtypes', 'bfloat16', '--attention', 'dense',
+                     f'data.path={tiny_data}']) == 0
+  out = capsys.readouterr().out
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['benchmark'] == 'train_sweep'
+  runs = [(r['max_len'], r['compute_dtype'], r['attention']) for r in result['runs']]
+  assert runs == [(4, 'bfloat16', 'dense'), (8, 'bfloat16', 'dense')]
+  assert '| dense | bfloat16 | 8 |' in out
+
+
+def test_bench_train_profile(tiny_data, capsys):
+  assert bench.main(['train', '--config', TINY, '--steps', '1', '--warmup', '1', '--profile',
+                     '--attention', 'blockwise', f'data.path={tiny_data}']) == 0
+  profile = _last_json(capsys)['profile']
+  for name in ('forward_backward', 'loss', 'embeddings', 'token_attention', 'item_blocks',
+               'optimizer'):
+    assert profile[name]['time_s'] > 0 and profile[name]['calls'] >= 1, name
+  assert profile['token_layer_norm']['calls'] == 2 * load_config(TINY).model.n1
+  # The attention core is the blockwise program (a loop), not the dense one.
+  assert profile['token_attention']['flops'] < profile['token_blocks']['flops']
 
 
 def test_bench_data_reports_windows_per_second(tiny_data, capsys):
@@ -48,6 +75,7 @@ def test_bench_data_reports_windows_per_second(tiny_data, capsys):
 @pytest.mark.parametrize('argv', [
     ['train', '--config', TINY, '--steps', '0'],
     ['train', '--config', TINY, 'model.heads=3'],
+    ['train', '--config', TINY, '--attention', 'flash'],
     ['data', '--input', '/nonexistent/folder'],
     ['data', '--input', '.', '--batches', '0'],
 ])

@@ -1,0 +1,152 @@
+"""Blockwise (flash-style) attention for item-causal masks with an item-grid bias.
+
+`blockwise_attention` computes exactly what `layers.block_attention` computes,
+`softmax((Q K^T + P_tg) / sqrt(d_head) + M) V` over `[B, T, K, H, D]` sequences, without ever
+building the `[B, H, T, K, T, K]` logits: the T items are cut into blocks of `block_items`
+whole items, and for each query block an online softmax (running max, running sum, running
+output) visits the key blocks at or before it. The bias `[B, H, T, T]` and the mask are sliced
+per (query block, key block) pair from the item grid. The backward pass is a custom VJP that
+recomputes each block's probabilities from the saved log-sum-exp (FlashAttention-2), so the
+memory of both passes is linear in T for a fixed block size (plus the item-grid bias and mask,
+T x T, which the caller holds anyway and which are K^2 times smaller than the logits).
+
+Contract: the mask is item-causal (`allowed[b, t, :, s, :]` is False for s > t); key blocks after
+the query block are skipped, not computed. Every mask of `layers` obeys it (block-causal,
+item-causal, token-causal); a bidirectional mask (BERT4Rec) must use the dense path.
+Masked logits are the same finite `NEG_INF` as the dense path, so a padded item that attends
+its own tokens only gives the same result, and no row is ever NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = -1e9  # = layers.NEG_INF (layers imports this module, so it cannot import layers)
+
+
+def blockwise_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD: jax.Array,
+                        bias_BxHxTxT: jax.Array, allowed: jax.Array, *,
+                        block_items: int = 32) -> jax.Array:
+  """Drop-in for `layers.block_attention` (same arguments and result) for item-causal masks.
+
+  `bias_BxHxTxT` broadcastable to `[B, H, T, T]`; `allowed` a 5-d bool broadcastable to
+  `[B, T, K, T, K]`. T is padded up to a multiple of `block_items` (padded keys are masked).
+  """
+  b, t, k, h, d = q_BxTxKxHxD.shape
+  bt = min(block_items, t)
+  n = -(-t // bt)
+  pad = n * bt - t
+  bias_BxHxTpxTp = jnp.pad(jnp.broadcast_to(bias_BxHxTxT.astype(jnp.float32), (b, h, t, t)),
+                           ((0, 0), (0, 0), (0, pad), (0, pad)))
+  allowed = jnp.broadcast_to(allowed, (b, t, allowed.shape[2], t, allowed.shape[4]))
+  allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, 0), (0, pad), (0, 0)))
+
+  def to_blocks(x_BxTxKxHxD):  # -> [n, B, H, bt, K, D]
+    x = jnp.pad(x_BxTxKxHxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    return x.reshape(b, n, bt, k, h, d).transpose(1, 0, 4, 2, 3, 5)
+
+  out_NxBxHxtxKxD = _flash(to_blocks(q_BxTxKxHxD), to_blocks(k_BxTxKxHxD),
+                           to_blocks(v_BxTxKxHxD), bias_BxHxTpxTp, allowed)
+  out_BxTxKxHxD = out_NxBxHxtxKxD.transpose(1, 0, 3, 4, 2, 5).reshape(b, n * bt, k, h, d)
+  return out_BxTxKxHxD[:, :t]
+
+
+def _block_logits(q_BxHxtxKxD, k_BxHxtxKxD, bias_BxHxTxT, allowed, i, j):
+  """Masked, scaled float32 logits of query block i against key block j, `[B, H, t, K, t, K]`,
+  and the mask block `[B, 1, t, A, t, C]`."""
+  b, h, bt, _, d = q_BxHxtxKxD.shape
+  logits = jnp.einsum('bhtkd,bhsjd->bhtksj', q_BxHxtxKxD, k_BxHxtxKxD,
+                      preferred_element_type=jnp.float32)
+  bias_BxHxtxt = lax.dynamic_slice(bias_BxHxTxT, (0, 0, i * bt, j * bt), (b, h, bt, bt))
+  logits = (logits + bias_BxHxtxt[:, :, :, None, :, None]) / math.sqrt(d)
+  a, c = allowed.shape[2], allowed.shape[4]
+  ok = lax.dynamic_slice(allowed, (0, i * bt, 0, j * bt, 0), (b, bt, a, bt, c))[:, None]
+  return jnp.where(ok, logits, NEG_INF), ok
+
+
+def _forward_block(q_BxHxtxKxD, i, k_NxBxHxtxKxD, v_NxBxHxtxKxD, bias, allowed):
+  """Online softmax of query block i over key blocks 0..i: (output `[B, H, t, K, D]` in v's
+  dtype, log-sum-exp `[B, H, t, K]` float32)."""
+  shape = q_BxHxtxKxD.shape[:-1]
+  v_dtype = v_NxBxHxtxKxD.dtype
+
+  def body(j, carry):
+    m, l, acc = carry
+    s, _ = _block_logits(q_BxHxtxKxD, k_NxBxHxtxKxD[j], bias, allowed, i, j)
+    m_new = jnp.maximum(m, s.max(axis=(-2, -1)))
+    p = jnp.exp(s - m_new[..., None, None])
+    scale = jnp.exp(m - m_new)
+    pv = jnp.einsum('bhtksj,bhsjd->bhtkd', p.astype(v_dtype), v_NxBxHxtxKxD[j],
+                    preferred_element_type=jnp.float32)
+    return m_new, l * scale + p.sum(axis=(-2, -1)), acc * scale[..., None] + pv
+
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(q_BxHxtxKxD.shape, jnp.float32))
+  m, l, acc = lax.fori_loop(0, i + 1, body, init)
+  return (acc / l[..., None]).astype(v_dtype), m + jnp.log(l)
+
+
+def _forward(q, k, v, bias, allowed):
+  def step(_, xs):
+    q_i, i = xs
+    return None, _forward_block(q_i, i, k, v, bias, allowed)
+
+  _, (out, lse) = lax.scan(step, None, (q, jnp.arange(q.shape[0])))
+  return out, lse
+
+
+@jax.custom_vjp
+def _flash(q, k, v, bias, allowed):
+  return _forward(q, k, v, bias, allowed)[0]
+
+
+def _flash_fwd(q, k, v, bias, allowed):
+  out, lse = _forward(q, k, v, bias, allowed)
+  return out, (q, k, v, bias, allowed, out, lse)
+
+
+def _backward_pair(q_i, do_i, lse_i, delta_i, k_j, v_j, bias, allowed, i, j):
+  """Gradients of one (query block i, key block j) pair: (dq_i, dk_j, dv_j, dbias_ij)."""
+  s, ok = _block_logits(q_i, k_j, bias, allowed, i, j)
+  p = jnp.exp(s - lse_i[..., None, None])
+  f32 = jnp.float32
+  dv_j = jnp.einsum('bhtksj,bhtkd->bhsjd', p.astype(do_i.dtype), do_i, preferred_element_type=f32)
+  dp = jnp.einsum('bhtkd,bhsjd->bhtksj', do_i, v_j, preferred_element_type=f32)
+  ds = jnp.where(ok, p * (dp - delta_i[..., None, None]), 0.0) / math.sqrt(q_i.shape[-1])
+  dq_i = jnp.einsum('bhtksj,bhsjd->bhtkd', ds.astype(k_j.dtype), k_j, preferred_element_type=f32)
+  dk_j = jnp.einsum('bhtksj,bhtkd->bhsjd', ds.astype(q_i.dtype), q_i, preferred_element_type=f32)
+  return dq_i, dk_j, dv_j, ds.sum(axis=(3, 5))
+
+
+def _flash_bwd(res, do):
+  q, k, v, bias, allowed, out, lse = res
+  n, bt = q.shape[0], q.shape[3]
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+  def outer(i, carry):
+    dq, dk, dv, dbias = carry
+
+    def inner(j, c):
+      dq_i, dk, dv, dbias = c
+      dq_ij, dk_j, dv_j, dbias_ij = _backward_pair(q[i], do[i], lse[i], delta[i], k[j], v[j],
+                                                   bias, allowed, i, j)
+      dk = dk.at[j].add(dk_j)
+      dv = dv.at[j].add(dv_j)
+      dbias = lax.dynamic_update_slice(dbias, dbias_ij, (0, 0, i * bt, j * bt))
+      return dq_i + dq_ij, dk, dv, dbias
+
+    init = (jnp.zeros(q.shape[1:], jnp.float32), dk, dv, dbias)
+    dq_i, dk, dv, dbias = lax.fori_loop(0, i + 1, inner, init)
+    return dq.at[i].set(dq_i), dk, dv, dbias
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  dq, dk, dv, dbias = lax.fori_loop(0, n, outer, (zeros(q), zeros(k), zeros(v), zeros(bias)))
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias.astype(bias.dtype),
+          None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

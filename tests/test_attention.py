@@ -1,0 +1,159 @@
+"""Blockwise attention (attention.py) against the dense `layers.block_attention`: forward and
+gradients (q, k, v, the time-gap table) within 1e-5 on 1 and 8 devices, no L x L buffer, and the
+model's causality-by-gradient tests rerun with blockwise attention forced."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from heterrec_jax import attention, layers, sharding
+from heterrec_jax.config import MeshConfig
+from tests import test_model
+
+
+def _inputs(seed, b=2, t=7, k=3, h=2, d=4, dtype=np.float32):
+  """q, k, v `[B, T, K, H, D]`, a time-gap table, timestamps and a left-padded item mask."""
+  rng = np.random.default_rng(seed)
+  q, kk, v = (rng.normal(size=(b, t, k, h, d)).astype(dtype) for _ in range(3))
+  table = rng.normal(size=(16, h)).astype(np.float32)
+  ts = np.cumsum(rng.choice([0, 5, 3600, 10**6], size=(b, t)), axis=1).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  mask[0, :3] = False  # left padding: padded items attend their own tokens only
+  return q, kk, v, table, ts, mask
+
+
+def _loss(attend, q, k, v, table, ts, allowed):
+  """A non-linear scalar of the attention output, so every gradient is exercised."""
+  out = attend(q, k, v, layers.time_gap_bias(table, ts), allowed)
+  return jnp.sum(jnp.sin(out.astype(jnp.float32) + 1.0) * out.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=('block_items',))
+def _value_and_grads(q, k, v, table, ts, allowed, block_items):
+  """(output, (dq, dk, dv, dtable)); block_items=0: the dense reference."""
+  attend = (layers.block_attention if block_items == 0 else
+            functools.partial(attention.blockwise_attention, block_items=block_items))
+  out = attend(q, k, v, layers.time_gap_bias(table, ts), allowed)
+  grads = jax.grad(functools.partial(_loss, attend), argnums=(0, 1, 2, 3))(q, k, v, table, ts,
+                                                                           allowed)
+  return out, grads
+
+
+def _assert_close(got, want, atol=1e-5):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=atol, atol=atol)
+
+
+@pytest.mark.parametrize('mask_kind', ['block_causal', 'token_causal', 'fully_padded'])
+@pytest.mark.parametrize('block_items', [1, 3, 7])  # 3: T = 7 is padded to 9
+def test_blockwise_equals_dense_forward_and_gradients(mask_kind, block_items):
+  q, k, v, table, ts, mask = _inputs(0)
+  if mask_kind == 'fully_padded':
+    mask[1] = False
+  allowed = (layers.token_causal_mask(mask, 3) if mask_kind == 'token_causal'
+             else layers.block_causal_mask(mask))
+  want = _value_and_grads(q, k, v, table, ts, allowed, 0)
+  got = _value_and_grads(q, k, v, table, ts, allowed, block_items)
+  chex.assert_tree_all_finite(got)
+  _assert_close(got, want)
+
+
+def test_blockwise_item_level_k1_equals_dense():
+  q, k, v, table, ts, mask = _inputs(1, t=9, k=1)
+  allowed = layers.block_causal_mask(mask)
+  _assert_close(_value_and_grads(q, k, v, table, ts, allowed, 4),
+                _value_and_grads(q, k, v, table, ts, allowed, 0))
+
+
+def test_blockwise_equals_dense_on_8_devices():
+  assert jax.device_count() == 8
+  q, k, v, table, ts, mask = _inputs(2, b=8)
+  allowed = layers.block_causal_mask(mask)
+  want = _value_and_grads(q, k, v, table, ts, allowed, 0)  # one device
+  mesh = sharding.make_mesh(MeshConfig(data=8, model=1))  # the trainer's mesh
+  batch = lambda x: jax.device_put(x, NamedSharding(mesh, P('data')))
+  args = (batch(q), batch(k), batch(v), jax.device_put(table, NamedSharding(mesh, P())),
+          batch(ts), batch(allowed))
+  got = _value_and_grads(*args, 3)
+  assert len(got[0].sharding.device_set) == 8
+  _assert_close(got, want)
+
+
+def test_blockwise_bfloat16_close_to_dense():
+  q, k, v, table, ts, mask = _inputs(3, dtype=jnp.bfloat16)
+  allowed = layers.block_causal_mask(mask)
+  got = _value_and_grads(q, k, v, table, ts, allowed, 3)
+  assert got[0].dtype == jnp.bfloat16 and got[1][0].dtype == jnp.bfloat16
+  _assert_close(got, _value_and_grads(q, k, v, table, ts, allowed, 0), atol=5e-2)
+
+
+def test_blockwise_never_builds_the_token_logits():
+  """The compiled forward + backward holds less than ONE dense `[B, H, L, L]` float32 logits
+  tensor in temporaries (the dense path holds several)."""
+  b, t, k, h, d = 1, 64, 6, 1, 8
+  args = [jnp.zeros((b, t, k, h, d))] * 3 + [jnp.zeros((b, h, t, t)),
+                                             layers.block_causal_mask(jnp.ones((b, t), bool))]
+  logits_bytes = 4 * b * h * (t * k) ** 2
+
+  def temp_bytes(attend):
+    loss = lambda q, kk, v, bias, allowed: jnp.sum(attend(q, kk, v, bias, allowed))
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(layers.block_attention) > 2 * logits_bytes
+  assert temp_bytes(functools.partial(attention.blockwise_attention, block_items=8)) < (
+      logits_bytes / 4)
+
+
+def test_causal_attention_dispatch():
+  q, k, v, table, ts, mask = _inputs(4, t=3)
+  args = (q, k, v, layers.time_gap_bias(table, ts), layers.block_causal_mask(mask))
+  # A fresh jit each time: the choice is made at tracing, and jit caches traces.
+  hlo = lambda: jax.jit(lambda *a: layers.causal_attention(*a)).lower(*args).as_text()
+  assert 'while' not in hlo()  # 3 items <= BLOCK_ITEMS: dense
+  with layers.attention_impl('blockwise'):
+    assert 'while' in hlo()
+  with pytest.raises(ValueError, match='attention implementation'):
+    with layers.attention_impl('flash'):
+      pass
+
+
+@pytest.mark.parametrize('test', [test_model.test_token_level_is_block_causal_by_gradients,
+                                  test_model.test_user_output_is_causal_by_gradients,
+                                  test_model.test_padded_items_are_invisible_by_gradients,
+                                  test_model.test_item_level_is_causal_by_gradients,
+                                  test_model.test_no_hct_token_does_not_see_later_tokens])
+def test_model_causality_by_gradients_with_blockwise_attention(test, monkeypatch):
+  """The model tests' T = 4 items in blocks of 3: two blocks, the second one padded."""
+  monkeypatch.setattr(layers, 'BLOCK_ITEMS', 3)
+  with layers.attention_impl('blockwise'):
+    test()
+
+
+def test_causal_stack_blockwise_equals_dense_with_parameter_gradients(monkeypatch):
+  """A whole CausalStack (projections, bias table, LayerNorms): output and every parameter
+  gradient, blockwise (blocks of 2 of the 5 items) against dense."""
+  monkeypatch.setattr(layers, 'BLOCK_ITEMS', 2)
+  with nnx.use_eager_sharding(False):
+    stack = layers.CausalStack(8, 2, heads=2, ffn_mult=2, dropout=0.0, time_buckets=16,
+                               dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(5).normal(size=(2, 5, 3, 8)).astype(np.float32)
+  _, _, _, _, ts, mask = _inputs(5, t=5)
+  allowed = layers.block_causal_mask(mask)
+  graphdef, states = nnx.split(stack)
+
+  def run(impl):
+    def value_and_grad(states, x):
+      loss = lambda s, x: jnp.sum(jnp.sin(s(x, ts, allowed)))
+      return nnx.value_and_grad(loss, argnums=(0, 1))(nnx.merge(graphdef, states), x)
+    with layers.attention_impl(impl):
+      return jax.jit(value_and_grad)(states, x)
+
+  _assert_close(run('blockwise'), run('dense'))
