@@ -8,8 +8,10 @@ The protocol of the baselines' configs (configs/ml100k_*.py): every training tar
 epoch ('all' windows of T + N_step), a softmax over the whole catalogue with raw dot products,
 Adam at a constant 1e-3, early stopping on validation nDCG@10. Model: d = 64 (d_f = 32),
 N1 = N2 = 1, dropout 0.5, with the two options that carry to any dataset with item ids (a free
-per-item vector in V, item-level positions). The baselines: `model.name=` is not enough, use
-their own files (their widths and dropout differ). Figures and wall time: docs/results.md.
+per-item vector in V, item-level positions). 700 steps (25 epochs) fit the 15-minute budget of
+a 2-core CPU; HeterRec is still improving there (docs/results.md), so on an accelerator raise
+train.steps and let early stopping end the run. The baselines: use their own files
+(configs/ml100k_*.py; their widths and dropout differ).
 """
 
 from heterrec_jax.config import (Config, DataConfig, EvalConfig, LossConfig, ModelConfig,
@@ -24,7 +26,7 @@ def get_config() -> Config:
       loss=LossConfig(n_step=3, negatives='all', token_negatives='uniform', scoring='dot',
                       tau=1.0, w_tok=0.1),
       optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule='constant', clip_norm=0.0, b2=0.999),
-      train=TrainConfig(steps=3000, batch_size=128, eval_every=100, patience=5,
+      train=TrainConfig(steps=700, batch_size=128, eval_every=100, patience=5,
                         checkpoint_every=100, log_every=20),
       eval=EvalConfig(batch_size=256),
   )

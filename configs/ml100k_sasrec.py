@@ -7,7 +7,9 @@
 RecBole's settings: d = 64, 2 layers, 2 heads, GELU FFN 4x, dropout 0.5 (hidden and
 attention), T = 50, cross-entropy over all items with raw dot products, Adam lr 1e-3 (no decay,
 no clipping). Ours differs where windows make it cheaper: every training target once per epoch
-as windows of T + 1 ('all'), batches of 128 windows; early stopping on validation nDCG@10.
+in windows of T + 1 ('all') 25 apart, each counting the targets of its last 25 inputs (so every
+target has >= 25 events of context; stride 25 beat stride 50 on validation nDCG@10, 0.0685 vs
+0.0671, one seed each), batches of 128 windows; early stopping on validation nDCG@10.
 Figures and wall time: docs/results.md.
 """
 
@@ -17,7 +19,7 @@ from heterrec_jax.config import (Config, DataConfig, EvalConfig, LossConfig, Mod
 
 def get_config() -> Config:
   return Config(
-      data=DataConfig(path='data/ml100k', max_len=50, window='all'),
+      data=DataConfig(path='data/ml100k', max_len=50, window='all', stride=25),
       model=ModelConfig(name='sasrec', d_k=64, d_f=64, heads=2, n1=1, n2=1, ffn_mult=4,
                         dropout=0.5),
       loss=LossConfig(negatives='all', scoring='dot', tau=1.0),
