@@ -31,6 +31,7 @@ import numpy as np
 
 from heterrec_jax import lmp, negatives as negatives_lib, softmax
 from heterrec_jax.config import Config, LossConfig
+from heterrec_jax.interface import RetrievalModel
 
 LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -69,7 +70,7 @@ def _multi_step(queries_BxTxD: jax.Array, targets: jax.Array, batch: dict[str, j
   return pooled, steps_N
 
 
-def make(cfg: Config, model: Any, item_tokens: np.ndarray,
+def make(cfg: Config, model: RetrievalModel, item_tokens: np.ndarray,
          log_freq: np.ndarray | None = None) -> LossFn:
   """The loss of `cfg.model.name` under `cfg.loss` (module docstring).
 

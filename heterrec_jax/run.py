@@ -21,6 +21,7 @@ from heterrec_jax import workdir as workdir_lib
 from heterrec_jax.checkpoint import CheckpointError, Checkpointer
 from heterrec_jax.config import Config, ConfigError, load_saved_config
 from heterrec_jax.data.dataset import Dataset
+from heterrec_jax.interface import RetrievalModel
 from heterrec_jax.model import HeterRec
 
 
@@ -41,7 +42,7 @@ def load_dataset(cfg: Config, workdir: pathlib.Path, progress: bool = True) -> D
   return Dataset.load(folder)
 
 
-def build_model(cfg: Config, dataset: Dataset, seed: int) -> nnx.Module:
+def build_model(cfg: Config, dataset: Dataset, seed: int) -> RetrievalModel:
   """HeterRec, or the baseline named by `model.name` (`baselines.py`)."""
   if cfg.model.name != 'heterrec':
     return baselines.build_baseline(dataset.schema, cfg.model, cfg.loss, nnx.Rngs(seed),
