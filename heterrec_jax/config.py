@@ -180,6 +180,9 @@ class LossConfig:
     _check_in('loss.scoring', self.scoring, ('cosine', 'dot'))
     _check_positive('loss.pool_size', self.pool_size)
     _check_positive('loss.n_uniform', self.n_uniform)
+    if self.log_q and self.negatives not in ('in_batch', 'mixed'):
+      raise ConfigError(f'loss.log_q=True corrects in-batch sampling; it needs loss.negatives '
+                        f"'in_batch' or 'mixed', not {self.negatives!r}")
     _check_positive('loss.lambda_m', self.lambda_m, allow_zero=True)
     _check_positive('loss.w_tok', self.w_tok, allow_zero=True)
 

@@ -77,7 +77,6 @@ def make(cfg: Config, model: RetrievalModel, item_tokens: np.ndarray,
   `item_tokens`: the dataset's token table `[n_items + 1, S]` (the catalogue sources encode
   items from it); `log_freq`: `negatives.training_log_freq` (needed when loss.log_q is on).
   """
-  negatives_lib.check(cfg.loss)
   tokens = jnp.asarray(item_tokens)
   n_items = int(item_tokens.shape[0]) - 1
   freq = None if log_freq is None else jnp.asarray(log_freq)

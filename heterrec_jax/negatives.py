@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heterrec_jax.config import ConfigError, LossConfig
+from heterrec_jax.config import LossConfig
 
 BATCH_SOURCES = ('in_batch', 'mixed', 'batch_pool')
 CATALOGUE_SOURCES = ('all', 'uniform', 'mixed')
@@ -55,13 +55,6 @@ class Negatives:
     if self.n_uniform:
       parts.append(jnp.full(items.shape, np.log(self.n_uniform / self.n_items), jnp.float32))
     return jax.nn.logsumexp(jnp.stack(parts), axis=0)
-
-
-def check(cfg: LossConfig) -> None:
-  """log-Q needs a sampled in-batch source."""
-  if cfg.log_q and cfg.negatives not in ('in_batch', 'mixed'):
-    raise ConfigError(f'loss.log_q=True corrects in-batch sampling; it needs loss.negatives '
-                      f"'in_batch' or 'mixed', not {cfg.negatives!r}")
 
 
 def sample_pool(mask_BxW: jax.Array, pool_size: int, rng: jax.Array) -> tuple[jax.Array,

@@ -181,9 +181,10 @@ def test_training_log_freq():
   np.testing.assert_allclose(np.exp(got[1:]), counts[1:] / counts[1:].sum(), rtol=1e-6)
 
 
-def test_log_q_needs_an_in_batch_source():
+@pytest.mark.parametrize('source', ['all', 'uniform', 'same_position', 'batch_pool'])
+def test_log_q_needs_an_in_batch_source(source):
   with pytest.raises(ConfigError, match='log_q'):
-    negatives_lib.check(LossConfig(negatives='all', log_q=True))
+    LossConfig(negatives=source, log_q=True)
 
 
 class _TableModel:
