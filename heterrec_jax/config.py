@@ -155,6 +155,9 @@ class LossConfig:
   pool_size: int = 1024
   # Items drawn per step for negatives='uniform' and 'mixed'.
   n_uniform: int = 128
+  # negatives='all': the catalogue's logits are reduced in chunks of at most this many MiB
+  # of float32 per step (forward and backward), whatever the catalogue's size.
+  logits_budget_mb: int = 256
   # Subtract log(expected count in the candidate set) from every logit of in-batch candidates
   # and positives (log-Q correction of the popularity bias of in-batch negatives).
   log_q: bool = False
@@ -180,6 +183,7 @@ class LossConfig:
     _check_in('loss.scoring', self.scoring, ('cosine', 'dot'))
     _check_positive('loss.pool_size', self.pool_size)
     _check_positive('loss.n_uniform', self.n_uniform)
+    _check_positive('loss.logits_budget_mb', self.logits_budget_mb)
     if self.log_q and self.negatives not in ('in_batch', 'mixed'):
       raise ConfigError(f'loss.log_q=True corrects in-batch sampling; it needs loss.negatives '
                         f"'in_batch' or 'mixed', not {self.negatives!r}")

@@ -151,11 +151,41 @@ def step_loss(pos_xBxT: jax.Array, neg_xBxTxN: jax.Array, neg_ok_xBxTxN: jax.Arr
   return total / _count(counted_xBxT)
 
 
-def catalogue_step_loss(pos_xBxT: jax.Array, all_xBxTxN: jax.Array, counted_xBxT: jax.Array,
+def catalogue_logsumexp(q_xBxTxD: jax.Array, vectors_CxD: jax.Array, tau: float,
+                        rows: int) -> jax.Array:
+  """`logsumexp_c(<q, v_c> / tau)` over the whole catalogue, `[..., B, T]`, `rows` catalogue
+  rows at a time: an online logsumexp over chunks (`lax.scan`), each chunk's logits recomputed
+  in the backward pass (`jax.checkpoint`), so at most `[..., B, T, rows]` logits exist at once.
+  """
+  c, d = vectors_CxD.shape
+  if rows >= c:
+    return jax.nn.logsumexp(jnp.einsum('...d,cd->...c', q_xBxTxD, vectors_CxD) / tau, axis=-1)
+  n_chunks = -(-c // rows)
+  padded_KxRxD = jnp.pad(vectors_CxD, ((0, n_chunks * rows - c), (0, 0))).reshape(n_chunks,
+                                                                                  rows, d)
+  real_KxR = (jnp.arange(n_chunks * rows) < c).reshape(n_chunks, rows)
+
+  @jax.checkpoint
+  def chunk(carry, xs):
+    top, total = carry
+    v_RxD, real_R = xs
+    logits = jnp.einsum('...d,rd->...r', q_xBxTxD, v_RxD) / tau
+    logits = jnp.where(real_R, logits, NEG_INF)
+    new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+    total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[..., None]), -1)
+    return (new_top, total), None
+
+  shape = q_xBxTxD.shape[:-1]
+  init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32))
+  (top, total), _ = jax.lax.scan(chunk, init, (padded_KxRxD, real_KxR))
+  return top + jnp.log(total)
+
+
+def catalogue_step_loss(pos_xBxT: jax.Array, lse_xBxT: jax.Array, counted_xBxT: jax.Array,
                         tau: float, null_logit_c: float) -> jax.Array:
   """`step_loss` when the candidates are the whole catalogue (the positive among them):
-  `log(c + sum_all e^{s/tau}) - s+/tau`, no mask (the same value, one pass cheaper)."""
-  lse_xBxT = jax.nn.logsumexp(all_xBxTxN / tau, axis=-1)
+  `log(c + sum_all e^{s/tau}) - s+/tau` from the catalogue's logsumexp, no mask (the same
+  value, one pass cheaper)."""
   if null_logit_c > 0:
     lse_xBxT = jnp.logaddexp(lse_xBxT, math.log(null_logit_c))
   total = jnp.sum(jnp.where(counted_xBxT, lse_xBxT - pos_xBxT / tau, 0.0), axis=(-2, -1))
@@ -184,8 +214,12 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
   """The step losses `[N]` of one level (the items or one token kind) and the fraction of
   valid positions each step counted `[N]` (1 where the gate is off). Queries at input
   positions before `count_from_B` (a window's context, `pipeline`) are not counted."""
-  n, _, t, _ = queries_NxBxTxD.shape
-  pos_NxBxT, neg_NxBxTxC = lmp_step_logits(queries_NxBxTxD, targets_BxWxD, shared)
+  n, b, t, _ = queries_NxBxTxD.shape
+  whole = shared is not None and shared.whole_catalogue
+  if whole:  # the catalogue's logits are reduced in chunks, never held at once
+    pos_NxBxT = jnp.einsum('nbtd,nbtd->nbt', queries_NxBxTxD, _shifted(targets_BxWxD, n, t))
+  else:
+    pos_NxBxT, neg_NxBxTxC = lmp_step_logits(queries_NxBxTxD, targets_BxWxD, shared)
   valid_NxBxT = counted_queries(mask_BxW, t, count_from_B)[None] & _shifted(mask_BxW, n, t)
   counted_NxBxT = valid_NxBxT
   if cfg.gate and n > 1:
@@ -193,8 +227,10 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
     gate_xBxT = margin_gate(pos_NxBxT[:-1], pos_NxBxT[1:], cfg.tau, cfg.lambda_m)
     later_xBxT = valid_NxBxT[1:] & valid_NxBxT[:-1] & gate_xBxT
     counted_NxBxT = jnp.concatenate([valid_NxBxT[:1], later_xBxT])
-  if shared is not None and shared.whole_catalogue:
-    losses_N = catalogue_step_loss(pos_NxBxT, neg_NxBxTxC, counted_NxBxT, cfg.tau,
+  if whole:
+    rows = max(1, cfg.logits_budget_mb * 2**20 // (4 * n * b * t))
+    lse_NxBxT = catalogue_logsumexp(queries_NxBxTxD, shared.vectors, cfg.tau, rows)
+    losses_N = catalogue_step_loss(pos_NxBxT, lse_NxBxT, counted_NxBxT, cfg.tau,
                                    cfg.null_logit_c)
   else:
     ok_NxBxTxC = negative_mask(keys, mask_BxW, n, t, shared)

@@ -290,3 +290,32 @@ def test_count_from_leaves_a_window_s_context_uncounted():
   none, _ = lmp.lmp_loss(outputs, {**batch, 'count_from': np.full(B, T, np.int32)}, (), cfg,
                          negatives)
   assert float(none) == 0.0
+
+
+@pytest.mark.parametrize('rows', [1, 4, 9, 100])
+def test_catalogue_logsumexp_in_chunks_equals_the_full_one(rows):
+  """Forward and gradients (queries and item vectors) equal the one-pass logsumexp, for chunk
+  sizes that divide the catalogue, do not, and exceed it."""
+  rng = np.random.default_rng(9)
+  q = jnp.asarray(rng.normal(size=(N, B, T, D)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(N_ITEMS, D)), jnp.float32)
+  full = lambda q, v: jax.nn.logsumexp(jnp.einsum('nbtd,cd->nbtc', q, v) / 0.3, -1)
+  chunked = lambda q, v: lmp.catalogue_logsumexp(q, v, 0.3, rows)
+  np.testing.assert_allclose(chunked(q, v), full(q, v), rtol=1e-5, atol=1e-5)
+  weights = jnp.asarray(rng.normal(size=(N, B, T)), jnp.float32)
+  grads = lambda f: jax.grad(lambda q, v: jnp.sum(f(q, v) * weights), argnums=(0, 1))(q, v)
+  for got, want in zip(grads(chunked), grads(full)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_all_source_in_chunks_matches_reference(monkeypatch):
+  """The LMP loss over the whole catalogue reduced 2 rows at a time equals the reference."""
+  real = lmp.catalogue_logsumexp
+  monkeypatch.setattr(lmp, 'catalogue_logsumexp', lambda q, v, tau, rows: real(q, v, tau, 2))
+  outputs, batch, catalogue = _example(10)
+  cfg = LossConfig(negatives='all', tau=0.2, n_step=N, w_tok=0.5, lambda_m=0.5)
+  negatives = negatives_lib.sample(cfg, jnp.asarray(batch['mask']), N_ITEMS, jax.random.key(0))
+  cat = {'vectors': catalogue['vectors'], 'slots': catalogue['slots'], 'tokens': ITEM_TOKENS[1:]}
+  loss, _ = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, negatives, cat)
+  np.testing.assert_allclose(float(loss), _lmp_ref(outputs, batch, catalogue, negatives, cfg),
+                             rtol=2e-5)
