@@ -23,7 +23,7 @@ Which loss (SPEC 6 and 8), every one under `loss.negatives` (`negatives.py`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,11 @@ from heterrec_jax import lmp, negatives as negatives_lib, softmax
 from heterrec_jax.config import Config, LossConfig
 from heterrec_jax.interface import RetrievalModel
 
-LossFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[[RetrievalModel, dict[str, jax.Array], jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def catalogue(model: Any, negatives: negatives_lib.Negatives | None,
+def catalogue(model: RetrievalModel, negatives: negatives_lib.Negatives | None,
               item_tokens: jax.Array) -> dict[str, jax.Array] | None:
   """The item tower on the catalogue candidates: vectors `[Cu, d]`, slots `[Cu, K, d_f]` (or
   None for models without token-level vectors) and tokens `[Cu, S]`."""
