@@ -34,6 +34,9 @@ import sys
 import threading
 import time
 
+# train's exit status after a preemption with its checkpoint saved (docs/failure.md).
+EXIT_PREEMPTED = 75
+
 
 @dataclasses.dataclass
 class Job:
@@ -153,7 +156,9 @@ class Runner:
       job.returncode = subprocess.run(job.argv, stdout=log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, check=False).returncode
     job.seconds = time.perf_counter() - start
-    job.status = 'done' if job.returncode == 0 else f'failed (exit {job.returncode})'
+    job.status = ('done' if job.returncode == 0 else
+                  'preempted (exit 75): checkpoint saved, run the sweep again to resume'
+                  if job.returncode == EXIT_PREEMPTED else f'failed (exit {job.returncode})')
     print(f'{job.status}: {job.line} on {job.machine} ({job.seconds:.0f} s)', file=sys.stderr)
     _record_wall_time(job)
 

@@ -156,12 +156,15 @@ def test_sweep_runs_locally_with_logs_wall_times_and_concurrency(tmp_path):
   wait_for_b = ("sh -c 'for i in $(seq 100); do [ -f b.flag ] && exit 0; sleep 0.1; done; "
                 "exit 1' --workdir w1")
   (tmp_path / 'plan.txt').write_text('\n'.join([
-      wait_for_b, 'touch b.flag; echo made b --workdir w2', "sh -c 'exit 3' --workdir w3"]) + '\n')
+      wait_for_b, 'touch b.flag; echo made b --workdir w2', "sh -c 'exit 3' --workdir w3",
+      "sh -c 'exit 75' --workdir w4"]) + '\n')
   result = _sweep(tmp_path, '--kind', 'local', '--per-machine', '2')
   assert result.returncode == 1, result.stderr  # the third command fails
   records = json.loads((tmp_path / 'logs' / 'sweep.json').read_text())
-  assert [r['status'] for r in records] == ['done', 'done', 'failed (exit 3)']
-  assert [r['machine'] for r in records] == ['local'] * 3
+  assert [r['status'] for r in records] == [
+      'done', 'done', 'failed (exit 3)',
+      'preempted (exit 75): checkpoint saved, run the sweep again to resume']
+  assert [r['machine'] for r in records] == ['local'] * 4
   assert 'made b' in (tmp_path / 'logs' / '001-w2.log').read_text()
   wall = json.loads((tmp_path / 'w1' / 'wall_time.json').read_text())
   assert wall['status'] == 'done' and wall['attempts'] == 1 and wall['seconds'] > 0
