@@ -13,7 +13,6 @@ from heterrec_jax import run as run_lib, sharding, train as train_lib
 from heterrec_jax import evaluate as evaluate_lib, export as export_lib
 from heterrec_jax.config import MeshConfig, apply_overrides, load_config
 from heterrec_jax.data import pipeline
-from heterrec_jax.data.dataset import Dataset
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -122,18 +121,14 @@ def test_non_finite_loss_stops_before_checkpoint(tiny, tmp_path, monkeypatch):
   assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
 
 
-def out_dataset(workdir):
-  return Dataset.load(workdir / 'data')
-
-
 def test_train_end_to_end_writes_results_and_exports(tiny, tmp_path):
-  cfg, _ = tiny
+  cfg, dataset = tiny
   out = train_lib.train(cfg, tmp_path / 'run', progress=False)
   results = json.loads((tmp_path / 'run' / 'results.json').read_text())
   assert set(results) == {'valid', 'test', 'training'}
   assert set(results['test']) >= {'recall@10', 'ndcg@10', 'recall@200', 'ndcg@200', 'mrr'}
   training = results['training']
-  per_epoch = pipeline.windows_per_epoch(out_dataset(tmp_path / 'run'), cfg.data.max_len,
+  per_epoch = pipeline.windows_per_epoch(dataset, cfg.data.max_len,
                                          cfg.loss.n_step, cfg.data.window)
   assert training['steps'] == cfg.train.steps and training['examples_per_epoch'] == per_epoch
   np.testing.assert_allclose(training['epochs'],
