@@ -201,19 +201,24 @@ class _TableModel:
     return self.table[items], None
 
 
-def test_next_item_all_is_full_cross_entropy():
-  """SASRec under 'all' + dot: mean over (b, t) of -log softmax over items 1..N of <q, E>."""
-  rng = np.random.default_rng(5)
-  _, batch, _ = _example(5)
-  t = W - 1
-  batch = {k: v[:, :W] for k, v in batch.items()}
+def _table_loss(seed, model_name, loss_cfg, t):
+  """`losses.make`'s loss of `model_name` on a stand-in model with random queries `[B, t, D]`
+  and a random item table; returns (loss, queries, table, batch)."""
+  rng = np.random.default_rng(seed)
+  _, batch, _ = _example(seed)
   queries = rng.normal(size=(B, t, D)).astype(np.float32)
   table = rng.normal(size=(N_ITEMS + 1, D)).astype(np.float32)
-  cfg = Config(model=ModelConfig(name='sasrec'),
-               loss=LossConfig(negatives='all', scoring='dot', tau=1.0))
-  loss_fn = losses.make(cfg, None, ITEM_TOKENS)
-  got, _ = loss_fn(_TableModel(jnp.asarray(queries), jnp.asarray(table)), batch,
-                   jax.random.key(0))
+  cfg = Config(model=ModelConfig(name=model_name), loss=loss_cfg)
+  got, _ = losses.make(cfg, None, ITEM_TOKENS)(
+      _TableModel(jnp.asarray(queries), jnp.asarray(table)), batch, jax.random.key(0))
+  return float(got), queries, table, batch
+
+
+def test_next_item_all_is_full_cross_entropy():
+  """SASRec under 'all' + dot: mean over (b, t) of -log softmax over items 1..N of <q, E>."""
+  t = W - 1
+  got, queries, table, batch = _table_loss(
+      5, 'sasrec', LossConfig(negatives='all', scoring='dot', tau=1.0), t)
   total, count = 0.0, 0
   for b in range(B):
     for i in range(t):
@@ -222,23 +227,26 @@ def test_next_item_all_is_full_cross_entropy():
         target = batch['items'][b, i + 1]
         total += np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[target - 1]
         count += 1
-  np.testing.assert_allclose(float(got), total / count, rtol=1e-5)
+  np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 
 def test_next_item_in_batch_equals_the_in_batch_softmax():
-  """The factory's in-batch next-item loss equals `softmax.sampled_softmax_loss`."""
-  rng = np.random.default_rng(6)
-  _, batch, _ = _example(6)
-  t = W - 1
-  batch = {k: v[:, :W] for k, v in batch.items()}
-  q = rng.normal(size=(B, t, D)).astype(np.float32)
-  table = rng.normal(size=(N_ITEMS + 1, D)).astype(np.float32)
-  cfg = Config(model=ModelConfig(name='hstu'), loss=LossConfig(negatives='in_batch', tau=0.5))
-  got, _ = losses.make(cfg, None, ITEM_TOKENS)(_TableModel(jnp.asarray(q), jnp.asarray(table)),
-                                               batch, jax.random.key(0))
+  """The factory's in-batch next-item loss equals `softmax.sampled_softmax_loss` (itself
+  tested against NumPy in test_baselines.py)."""
+  got, q, table, batch = _table_loss(6, 'hstu', LossConfig(negatives='in_batch', tau=0.5), W - 1)
   want = softmax.sampled_softmax_loss(q, table[batch['items']], batch['items'], batch['mask'],
                                       0.5)
-  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  np.testing.assert_allclose(got, float(want), rtol=1e-5)
+
+
+def test_pinnerformer_in_batch_equals_the_dense_all_action_loss():
+  """PinnerFormer's pooled multi-step loss (in-batch) equals `softmax.dense_all_action_loss`
+  (itself tested against NumPy in test_baselines.py)."""
+  got, q, table, batch = _table_loss(
+      11, 'pinnerformer', LossConfig(negatives='in_batch', tau=0.5, n_step=N), T)
+  want = softmax.dense_all_action_loss(q, table[batch['items']], batch['items'], batch['mask'],
+                                       N, 0.5)
+  np.testing.assert_allclose(got, float(want), rtol=1e-5)
 
 
 def test_token_level_draws_its_own_source():
