@@ -36,13 +36,23 @@ def test_overrides_set_typed_values():
     ('optim.final_lr_fraction=1.5', r'must be in [0, 1]'),
     ('data.seed=-1', 'data.seed=-1 is not allowed'),
     ('train.seed=-1', 'train.seed=-1 is not allowed'),
+    ('data.stride=51', 'data.stride=51 must be in [0, data.max_len=50]'),
+    ('data.stride=-1', 'data.stride=-1 must be in [0, data.max_len=50]'),
+    ('data.window=first', "data.window='first' is not allowed"),
+    ('loss.token_negatives=random', "loss.token_negatives='random' is not allowed"),
+    ('loss.scoring=l2', "loss.scoring='l2' is not allowed"),
+    ('loss.logits_budget_mb=0', 'loss.logits_budget_mb=0 is not allowed'),
+    ('loss.n_uniform=0', 'loss.n_uniform=0 is not allowed'),
+    ('loss.log_q=true', "it needs loss.negatives 'in_batch' or 'mixed', not 'all'"),
+    ('optim.schedule=linear', "optim.schedule='linear' is not allowed"),
 ])
 def test_bad_overrides_name_the_field(override, fragment):
   with pytest.raises(ConfigError, match=re.escape(fragment)):
     apply_overrides(Config(), [override])
 
 
-@pytest.mark.parametrize('name', ['default', 'tiny', 'paper', 'ml100k'])
+@pytest.mark.parametrize('name', ['default', 'tiny', 'paper', 'ml100k', 'ml100k_sasrec',
+                                  'ml100k_bert4rec', 'ml100k_hstu', 'ml100k_pinnerformer'])
 def test_config_files_load(name):
   cfg = load_config(str(ROOT / 'configs' / f'{name}.py'))
   assert isinstance(cfg, Config)
