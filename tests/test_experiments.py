@@ -511,3 +511,61 @@ def test_steps_trained_reads_the_last_train_step(tmp_path):
       '{"step": 10, "split": "train"}\n{"step": 10, "split": "valid"}\nnot json\n'
       '{"step": 30, "split": "train"}\n{"step": 30, "split": "test"}\n')
   assert scaling.steps_trained(tmp_path, 123) == 30
+
+
+def _write_gate_log(run, best_step, rng):
+  """A metrics.jsonl with gate shares logged every 10 steps to step 100 (plus noise lines), and
+  the slow reference share per step: the plain mean over best/2 < step <= best."""
+  lines, kept = [], {'step2': [], 'step3': []}
+  for step in range(10, 101, 10):
+    g2, g3 = rng.uniform(size=2)
+    lines.append(json.dumps({'step': step, 'split': 'train', 'loss': 1.0,
+                             'gate_fraction_step2': g2, 'gate_fraction_step3': g3}))
+    lines.append(json.dumps({'step': step, 'split': 'valid', 'gate_fraction_step2': 9.0}))
+    if best_step / 2 < step <= best_step:
+      kept['step2'].append(g2)
+      kept['step3'].append(g3)
+  (run / 'metrics.jsonl').write_text('\n'.join(lines[:3] + ['not json'] + lines[3:]) + '\n')
+  results = json.loads((run / 'results.json').read_text())
+  results['training'] = {'best_step': best_step}
+  (run / 'results.json').write_text(json.dumps(results))
+  return {k: sum(v) / len(v) for k, v in kept.items()}
+
+
+def test_ablation_table_has_standard_errors_and_the_gate_share(tmp_path):
+  rng = np.random.default_rng(3)
+  out, shares, values = tmp_path / 'abl', {}, {}
+  for variant in ('full', 'no_lmp', 'no_tlmp'):
+    for seed in range(3):
+      values.setdefault(variant, []).append(_random_metrics(rng, 0.2))
+      run = _write_run(out, f'heterrec-{variant}-seed{seed}', values[variant][-1])
+      if variant != 'no_tlmp':  # pretend this one logs no gate
+        shares.setdefault(variant, []).append(_write_gate_log(run, [60, 80, 100][seed], rng))
+  assert ex.main(['compare', '--out', str(out), '--variants', 'full,no_lmp,no_tlmp', '--seeds',
+                  '3', '--gather']) == 0
+  table = json.loads((out / 'table.json').read_text())
+  for variant, runs in values.items():
+    xs = np.array([r['ndcg@50'] for r in runs])
+    stat = table['rows'][variant]['ndcg@50']
+    assert stat['se'] == pytest.approx(xs.std(ddof=1) / np.sqrt(3))
+  assert set(table['gate_open']) == {'full', 'no_lmp'}
+  for variant, per_seed in shares.items():
+    for step in ('step2', 'step3'):
+      xs = np.array([s[step] for s in per_seed])
+      got = table['gate_open'][variant][step]
+      assert got['mean'] == pytest.approx(xs.mean()) and got['n'] == 3
+      assert got['se'] == pytest.approx(xs.std(ddof=1) / np.sqrt(3))
+  text = (out / 'table.md').read_text()
+  assert text.startswith('# Ablation (test split, mean ± standard error over seeds)')
+  full = table['rows']['full']['ndcg@50']
+  assert f'{full["mean"]:.4f} ± {full["se"]:.4f}' in text
+  gate = table['gate_open']['full']['step3']
+  assert '## Margin gate' in text and f'{gate["mean"]:.3f} ± {gate["se"]:.3f}' in text
+
+
+def test_gate_share_without_a_training_record_uses_the_last_half(tmp_path):
+  run = _write_run(tmp_path, 'r', {k: 0.1 for k in METRIC_NAMES})
+  records = [{'step': s, 'split': 'train', 'gate_fraction_step2': s / 100} for s in (10, 20, 30, 40)]
+  (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  assert gather.gate_share(run) == {'step2': pytest.approx(0.35)}
+  assert gather.gate_share(tmp_path / 'absent') == {}

@@ -4,6 +4,8 @@ wall times and the training budget they were planned with."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import pathlib
 from typing import Any
 
@@ -19,10 +21,12 @@ BUDGET_FIELDS = ('steps', 'batch_size', 'eval_every', 'patience', 'early_stop_me
 
 @dataclasses.dataclass(frozen=True)
 class Stat:
-  """One number over the seeds of a row: mean, std (ddof = STD_DDOF; 0 for one value), count."""
+  """One number over the seeds of a row: mean, std (ddof = STD_DDOF; 0 for one value), count,
+  and the standard error of the mean, std / sqrt(n) (0 for one value)."""
   mean: float
   std: float
   n: int
+  se: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +38,7 @@ class WallTime(Stat):
 def stat(xs: list[float]) -> Stat:
   xs = np.asarray(xs, np.float64)
   std = float(np.std(xs, ddof=STD_DDOF)) if xs.size > 1 else 0.0
-  return Stat(float(np.mean(xs)), std, int(xs.size))
+  return Stat(float(np.mean(xs)), std, int(xs.size), std / math.sqrt(xs.size))
 
 
 def summarize(values: list[dict[str, float]]) -> dict[str, Stat]:
@@ -64,6 +68,57 @@ def collect(sweep: Sweep, split: str) -> tuple[dict[str, list[tuple[int, dict]]]
     else:
       found.setdefault(run.group, []).append((run.seed, results[split]))
   return found, missing
+
+
+GATE_PREFIX = 'gate_fraction_step'
+
+
+def train_records(run_dir: pathlib.Path) -> list[dict]:
+  """The 'train' records of RUN/metrics.jsonl in file order (unreadable lines skipped)."""
+  records = []
+  try:
+    with open(run_dir / 'metrics.jsonl', encoding='utf-8') as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and record.get('split') == 'train' and 'step' in record:
+          records.append(record)
+  except OSError:
+    pass
+  return records
+
+
+def gate_share(run_dir: pathlib.Path) -> dict[str, float]:
+  """A finished LMP run's open-gate share per step ('step2', 'step3', ...): the mean of the
+  logged `gate_fraction_stepK` over the training records in the second half of training up to
+  the tested (best) checkpoint, `best_step / 2 < step <= best_step`; the last half of the
+  records when results.json has no training record. Empty for runs without a gate."""
+  records = [r for r in train_records(run_dir) if any(k.startswith(GATE_PREFIX) for k in r)]
+  best = ((read_json(run_dir / 'results.json') or {}).get('training') or {}).get('best_step')
+  if best is not None:
+    kept = [r for r in records if best / 2 < r['step'] <= best]
+  else:
+    kept = records[len(records) // 2:]
+  kept = kept or records[-1:]
+  steps = sorted({k for r in kept for k in r if k.startswith(GATE_PREFIX)},
+                 key=lambda k: int(k[len(GATE_PREFIX):]))
+  return {f'step{k[len(GATE_PREFIX):]}': float(np.mean([r[k] for r in kept if k in r]))
+          for k in steps}
+
+
+def gate_shares(sweep: Sweep) -> dict[str, dict[str, Stat]]:
+  """Per group, the Stat over its finished runs of each step's open-gate share (`gate_share`);
+  groups without a gate are left out."""
+  out: dict[str, dict[str, Stat]] = {}
+  for group in sweep.groups:
+    shares = [gate_share(sweep.run_dir(r)) for r in sweep.runs if r.group == group
+              and (sweep.run_dir(r) / 'results.json').is_file()]
+    steps = sorted({k for s in shares for k in s}, key=lambda k: int(k[4:]))
+    if steps:
+      out[group] = {k: stat([s[k] for s in shares if k in s]) for k in steps}
+  return out
 
 
 def wall_seconds(run_dir: pathlib.Path) -> tuple[float | None, str]:

@@ -14,7 +14,8 @@ from matplotlib.figure import Figure
 
 from heterrec_jax import flops
 from heterrec_jax.config import Config
-from heterrec_jax.experiments.gather import STD_DDOF, budget, collect, metric_label, summarize
+from heterrec_jax.experiments.gather import (STD_DDOF, budget, collect, metric_label, summarize,
+                                             train_records)
 from heterrec_jax.experiments.sweep import DISPLAY, Sweep, read_json, run_config
 
 # The x axes of the plot: a ScalingPoint field and its label.
@@ -53,19 +54,8 @@ class Scaling:
 
 def steps_trained(run_dir: pathlib.Path, planned: int) -> int:
   """The last training step in RUN/metrics.jsonl (early stopping may end a run early)."""
-  last = None
-  try:
-    with open(run_dir / 'metrics.jsonl', encoding='utf-8') as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if record.get('split') == 'train':
-          last = int(record['step'])
-  except OSError:
-    pass
-  return planned if last is None else last
+  records = train_records(run_dir)
+  return int(records[-1]['step']) if records else planned
 
 
 def recorded_flops_per_step(run_dir: pathlib.Path) -> float | None:

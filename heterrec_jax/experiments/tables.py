@@ -10,7 +10,8 @@ import pathlib
 from typing import Any
 
 from heterrec_jax.experiments.gather import (STD_DDOF, Stat, WallTime, budget, collect,
-                                             metric_label, summarize, wall_seconds, wall_times)
+                                             gate_shares, metric_label, summarize, wall_seconds,
+                                             wall_times)
 from heterrec_jax.experiments.sweep import (DISPLAY, POPULARITY, Sweep, TuningRow, tuned,
                                             tuning_choices, tuning_runs)
 
@@ -58,6 +59,8 @@ class Table:
   std_ddof: int
   wall_time_s: dict[str, WallTime]
   tuning: TuningSummary | None
+  # Per row with an LMP margin gate, the open share of each step's queries (gather.gate_share).
+  gate_open: dict[str, dict[str, Stat]]
 
 
 def gain_percent(proposed: float | None, baseline: float | None) -> float | None:
@@ -145,7 +148,7 @@ def build_table(sweep: Sweep, split: str, floor: dict | None) -> Table:
   plan, warnings = budget(sweep)
   return Table(list(COLUMNS), rows, sweep.proposed, best, gain, gain_over, sweep.kind, split,
                seeds, missing, plan, warnings, sweep.config, list(sweep.common), STD_DDOF,
-               wall_times(sweep), tuning)
+               wall_times(sweep), tuning, gate_shares(sweep))
 
 
 def format_gain(value: float | None) -> str:
@@ -160,7 +163,8 @@ def _cell(table: Table, name: str, column: str) -> str:
   stat = table.rows[name].get(column)
   if stat is None:
     return 'n/a'
-  text = f'{stat.mean:.4f} ± {stat.std:.4f}'
+  spread = stat.se if table.kind == 'ablation' else stat.std
+  text = f'{stat.mean:.4f} ± {spread:.4f}'
   best = table.best_baseline.get(column)
   return f'_{text}_' if best and best.row == name else text
 
@@ -207,13 +211,34 @@ def _main_lines(table: Table) -> list[str]:
   best = [_display(table.best_baseline[c].row) if c in table.best_baseline else 'n/a'
           for c in COLUMNS]
   gain = [format_gain(table.gain_percent[c]) for c in COLUMNS]
-  return ([f'# {what} ({table.split} split, mean ± std over seeds)', '', _budget_line(table), '']
+  spread = 'standard error' if table.kind == 'ablation' else 'std'
+  return ([f'# {what} ({table.split} split, mean ± {spread} over seeds)', '',
+           _budget_line(table), '']
           + _markdown_table(['Method', *[metric_label(c) for c in COLUMNS], 'n'], rows)
           + [f'| Best {other} | ' + ' | '.join(best) + ' | |',  # no n: an empty last cell
              '| Improvement | ' + ' | '.join(gain) + ' | |']
           + ['', f'Improvement: (HeterRec - best {other}) / best {other} x 100, per column, on '
              f'the means; the best {other} is in italics. std: ddof={table.std_ddof} over '
-             'seeds; n: runs gathered (popularity is deterministic: one evaluation).'])
+             'seeds' + ('; standard error: std / sqrt(n)' if table.kind == 'ablation' else '')
+             + '; n: runs gathered (popularity is deterministic: one evaluation).'])
+
+
+def _gate_lines(table: Table) -> list[str]:
+  """The open-gate share per LMP step of the rows that have a margin gate."""
+  if not table.gate_open:
+    return []
+  steps = sorted({k for row in table.gate_open.values() for k in row}, key=lambda k: int(k[4:]))
+  rows = []
+  for name in _row_order(table) + [n for n in table.gate_open if n not in table.rows]:
+    if name in table.gate_open:
+      cells = [f'{s.mean:.3f} ± {s.se:.3f}' if (s := table.gate_open[name].get(k)) else 'n/a'
+               for k in steps]
+      rows.append([_display(name), *cells])
+  return (['', '## Margin gate: share of queries whose step-k loss is counted', '',
+           'Mean over the logged training steps in the second half of training up to the '
+           'tested checkpoint, then mean ± standard error over seeds (SPEC 6: a position counts '
+           'at step k > 1 only where exp(s+_{k-1} / tau) > exp(s+_k / tau) + lambda_m).', '']
+          + _markdown_table(['Method', *[f'step {k[4:]}' for k in steps]], rows))
 
 
 def _tuning_lines(tuning: TuningSummary | None) -> list[str]:
@@ -259,7 +284,8 @@ def _footer(table: Table) -> list[str]:
 
 def markdown(table: Table) -> str:
   """The table in the layout of the paper's Table 1 (compare) or Table 2 (ablation)."""
-  return '\n'.join(_main_lines(table) + _tuning_lines(table.tuning) + _footer(table)) + '\n'
+  return '\n'.join(_main_lines(table) + _gate_lines(table) + _tuning_lines(table.tuning)
+                   + _footer(table)) + '\n'
 
 
 def write_table(out: pathlib.Path, table: Table) -> None:
