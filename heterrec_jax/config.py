@@ -106,9 +106,12 @@ class ModelConfig:
   # Dtype of the activations: 'float32' or 'bfloat16' (parameters stay float32).
   compute_dtype: str = 'float32'
   # HeterRec options (SPEC 5 and issue 11; off = the paper): a free per-item vector of width
-  # d_k added to the item tower's V, and learned positions (right-aligned, data.max_len of
-  # them) added to the item-level input beside the time-gap bias.
+  # d_k added to the item tower's V; the same (tied) vector added to the item-level input of the
+  # user tower, as SASRec ties its input and output embeddings (no effect on 'no_hct', which has
+  # no item-level input); and learned positions (right-aligned, data.max_len of them) added to
+  # the item-level input beside the time-gap bias.
   item_id_vector: bool = False
+  item_id_input: bool = False
   item_positions: bool = False
 
   def __post_init__(self):

@@ -266,12 +266,14 @@ class HeterRec(nnx.Module):
     return layers.l2_normalize(x) if self.cosine else x.astype(jnp.float32)
 
   def _build_options(self, schema: Schema, cfg: ModelConfig, rngs: nnx.Rngs, max_len: int):
-    """The optional free per-item vector and item-level positions (ModelConfig)."""
+    """The optional free per-item vector (in V, at the item-level input, or both: one table)
+    and item-level positions (ModelConfig)."""
     if cfg.item_positions and max_len < 1:
       raise ConfigError('model.item_positions needs the learned positions of data.max_len')
     self.item_vectors = (nnx.Embed(table_rows(schema.n_items + 1), cfg.d_k, rngs=rngs,
                                    dtype=jnp.dtype(cfg.compute_dtype), embedding_init=table_init())
-                         if cfg.item_id_vector else None)
+                         if cfg.item_id_vector or cfg.item_id_input else None)
+    self.vector_in_v, self.vector_at_input = cfg.item_id_vector, cfg.item_id_input
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, 'embed'))
     self.positions = (nnx.Param(init(rngs.params(), (max_len, cfg.d_k), jnp.float32))
                       if cfg.item_positions else None)
@@ -282,11 +284,13 @@ class HeterRec(nnx.Module):
                   mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """HCT outputs: (U `[B, T, d_k]`, final token-level output `[B, T, K, d_f]` or None)."""
     h0_BxTxKxDf = self.htfl(items_BxT, tokens_BxTxS)
-    return self.encode_tokens(h0_BxTxKxDf, timestamps_BxT, mask_BxT)
+    return self.encode_tokens(h0_BxTxKxDf, timestamps_BxT, mask_BxT, items_BxT)
 
   def encode_tokens(self, h0_BxTxKxDf: jax.Array, timestamps_BxT: jax.Array,
-                    mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """HCT from the HTFL output H0 (split out so tests can differentiate w.r.t. H0)."""
+                    mask_BxT: jax.Array,
+                    items_BxT: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """HCT from the HTFL output H0 (split out so tests can differentiate w.r.t. H0).
+    `items_BxT` feeds the free per-item vector to the item-level input (`item_id_input`)."""
     if self.variant == 'no_hct':
       return self._flat_tokens(h0_BxTxKxDf, timestamps_BxT, mask_BxT)
     tok_BxTxKxDf = None
@@ -295,6 +299,8 @@ class HeterRec(nnx.Module):
                                       layers.block_causal_mask(mask_BxT))
     fused = h0_BxTxKxDf if tok_BxTxKxDf is None else tok_BxTxKxDf
     item_BxTxDk = self.fusion(fused.reshape(*fused.shape[:2], -1))
+    if self.vector_at_input and items_BxT is not None:
+      item_BxTxDk = item_BxTxDk + self.item_vectors(items_BxT).astype(item_BxTxDk.dtype)
     if self.positions is not None:
       t = item_BxTxDk.shape[1]
       if t > self.positions.shape[0]:
@@ -323,7 +329,7 @@ class HeterRec(nnx.Module):
     Any leading shape: `items [...]`, `tokens [..., S]`.
     """
     item_NxDk, slots_NxKxDf = self.item_tower(self.htfl(items_N, tokens_NxS))
-    if self.item_vectors is not None:
+    if self.vector_in_v:
       item_NxDk = item_NxDk + self.item_vectors(items_N)
     return self.normalize(item_NxDk), self.normalize(slots_NxKxDf)
 

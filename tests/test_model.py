@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from heterrec_jax import layers
 from heterrec_jax.config import ConfigError, LossConfig, ModelConfig
 from heterrec_jax.data.dataset import Feature, Schema
 from heterrec_jax.model import HeterRec
@@ -263,6 +264,28 @@ def test_item_id_vector_adds_a_free_row_to_v():
   v_free, _ = free.encode_items(items, tokens)
   rows = np.asarray(free.item_vectors.embedding[...])[[1, 4, 7]]
   np.testing.assert_allclose(v_free - v_plain, rows, atol=1e-5)
+
+
+def test_item_id_input_adds_the_tied_free_row_to_the_item_level_input_only():
+  """item_id_input alone: V is the paper's; the item-level input is fusion + the item's row."""
+  cfg = ModelConfig(d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2, dropout=0.0, time_buckets=8)
+  loss = LossConfig(n_step=N_STEP, scoring='dot')
+  plain = HeterRec(SCHEMA, cfg, loss, rngs=nnx.Rngs(0), embeddings=RAW)
+  tied = HeterRec(SCHEMA, dataclasses.replace(cfg, item_id_input=True), loss, rngs=nnx.Rngs(0),
+                  embeddings=RAW)
+  tied.eval()
+  items, tokens, ts, mask = _full_mask_inputs()
+  np.testing.assert_array_equal(plain.encode_items(items, tokens)[0],
+                                tied.encode_items(items, tokens)[0])
+  h0 = tied.htfl(items, tokens)
+  tok = tied.token_stage(h0, ts, layers.block_causal_mask(mask))
+  rows = tied.item_vectors.embedding[...][items]
+  expected = tied.encode_item_level(tied.fusion(tok.reshape(*tok.shape[:2], -1)) + rows, ts, mask)
+  np.testing.assert_allclose(tied.encode_tokens(h0, ts, mask, items)[0], expected, atol=1e-5)
+  without = tied.encode_item_level(tied.fusion(tok.reshape(*tok.shape[:2], -1)), ts, mask)
+  np.testing.assert_allclose(tied.encode_tokens(h0, ts, mask)[0], without, atol=1e-5)
+  assert float(jnp.abs(expected - without).max()) > 1e-4
+  np.testing.assert_allclose(tied.encode_user(items, tokens, ts, mask)[0], expected, atol=1e-5)
 
 
 def test_item_positions_are_right_aligned_and_causal():
