@@ -251,13 +251,18 @@ def test_parameters_name_logical_axes_and_are_float32():
   chex.assert_tree_all_finite(out)
 
 
-def test_item_id_vector_adds_a_free_row_to_v():
-  """With dot scoring, V(item_id_vector) - V(paper) is exactly the item's own free row."""
+def _paper_and_option(**option):
+  """Two small dot-scoring models from the same seed: the paper's, and one with `option` set."""
   cfg = ModelConfig(d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2, dropout=0.0, time_buckets=8)
   loss = LossConfig(n_step=N_STEP, scoring='dot')
   plain = HeterRec(SCHEMA, cfg, loss, rngs=nnx.Rngs(0), embeddings=RAW)
-  free = HeterRec(SCHEMA, dataclasses.replace(cfg, item_id_vector=True), loss, rngs=nnx.Rngs(0),
-                  embeddings=RAW)
+  return plain, HeterRec(SCHEMA, dataclasses.replace(cfg, **option), loss, rngs=nnx.Rngs(0),
+                         embeddings=RAW)
+
+
+def test_item_id_vector_adds_a_free_row_to_v():
+  """With dot scoring, V(item_id_vector) - V(paper) is exactly the item's own free row."""
+  plain, free = _paper_and_option(item_id_vector=True)
   items = jnp.array([1, 4, 7])
   tokens = jnp.asarray(_batch()['tokens'][0, :3])
   v_plain, _ = plain.encode_items(items, tokens)
@@ -268,11 +273,7 @@ def test_item_id_vector_adds_a_free_row_to_v():
 
 def test_item_id_input_adds_the_tied_free_row_to_the_item_level_input_only():
   """item_id_input alone: V is the paper's; the item-level input is fusion + the item's row."""
-  cfg = ModelConfig(d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2, dropout=0.0, time_buckets=8)
-  loss = LossConfig(n_step=N_STEP, scoring='dot')
-  plain = HeterRec(SCHEMA, cfg, loss, rngs=nnx.Rngs(0), embeddings=RAW)
-  tied = HeterRec(SCHEMA, dataclasses.replace(cfg, item_id_input=True), loss, rngs=nnx.Rngs(0),
-                  embeddings=RAW)
+  plain, tied = _paper_and_option(item_id_input=True)
   tied.eval()
   items, tokens, ts, mask = _full_mask_inputs()
   np.testing.assert_array_equal(plain.encode_items(items, tokens)[0],
@@ -280,9 +281,10 @@ def test_item_id_input_adds_the_tied_free_row_to_the_item_level_input_only():
   h0 = tied.htfl(items, tokens)
   tok = tied.token_stage(h0, ts, layers.block_causal_mask(mask))
   rows = tied.item_vectors.embedding[...][items]
-  expected = tied.encode_item_level(tied.fusion(tok.reshape(*tok.shape[:2], -1)) + rows, ts, mask)
+  fused = tied.fusion(tok.reshape(*tok.shape[:2], -1))
+  expected = tied.encode_item_level(fused + rows, ts, mask)
   np.testing.assert_allclose(tied.encode_tokens(h0, ts, mask, items)[0], expected, atol=1e-5)
-  without = tied.encode_item_level(tied.fusion(tok.reshape(*tok.shape[:2], -1)), ts, mask)
+  without = tied.encode_item_level(fused, ts, mask)
   np.testing.assert_allclose(tied.encode_tokens(h0, ts, mask)[0], without, atol=1e-5)
   assert float(jnp.abs(expected - without).max()) > 1e-4
   np.testing.assert_allclose(tied.encode_user(items, tokens, ts, mask)[0], expected, atol=1e-5)
