@@ -73,6 +73,11 @@ def collect(sweep: Sweep, split: str) -> tuple[dict[str, list[tuple[int, dict]]]
 GATE_PREFIX = 'gate_fraction_step'
 
 
+def step_number(key: str) -> int:
+  """The LMP step of a gate key, 'step3' -> 3 (sorts 'step10' after 'step9')."""
+  return int(key[len('step'):])
+
+
 def train_records(run_dir: pathlib.Path) -> list[dict]:
   """The 'train' records of RUN/metrics.jsonl in file order (unreadable lines skipped)."""
   records = []
@@ -102,10 +107,10 @@ def gate_share(run_dir: pathlib.Path) -> dict[str, float]:
   else:
     kept = records[len(records) // 2:]
   kept = kept or records[-1:]
-  steps = sorted({k for r in kept for k in r if k.startswith(GATE_PREFIX)},
-                 key=lambda k: int(k[len(GATE_PREFIX):]))
-  return {f'step{k[len(GATE_PREFIX):]}': float(np.mean([r[k] for r in kept if k in r]))
-          for k in steps}
+  logged = {k for r in kept for k in r if k.startswith(GATE_PREFIX)}
+  shares = {f'step{k[len(GATE_PREFIX):]}': float(np.mean([r[k] for r in kept if k in r]))
+            for k in logged}
+  return {k: shares[k] for k in sorted(shares, key=step_number)}
 
 
 def gate_shares(sweep: Sweep) -> dict[str, dict[str, Stat]]:
@@ -115,7 +120,7 @@ def gate_shares(sweep: Sweep) -> dict[str, dict[str, Stat]]:
   for group in sweep.groups:
     shares = [gate_share(sweep.run_dir(r)) for r in sweep.runs if r.group == group
               and (sweep.run_dir(r) / 'results.json').is_file()]
-    steps = sorted({k for s in shares for k in s}, key=lambda k: int(k[4:]))
+    steps = sorted({k for s in shares for k in s}, key=step_number)
     if steps:
       out[group] = {k: stat([s[k] for s in shares if k in s]) for k in steps}
   return out

@@ -10,8 +10,8 @@ import pathlib
 from typing import Any
 
 from heterrec_jax.experiments.gather import (STD_DDOF, Stat, WallTime, budget, collect,
-                                             gate_shares, metric_label, summarize, wall_seconds,
-                                             wall_times)
+                                             gate_shares, metric_label, step_number, summarize,
+                                             wall_seconds, wall_times)
 from heterrec_jax.experiments.sweep import (DISPLAY, POPULARITY, Sweep, TuningRow, tuned,
                                             tuning_choices, tuning_runs)
 
@@ -227,7 +227,7 @@ def _gate_lines(table: Table) -> list[str]:
   """The open-gate share per LMP step of the rows that have a margin gate."""
   if not table.gate_open:
     return []
-  steps = sorted({k for row in table.gate_open.values() for k in row}, key=lambda k: int(k[4:]))
+  steps = sorted({k for row in table.gate_open.values() for k in row}, key=step_number)
   rows = []
   for name in _row_order(table) + [n for n in table.gate_open if n not in table.rows]:
     if name in table.gate_open:
@@ -238,7 +238,7 @@ def _gate_lines(table: Table) -> list[str]:
            'Mean over the logged training steps in the second half of training up to the '
            'tested checkpoint, then mean ± standard error over seeds (SPEC 6: a position counts '
            'at step k > 1 only where exp(s+_{k-1} / tau) > exp(s+_k / tau) + lambda_m).', '']
-          + _markdown_table(['Method', *[f'step {k[4:]}' for k in steps]], rows))
+          + _markdown_table(['Method', *[f'step {step_number(k)}' for k in steps]], rows))
 
 
 def _tuning_lines(tuning: TuningSummary | None) -> list[str]:
