@@ -151,34 +151,75 @@ def step_loss(pos_xBxT: jax.Array, neg_xBxTxN: jax.Array, neg_ok_xBxTxN: jax.Arr
   return total / _count(counted_xBxT)
 
 
+def _catalogue_chunks(vectors_CxD: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+  """The catalogue in K equal chunks of at most `rows` rows: (`[K, R, D]` zero-padded, real
+  `[K, R]`); R = ceil(C / K), so the padding is under K rows, not up to a whole chunk."""
+  c, d = vectors_CxD.shape
+  k = -(-c // max(1, min(rows, c)))
+  r = -(-c // k)
+  padded_KxRxD = jnp.pad(vectors_CxD, ((0, k * r - c), (0, 0))).reshape(k, r, d)
+  return padded_KxRxD, (jnp.arange(k * r) < c).reshape(k, r)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def catalogue_logsumexp(q_xBxTxD: jax.Array, vectors_CxD: jax.Array, tau: float,
                         rows: int) -> jax.Array:
   """`logsumexp_c(<q, v_c> / tau)` over the whole catalogue, `[..., B, T]`, `rows` catalogue
-  rows at a time: an online logsumexp over chunks (`lax.scan`), each chunk's logits recomputed
-  in the backward pass (`jax.checkpoint`), so at most `[..., B, T, rows]` logits exist at once.
+  rows at a time (an online logsumexp over chunks, `lax.scan`), so at most `[..., B, T, rows]`
+  logits exist at once, forward or backward.
+
+  Its gradient is written out (`jax.custom_vjp`): with p = softmax over the catalogue, the
+  backward pass recomputes each chunk's logits once and takes `dq = sum_c g p_c v_c / tau` and
+  `dv_c = sum_q g p_c q / tau`, two matmuls per chunk. Autodiff through the online update
+  (checkpointed) took 11x as long at Toys's shapes (docs/benchmarks.md).
   """
-  c, d = vectors_CxD.shape
-  if rows >= c:
-    return jax.nn.logsumexp(jnp.einsum('...d,cd->...c', q_xBxTxD, vectors_CxD) / tau, axis=-1)
-  n_chunks = -(-c // rows)
-  padded_KxRxD = jnp.pad(vectors_CxD, ((0, n_chunks * rows - c), (0, 0))).reshape(n_chunks,
-                                                                                  rows, d)
-  real_KxR = (jnp.arange(n_chunks * rows) < c).reshape(n_chunks, rows)
+  return _catalogue_lse_fwd(q_xBxTxD, vectors_CxD, tau, rows)[0]
 
-  @jax.checkpoint
+
+def _catalogue_lse_fwd(q_xBxTxD, vectors_CxD, tau, rows):
+  q_MxD = q_xBxTxD.reshape(-1, q_xBxTxD.shape[-1])
+  chunks = _catalogue_chunks(vectors_CxD.astype(q_MxD.dtype), rows)
+
   def chunk(carry, xs):
-    top, total = carry
+    top_M, total_M = carry
     v_RxD, real_R = xs
-    logits = jnp.einsum('...d,rd->...r', q_xBxTxD, v_RxD) / tau
-    logits = jnp.where(real_R, logits, NEG_INF)
-    new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
-    total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[..., None]), -1)
-    return (new_top, total), None
+    logits_MxR = jnp.where(real_R, jnp.dot(q_MxD, v_RxD.T, preferred_element_type=jnp.float32)
+                           / tau, NEG_INF)
+    new_top_M = jnp.maximum(top_M, jnp.max(logits_MxR, axis=-1))
+    total_M = (total_M * jnp.exp(top_M - new_top_M)
+               + jnp.sum(jnp.exp(logits_MxR - new_top_M[:, None]), axis=-1))
+    return (new_top_M, total_M), None
 
-  shape = q_xBxTxD.shape[:-1]
-  init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32))
-  (top, total), _ = jax.lax.scan(chunk, init, (padded_KxRxD, real_KxR))
-  return top + jnp.log(total)
+  m = q_MxD.shape[0]
+  init = (jnp.full((m,), NEG_INF, jnp.float32), jnp.zeros((m,), jnp.float32))
+  (top_M, total_M), _ = jax.lax.scan(chunk, init, chunks)
+  lse_M = top_M + jnp.log(total_M)
+  return lse_M.reshape(q_xBxTxD.shape[:-1]), (q_xBxTxD, vectors_CxD, lse_M)
+
+
+def _catalogue_lse_bwd(tau, rows, residuals, g_xBxT):
+  q_xBxTxD, vectors_CxD, lse_M = residuals
+  q_MxD = q_xBxTxD.reshape(-1, q_xBxTxD.shape[-1])
+  scale_M = g_xBxT.reshape(-1).astype(jnp.float32) / tau
+  v_KxRxD, real_KxR = _catalogue_chunks(vectors_CxD.astype(q_MxD.dtype), rows)
+
+  def chunk(dq_MxD, xs):
+    v_RxD, real_R = xs
+    logits_MxR = jnp.dot(q_MxD, v_RxD.T, preferred_element_type=jnp.float32) / tau
+    p_MxR = jnp.where(real_R, jnp.exp(logits_MxR - lse_M[:, None]), 0.0) * scale_M[:, None]
+    p_MxR = p_MxR.astype(q_MxD.dtype)
+    dq_MxD = dq_MxD + jnp.dot(p_MxR, v_RxD, preferred_element_type=jnp.float32)
+    return dq_MxD, jnp.dot(p_MxR.T, q_MxD, preferred_element_type=jnp.float32)
+
+  dq_MxD, dv_KxRxD = jax.lax.scan(chunk, jnp.zeros(q_MxD.shape, jnp.float32),
+                                  (v_KxRxD, real_KxR))
+  c, d = vectors_CxD.shape
+  dv_CxD = dv_KxRxD.reshape(-1, d)[:c]
+  return (dq_MxD.reshape(q_xBxTxD.shape).astype(q_xBxTxD.dtype),
+          dv_CxD.astype(vectors_CxD.dtype))
+
+
+catalogue_logsumexp.defvjp(_catalogue_lse_fwd, _catalogue_lse_bwd)
 
 
 def catalogue_step_loss(pos_xBxT: jax.Array, lse_xBxT: jax.Array, counted_xBxT: jax.Array,
