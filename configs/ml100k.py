@@ -7,13 +7,12 @@
 The protocol of the baselines' configs (configs/ml100k_*.py): every training target once per
 epoch ('all' windows of T + N_step), a softmax over the whole catalogue with raw dot products,
 Adam at a constant 1e-3, early stopping on validation nDCG@10. Model: d = 64 (d_f = 32),
-N1 = N2 = 1, dropout 0.5, with the two options that carry to any dataset with item ids (a free
-per-item vector in V, item-level positions). 700 steps (37 epochs) fit the 15-minute budget of
-a 2-core CPU (681 s). On validation (seed 0, best nDCG@10 / Recall@50 within 700 steps)
-model.n2=2 is better, 0.0641 / 0.4242 against 0.0571 / 0.4157, but takes 15 min 41 s here;
-at the 600 steps that fit it is even (0.0581 / 0.4136), so this file keeps N2 = 1: on an
-accelerator use model.n2=2, raise train.steps and let early stopping end the run (grid and
-3-seed figures of both: docs/results.md). The baselines: use their own files
+N1 = 1, N2 = 2, dropout 0.5, with the two options that carry to any dataset with item ids (a
+free per-item vector in V, item-level positions). On validation (seed 0, best nDCG@10 /
+Recall@50 within 700 steps) N2 = 2 beat N2 = 1, 0.0641 / 0.4242 against 0.0571 / 0.4157;
+700 steps (37 epochs) of it take 11 min 49 s alone on a 2-core CPU (measured; the model was
+still improving there: on an accelerator raise train.steps and let early stopping end the run).
+Grid and 3-seed figures: docs/results.md. The baselines: use their own files
 (configs/ml100k_*.py; their widths and dropout differ).
 """
 
@@ -24,7 +23,7 @@ from heterrec_jax.config import (Config, DataConfig, EvalConfig, LossConfig, Mod
 def get_config() -> Config:
   return Config(
       data=DataConfig(path='data/ml100k', max_len=50, window='all'),
-      model=ModelConfig(d_f=32, d_k=64, heads=2, n1=1, n2=1, ffn_mult=4, dropout=0.5,
+      model=ModelConfig(d_f=32, d_k=64, heads=2, n1=1, n2=2, ffn_mult=4, dropout=0.5,
                         item_id_vector=True, item_positions=True),
       loss=LossConfig(n_step=3, negatives='all', token_negatives='uniform', scoring='dot',
                       tau=1.0, w_tok=0.1),
