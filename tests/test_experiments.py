@@ -306,6 +306,29 @@ def test_budget_mismatch_is_reported(tmp_path):
   assert len(table['warnings']) == 1 and 'heterrec-seed0' in table['warnings'][0]
 
 
+def test_mixed_config_table_states_each_rows_own_budget(tmp_path):
+  """A --model-config row trained by its own file's budget is no mismatch: no warning, and the
+  budget line names that row's file and budget beside the sweep config's."""
+  out = tmp_path / 'o'
+  tiny = load_config(str(ROOT / 'configs' / 'tiny.py'))
+  sasrec = load_config(str(ROOT / 'configs' / 'ml100k_sasrec.py'))
+  assert sasrec.train.steps != tiny.train.steps
+  _write_run(out, 'heterrec-seed0', {k: 0.2 for k in METRIC_NAMES},
+             config=dataclasses.asdict(tiny))
+  _write_run(out, 'sasrec-seed0', {k: 0.1 for k in METRIC_NAMES},
+             config=dataclasses.asdict(sasrec))
+  assert ex.main(['compare', '--out', str(out), '--config', 'configs/tiny.py', '--models',
+                  'sasrec,heterrec', '--model-config', 'sasrec=configs/ml100k_sasrec.py',
+                  '--seeds', '1', '--gather']) == 0
+  table = json.loads((out / 'table.json').read_text())
+  assert table['warnings'] == []
+  assert table['budget']['steps'] == tiny.train.steps
+  assert table['row_budgets']['sasrec']['steps'] == sasrec.train.steps
+  line = (out / 'table.md').read_text().splitlines()[2]
+  assert f'at most {tiny.train.steps} steps' in line
+  assert f'SASRec (`configs/ml100k_sasrec.py`): at most {sasrec.train.steps} steps' in line
+
+
 def test_wall_time_falls_back_to_file_times(tmp_path):
   run = _write_run(tmp_path, 'r', {k: 0.1 for k in METRIC_NAMES})
   (run / 'config.json').write_text('{}')

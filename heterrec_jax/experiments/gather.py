@@ -152,17 +152,42 @@ def wall_times(sweep: Sweep) -> dict[str, WallTime]:
   return out
 
 
+def _planned(sweep: Sweep, run) -> dict[str, Any]:
+  """The train.* budget fields of `run`'s own config (its --model-config file, if any)."""
+  train = dataclasses.asdict(run_config(sweep, run).train)
+  return {k: train[k] for k in BUDGET_FIELDS if k in train}
+
+
+def _base_run(sweep: Sweep):
+  """The run whose budget the table states: the first trained under the sweep's --config
+  (not a --model-config file), else the first run; None for no runs."""
+  return next((r for r in sweep.runs if not r.config), sweep.runs[0] if sweep.runs else None)
+
+
 def budget(sweep: Sweep) -> tuple[dict[str, Any], list[str]]:
-  """The planned training budget, and a warning for every finished run trained with another
-  (e.g. an earlier sweep into the same OUT with other --steps)."""
-  planned = dataclasses.asdict(run_config(sweep, sweep.runs[0]).train) if sweep.runs else {}
-  planned = {k: planned[k] for k in BUDGET_FIELDS if k in planned}
+  """The planned training budget of the sweep's config, and a warning for every finished run
+  trained with another budget than its own config plans (e.g. an earlier sweep into the same
+  OUT with other --steps)."""
+  base = _base_run(sweep)
+  planned = _planned(sweep, base) if base is not None else {}
   warnings = []
   for run in sweep.runs:
     saved = (read_json(sweep.run_dir(run) / 'config.json') or {}).get('train')
     if not saved or not (sweep.run_dir(run) / 'results.json').is_file():
       continue
-    diff = {k: saved.get(k) for k in planned if saved.get(k) != planned[k]}
+    own = _planned(sweep, run)
+    diff = {k: saved.get(k) for k in own if saved.get(k) != own[k]}
     if diff:
       warnings.append(f'{run.name} was trained with train.{diff} instead of the planned budget')
   return planned, warnings
+
+
+def row_budgets(sweep: Sweep) -> dict[str, dict[str, Any]]:
+  """The rows whose own config file (--model-config) plans another budget than the sweep's
+  config: row -> its config file ('config') and budget fields."""
+  planned = budget(sweep)[0]
+  out = {}
+  for run in sweep.runs:
+    if run.config and run.group not in out and _planned(sweep, run) != planned:
+      out[run.group] = {'config': run.config, **_planned(sweep, run)}
+  return out

@@ -10,8 +10,8 @@ import pathlib
 from typing import Any
 
 from heterrec_jax.experiments.gather import (STD_DDOF, Stat, WallTime, budget, collect,
-                                             gate_shares, metric_label, step_number, summarize,
-                                             wall_seconds, wall_times)
+                                             gate_shares, metric_label, row_budgets, step_number,
+                                             summarize, wall_seconds, wall_times)
 from heterrec_jax.experiments.sweep import (DISPLAY, POPULARITY, Sweep, TuningRow, tuned,
                                             tuning_choices, tuning_runs)
 
@@ -61,6 +61,9 @@ class Table:
   tuning: TuningSummary | None
   # Per row with an LMP margin gate, the open share of each step's queries (gather.gate_share).
   gate_open: dict[str, dict[str, Stat]]
+  # Rows whose own config (--model-config) plans another budget than `budget`: row -> its
+  # config file ('config') and budget fields.
+  row_budgets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 def gain_percent(proposed: float | None, baseline: float | None) -> float | None:
@@ -148,7 +151,7 @@ def build_table(sweep: Sweep, split: str, floor: dict | None) -> Table:
   plan, warnings = budget(sweep)
   return Table(list(COLUMNS), rows, sweep.proposed, best, gain, gain_over, sweep.kind, split,
                seeds, missing, plan, warnings, sweep.config, list(sweep.common), STD_DDOF,
-               wall_times(sweep), tuning, gate_shares(sweep))
+               wall_times(sweep), tuning, gate_shares(sweep), row_budgets(sweep))
 
 
 def format_gain(value: float | None) -> str:
@@ -175,16 +178,22 @@ def _row_order(table: Table) -> list[str]:
   return others + ([table.proposed] if table.proposed in table.rows else [])
 
 
+def _budget_text(b: dict[str, Any]) -> str:
+  stop = (f'early stopping after {b.get("patience")} validations without a better '
+          f'{b.get("early_stop_metric")}' if b.get('patience') else 'no early stopping')
+  return (f'at most {b.get("steps")} steps of batch {b.get("batch_size")}, validation every '
+          f'{b.get("eval_every")} steps, {stop}')
+
+
 def _budget_line(table: Table) -> str:
   b = table.budget
   if not b:
     return 'Budget: no trained rows.'
-  stop = (f'early stopping after {b.get("patience")} validations without a better '
-          f'{b.get("early_stop_metric")}' if b.get('patience') else 'no early stopping')
-  return (f'Budget (every run): at most {b.get("steps")} steps of batch {b.get("batch_size")}, '
-          f'validation every {b.get("eval_every")} steps, {stop}; the best validation '
-          f'checkpoint is tested. Config `{table.config}`, overrides '
-          f'`{" ".join(table.overrides) or "none"}`.')
+  own = ''.join(f' {_display(row)} (`{rb["config"]}`): {_budget_text(rb)}.'
+                for row, rb in table.row_budgets.items())
+  scope = 'every run' if not own else 'every run but those below'
+  return (f'Budget ({scope}): {_budget_text(b)}; the best validation checkpoint is tested. '
+          f'Config `{table.config}`, overrides `{" ".join(table.overrides) or "none"}`.{own}')
 
 
 def _method(table: Table, name: str) -> str:
