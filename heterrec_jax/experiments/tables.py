@@ -191,7 +191,7 @@ def _budget_line(table: Table) -> str:
     return 'Budget: no trained rows.'
   own = ''.join(f' {_display(row)} (`{rb["config"]}`): {_budget_text(rb)}.'
                 for row, rb in table.row_budgets.items())
-  scope = 'every run' if not own else 'every run but those below'
+  scope = 'every run' if not own else 'every run but the rows named after it'
   return (f'Budget ({scope}): {_budget_text(b)}; the best validation checkpoint is tested. '
           f'Config `{table.config}`, overrides `{" ".join(table.overrides) or "none"}`.{own}')
 
