@@ -182,12 +182,13 @@ def budget(sweep: Sweep) -> tuple[dict[str, Any], list[str]]:
   return planned, warnings
 
 
-def row_budgets(sweep: Sweep) -> dict[str, dict[str, Any]]:
-  """The rows whose own config file (--model-config) plans another budget than the sweep's
-  config: row -> its config file ('config') and budget fields."""
-  planned = budget(sweep)[0]
+def row_budgets(sweep: Sweep, planned: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """The rows whose own config file (--model-config) plans another budget than `planned` (the
+  sweep config's, from `budget`): row -> its config file ('config') and budget fields."""
   out = {}
   for run in sweep.runs:
-    if run.config and run.group not in out and _planned(sweep, run) != planned:
-      out[run.group] = {'config': run.config, **_planned(sweep, run)}
+    if run.config and run.group not in out:
+      own = _planned(sweep, run)
+      if own != planned:
+        out[run.group] = {'config': run.config, **own}
   return out

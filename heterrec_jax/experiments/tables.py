@@ -151,7 +151,7 @@ def build_table(sweep: Sweep, split: str, floor: dict | None) -> Table:
   plan, warnings = budget(sweep)
   return Table(list(COLUMNS), rows, sweep.proposed, best, gain, gain_over, sweep.kind, split,
                seeds, missing, plan, warnings, sweep.config, list(sweep.common), STD_DDOF,
-               wall_times(sweep), tuning, gate_shares(sweep), row_budgets(sweep))
+               wall_times(sweep), tuning, gate_shares(sweep), row_budgets(sweep, plan))
 
 
 def format_gain(value: float | None) -> str:
