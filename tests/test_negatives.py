@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from heterrec_jax import lmp, losses, negatives as negatives_lib, softmax
-from heterrec_jax.config import Config, ConfigError, LossConfig, ModelConfig
+from heterrec_jax import lmp, losses, negatives as negatives_lib, sharding, softmax
+from heterrec_jax.config import Config, ConfigError, LossConfig, MeshConfig, ModelConfig
 
 B, T, N, D, DF, N_ITEMS = 3, 5, 2, 6, 4, 9
 W = T + N
@@ -319,9 +320,6 @@ def test_catalogue_logsumexp_in_chunks_equals_the_full_one(rows):
 def test_catalogue_logsumexp_on_8_devices_equals_the_full_one():
   """Queries sharded over the trainer's 8-device data axis: forward and both gradients equal
   the one-device one-pass logsumexp (the item vectors' gradient is summed over devices)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from heterrec_jax import sharding
-  from heterrec_jax.config import MeshConfig
   assert jax.device_count() == 8
   rng = np.random.default_rng(10)
   q = jnp.asarray(rng.normal(size=(N, 8, T, D)), jnp.float32)
