@@ -7,7 +7,7 @@ Every sequence here has the layout `[B, T, K, D]`: T items of K tokens each. The
 of HCT uses K = the number of token kinds; the item level uses K = 1. The dense attention
 (`block_attention`, the reference, and the path of short or non-causal sequences) computes
 `[B, H, T, K, T, K]` logits; the causal stacks of HCT run `causal_attention`, which over more
-than `BLOCK_ITEMS` items is blockwise (`attention.py`: online softmax over blocks of whole items,
+than `DENSE_MAX_ITEMS` items is blockwise (`attention.py`: online softmax over blocks of whole items,
 no `L x L` logits in the forward or backward pass). The time-gap bias lives on the T x T item
 grid, `bias_BxHxTxT`, broadcast over the K x K token blocks: a per-token `[B, H, L, L]` table
 (L = T*K) is never built. Masks are booleans (True = may attend) broadcastable to
@@ -32,11 +32,15 @@ from heterrec_jax import attention as attention_lib
 LOG_STEP = 0.301
 # A finite "minus infinity" for masked logits (finite so that no row can become NaN).
 NEG_INF = attention_lib.NEG_INF
-# Items per block of the blockwise attention (`attention.blockwise_attention`): a causal
-# attention over more items than this runs blockwise, over at most this many, dense.
+# Items per block of the blockwise attention (`attention.blockwise_attention`).
 BLOCK_ITEMS = 32
-# Which attention causal blocks use: 'auto' (blockwise above BLOCK_ITEMS items), 'dense' or
-# 'blockwise'; set by `attention_impl` (benchmarks compare the two in one process).
+# 'auto' runs a causal attention over more items than this blockwise, over at most this many
+# dense: at two blocks or fewer, blockwise skips little and costs its loop (a whole train step
+# of configs/ml100k.py, T = 50: 0.70 s blockwise against 0.65 s dense; at the paper's T = 256
+# blockwise is 2.3x faster; docs/benchmarks.md, "Dense or blockwise").
+DENSE_MAX_ITEMS = 2 * BLOCK_ITEMS
+# Which attention causal blocks use: 'auto' (blockwise above DENSE_MAX_ITEMS items), 'dense'
+# or 'blockwise'; set by `attention_impl` (benchmarks compare the two in one process).
 ATTENTION_IMPLS = ('auto', 'dense', 'blockwise')
 _attention_impl = 'auto'
 
@@ -132,10 +136,11 @@ def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD
                      bias_BxHxTxT: jax.Array, allowed: jax.Array) -> jax.Array:
   """`block_attention` for item-causal masks (`allowed[b, t, :, s, :]` False for s > t):
   blockwise over blocks of BLOCK_ITEMS items (no L x L logits, memory linear in T, key blocks
-  after the query block skipped) when the sequence has more items than one block, else dense."""
+  after the query block skipped) when the sequence has more than DENSE_MAX_ITEMS items, else
+  dense (faster at that length)."""
   n_items = q_BxTxKxHxD.shape[1]
   blockwise = (_attention_impl == 'blockwise'
-               or (_attention_impl == 'auto' and n_items > BLOCK_ITEMS))
+               or (_attention_impl == 'auto' and n_items > DENSE_MAX_ITEMS))
   if not blockwise:
     return block_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD, bias_BxHxTxT, allowed)
   return attention_lib.blockwise_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD,

@@ -112,12 +112,15 @@ def test_blockwise_never_builds_the_token_logits():
       logits_bytes / 4)
 
 
-def test_causal_attention_dispatch():
+def test_causal_attention_dispatch(monkeypatch):
   q, k, v, table, ts, mask = _inputs(4, t=3)
   args = (q, k, v, layers.time_gap_bias(table, ts), layers.block_causal_mask(mask))
   # A fresh jit each time: the choice is made at tracing, and jit caches traces.
   hlo = lambda: jax.jit(lambda *a: layers.causal_attention(*a)).lower(*args).as_text()
-  assert 'while' not in hlo()  # 3 items <= BLOCK_ITEMS: dense
+  assert 'while' not in hlo()  # 3 items <= DENSE_MAX_ITEMS: dense
+  with monkeypatch.context() as patch:
+    patch.setattr(layers, 'DENSE_MAX_ITEMS', 2)
+    assert 'while' in hlo()  # 3 items > DENSE_MAX_ITEMS: blockwise
   with layers.attention_impl('blockwise'):
     assert 'while' in hlo()
   with pytest.raises(ValueError, match='attention implementation'):
