@@ -7,9 +7,9 @@ Every sequence here has the layout `[B, T, K, D]`: T items of K tokens each. The
 of HCT uses K = the number of token kinds; the item level uses K = 1. The dense attention
 (`block_attention`, the reference, and the path of short or non-causal sequences) computes
 `[B, H, T, K, T, K]` logits; the causal stacks of HCT run `causal_attention`, which over more
-than `DENSE_MAX_ITEMS` items is blockwise (`attention.py`: online softmax over blocks of whole items,
-no `L x L` logits in the forward or backward pass). The time-gap bias lives on the T x T item
-grid, `bias_BxHxTxT`, broadcast over the K x K token blocks: a per-token `[B, H, L, L]` table
+than `DENSE_MAX_ITEMS` items is blockwise (`attention.py`: online softmax over blocks of whole
+items, no `L x L` logits in the forward or backward pass). The time-gap bias lives on the T x T
+item grid, `bias_BxHxTxT`, broadcast over the K x K token blocks: a per-token `[B, H, L, L]` table
 (L = T*K) is never built. Masks are booleans (True = may attend) broadcastable to
 `[B, T, K, T, K]` (query item, query kind, key item, key kind).
 

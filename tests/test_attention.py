@@ -118,9 +118,8 @@ def test_causal_attention_dispatch(monkeypatch):
   # A fresh jit each time: the choice is made at tracing, and jit caches traces.
   hlo = lambda: jax.jit(lambda *a: layers.causal_attention(*a)).lower(*args).as_text()
   assert 'while' not in hlo()  # 3 items <= DENSE_MAX_ITEMS: dense
-  with monkeypatch.context() as patch:
-    patch.setattr(layers, 'DENSE_MAX_ITEMS', 2)
-    assert 'while' in hlo()  # 3 items > DENSE_MAX_ITEMS: blockwise
+  monkeypatch.setattr(layers, 'DENSE_MAX_ITEMS', 2)
+  assert 'while' in hlo()  # 3 items > DENSE_MAX_ITEMS: blockwise
   with layers.attention_impl('blockwise'):
     assert 'while' in hlo()
   with pytest.raises(ValueError, match='attention implementation'):
