@@ -211,6 +211,10 @@ class OptimConfig:
   # AdamW moments.
   b1: float = 0.9
   b2: float = 0.98
+  # Decay of an exponential moving average of the parameters (0: off). Validation, the best
+  # checkpoint's choice, `evaluate` and `export` read the debiased average; training steps the
+  # raw parameters (averaging.py). 0.99 averages over about the last 100 steps.
+  ema: float = 0.0
 
   def __post_init__(self):
     _check_positive('optim.lr', self.lr)
@@ -221,6 +225,7 @@ class OptimConfig:
     _check_fraction('optim.final_lr_fraction', self.final_lr_fraction, closed=True)
     _check_fraction('optim.b1', self.b1)
     _check_fraction('optim.b2', self.b2)
+    _check_fraction('optim.ema', self.ema)
 
 
 # Logical axis -> mesh axis. Parameters and activations name logical axes only.

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import metrics, retrieval, sharding
+from heterrec_jax import averaging, metrics, retrieval, sharding
 from heterrec_jax.config import Config, ConfigError
 from heterrec_jax.data import pipeline, splits
 from heterrec_jax.data.dataset import Dataset, DatasetError
@@ -44,8 +44,9 @@ def eval_graphdef(run: Run) -> Any:
 
 
 def model_state(state: Any) -> Any:
-  """The model part of a `(model, optimizer)` state."""
-  return state[0]
+  """The model part of a `(model, optimizer)` state, its parameters averaged where the run
+  keeps an average (`optim.ema`, averaging.py)."""
+  return averaging.model_state(state)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

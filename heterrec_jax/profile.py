@@ -1,4 +1,4 @@
-"""Where a HeterRec train step's time and memory go (`bench train --profile`).
+"""Where a train step's time and memory go (`bench train --profile`).
 
 Each component of the step is compiled and timed ALONE at the step's shapes, forward and
 backward (gradients w.r.t. its inputs and parameters), and reported with XLA's cost and memory
@@ -7,7 +7,8 @@ count; a loop body is counted once, so a blockwise attention shows its per-block
 `temp_bytes` (XLA's temporaries) and `calls` (how many times the step runs it). Components
 overlap (a stack contains its attention and its LayerNorms; the loss's forward and backward
 contain everything but the optimiser), so the table is read against `forward_backward` and
-`step`, not summed.
+`step`, not summed. Every model gets `forward_backward`, `forward`, `loss` and `optimizer`;
+HeterRec's embeddings and token- and item-level stacks are its own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import optax
 from flax import nnx
 
 from heterrec_jax import layers, losses, run as run_lib
+from heterrec_jax.model import HeterRec
 
 
 def measure(fn: Callable, *args, repeats: int = 3, calls: int = 1) -> dict[str, Any]:
@@ -100,7 +102,7 @@ class _FixedOutputs:
 
 def profile_step(cfg, model: nnx.Module, batch: dict[str, jax.Array], item_tokens,
                  log_freq=None, repeats: int = 3) -> dict[str, dict[str, Any]]:
-  """The components of HeterRec's train step (see the module docstring); `item_tokens` and
+  """The components of a model's train step (see the module docstring); `item_tokens` and
   `log_freq` are the dataset's, as `losses.make` takes them."""
   model.train()
   rng = jax.random.key(0)
@@ -112,13 +114,21 @@ def profile_step(cfg, model: nnx.Module, batch: dict[str, jax.Array], item_token
   forward = lambda states, b: nnx.merge(graphdef, states).forward(b)
   out['forward'] = measure(forward, states, batch, repeats=repeats)
   outputs = jax.jit(forward)(states, batch)
-  loss_grad = jax.grad(lambda o, b: compute_loss(_FixedOutputs(model, o), b, rng)[0])
+  loss_grad = jax.grad(lambda o, b: compute_loss(_FixedOutputs(model, o), b, rng)[0],
+                       allow_int=True)  # BERT4Rec's outputs hold its boolean Cloze mask
   out['loss'] = measure(loss_grad, outputs, batch, repeats=repeats)
+  if isinstance(model, HeterRec):  # its embedding layer and its two levels
+    out.update(_heterrec_parts(model, batch, repeats))
+  out['optimizer'] = _optimizer_part(cfg, model, repeats)
+  return out
+
+
+def _heterrec_parts(model, batch, repeats) -> dict[str, dict[str, Any]]:
+  out = {}
   embed, embed_states = _module_grad(model.htfl, lambda e, i, s: _probe_sum(e(i, s)))
   out['embeddings'] = measure(embed, embed_states, batch['items'], batch['tokens'],
                               repeats=repeats)
   out.update(_level_parts(model, batch, repeats))
-  out['optimizer'] = _optimizer_part(cfg, model, repeats)
   return out
 
 

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from heterrec_jax import baselines, compile_cache, sharding
+from heterrec_jax import averaging, baselines, compile_cache, sharding
 from heterrec_jax import workdir as workdir_lib
 from heterrec_jax.checkpoint import CheckpointError, Checkpointer
 from heterrec_jax.config import Config, ConfigError, load_saved_config
@@ -54,7 +54,7 @@ def build_model(cfg: Config, dataset: Dataset, seed: int) -> RetrievalModel:
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
   """AdamW with linear warm-up, then a constant rate or cosine decay, after global-norm
-  clipping."""
+  clipping; with `optim.ema`, followed by the parameter average (averaging.py)."""
   o = cfg.optim
   warmup = min(o.warmup_steps, max(cfg.train.steps - 1, 0))
   if o.schedule == 'constant':
@@ -65,9 +65,8 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
         init_value=0.0 if warmup else o.lr, peak_value=o.lr, warmup_steps=warmup,
         decay_steps=max(cfg.train.steps, warmup + 1), end_value=o.lr * o.final_lr_fraction)
   adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
-  if o.clip_norm:
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
-  return adamw
+  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+  return averaging.with_ema(tx, o.ema)
 
 
 @dataclasses.dataclass

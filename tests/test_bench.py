@@ -64,6 +64,17 @@ def test_bench_train_profile(tiny_data, capsys):
   assert profile['token_attention']['flops'] < profile['token_blocks']['flops']
 
 
+@pytest.mark.parametrize('name', ['bert4rec', 'pinnerformer'])
+def test_bench_train_profile_of_a_baseline(tiny_data, capsys, name):
+  """A baseline's step: its generic parts only, no traceback (BERT4Rec's outputs hold a
+  boolean mask; PinnerFormer has an HTFL but not HeterRec's levels)."""
+  assert bench.main(['train', '--config', TINY, '--steps', '1', '--warmup', '1', '--profile',
+                     f'model.name={name}', f'data.path={tiny_data}']) == 0
+  profile = _last_json(capsys)['profile']
+  assert set(profile) == {'forward_backward', 'forward', 'loss', 'optimizer'}
+  assert all(p['time_s'] > 0 for p in profile.values())
+
+
 def test_bench_data_reports_windows_per_second(tiny_data, capsys):
   assert bench.main(['data', '--input', str(tiny_data), '--max-len', '6', '--batch-size', '8',
                      '--batches', '3', '--warmup', '1']) == 0

@@ -77,6 +77,34 @@ def test_train_step_compiles_once(tiny):
   assert np.isfinite(float(aux['loss']))
 
 
+def test_sharded_run_with_ema_reads_the_average(tiny):
+  """optim.ema on 8 devices: the averaged parameters are sharded as the raw ones, equal a
+  NumPy average of the iterates, and evaluation scores them, not the last iterate."""
+  from flax import nnx
+  cfg, dataset = tiny
+  cfg = apply_overrides(cfg, ['optim.ema=0.5'])
+  mesh = sharding.make_mesh(MeshConfig(data=4, model=2))
+  run = run_lib.build_run(cfg, dataset, mesh)
+  data_iter = train_lib.train_iterator(cfg, run)
+  batch = sharding.global_batch(next(data_iter), mesh)
+  step = train_lib.make_train_step(run, batch)
+  iterates = []
+  for _ in range(3):
+    run.state, _ = step(run.state, sharding.global_batch(next(data_iter), mesh))
+    iterates.append(jax.device_get(nnx.to_pure_dict(nnx.state(run.model(), nnx.Param))))
+  averaged = nnx.to_pure_dict(nnx.state(nnx.merge(nnx.graphdef(run.model()),
+                                                  evaluate_lib.model_state(run.state)),
+                                        nnx.Param))
+  weights = np.array([0.125, 0.25, 0.5]) / 0.875
+  want = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *iterates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(averaged), want)
+  raw, ema = jax.tree.leaves(nnx_params(run.model())), jax.tree.leaves(averaged)
+  assert [a.sharding.spec for a in raw] == [a.sharding.spec for a in ema]
+  assert evaluate_lib.evaluate(run, 'valid') != evaluate_lib.evaluate(
+      run, 'valid', state=(run.state[0], {'opt_state': {}}))
+
+
 def _losses(workdir):
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   return {r['step']: r['loss'] for r in lines if r['split'] == 'train'}
