@@ -25,6 +25,9 @@ Chosen on validation (seed 0, best nDCG@10 / Recall@50; docs/results.md):
     0.0667 / 0.4380 (the token level is kept at 0.1) and the tied id input
     (model.item_id_input) 0.0737 / 0.4380 (one seed's noise: not taken); dropout 0.3 gave
     0.0689 / 0.4422 against the file's 0.0723 / 0.4433 (seed 0 of its 3-seed run).
+  * (fifth session) the free per-item vector starts at N(0, 0.02), not 0.125 (a model change,
+    not a field): ml-100k validation nDCG@10 over 3 seeds 0.0693 against 0.0694, Amazon Toys
+    +31% at step 1,500. optim.ema=0.995 was measured and is not used (docs/results.md).
 At most 2,000 steps (36 epochs), early stopping ends it sooner; the 15-minute budget of a
 2-core CPU holds it (docs/results.md has the wall times). On an accelerator raise train.steps
 and let early stopping end the run. The baselines: use their own files

@@ -271,6 +271,14 @@ def test_item_id_vector_adds_a_free_row_to_v():
   np.testing.assert_allclose(v_free - v_plain, rows, atol=1e-5)
 
 
+def test_item_id_vector_starts_small_beside_the_feature_path():
+  """The free rows start at N(0, 0.02), RecBole's item-table init (not the unit-scale init of
+  the feature tables): at the start V is the feature path's, and the rows grow as they learn."""
+  _, free = _paper_and_option(item_id_vector=True)
+  rows = np.asarray(free.item_vectors.embedding[...])
+  assert rows.size >= 100 and 0.015 < rows.std() < 0.025, rows.std()
+
+
 def test_item_id_input_adds_the_tied_free_row_to_the_item_level_input_only():
   """item_id_input alone: V is the paper's; the item-level input is fusion + the item's row."""
   plain, tied = _paper_and_option(item_id_input=True)
