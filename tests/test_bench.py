@@ -64,12 +64,12 @@ def test_bench_train_profile(tiny_data, capsys):
   assert profile['token_attention']['flops'] < profile['token_blocks']['flops']
 
 
-@pytest.mark.parametrize('name', ['bert4rec', 'pinnerformer'])
-def test_bench_train_profile_of_a_baseline(tiny_data, capsys, name):
-  """A baseline's step: its generic parts only, no traceback (BERT4Rec's outputs hold a
-  boolean mask; PinnerFormer has an HTFL but not HeterRec's levels)."""
+def test_bench_train_profile_of_a_baseline(tiny_data, capsys):
+  """A baseline's step: its generic parts only, no traceback. BERT4Rec (its outputs hold a
+  boolean mask); PinnerFormer (an HTFL, not HeterRec's levels) raised the same way and takes
+  the same path, `isinstance(model, HeterRec)`; one model keeps the suite's time down."""
   assert bench.main(['train', '--config', TINY, '--steps', '1', '--warmup', '1', '--profile',
-                     f'model.name={name}', f'data.path={tiny_data}']) == 0
+                     'model.name=bert4rec', f'data.path={tiny_data}']) == 0
   profile = _last_json(capsys)['profile']
   assert set(profile) == {'forward_backward', 'forward', 'loss', 'optimizer'}
   assert all(p['time_s'] > 0 for p in profile.values())
