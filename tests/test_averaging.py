@@ -1,12 +1,12 @@
 """The parameter average (`optim.ema`): the transformation against a NumPy loop, the state
 evaluation reads, and its config check."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-import jax
-import jax.numpy as jnp
 
 from heterrec_jax import averaging
 from heterrec_jax.config import ConfigError, OptimConfig

@@ -101,8 +101,9 @@ def test_sharded_run_with_ema_reads_the_average(tiny):
                jax.device_get(averaged), want)
   raw, ema = jax.tree.leaves(nnx_params(run.model())), jax.tree.leaves(averaged)
   assert [a.sharding.spec for a in raw] == [a.sharding.spec for a in ema]
-  assert evaluate_lib.evaluate(run, 'valid') != evaluate_lib.evaluate(
-      run, 'valid', state=(run.state[0], {'opt_state': {}}))
+  last_iterate = (run.state[0], {'opt_state': {}})  # a state without an average: raw params
+  assert evaluate_lib.evaluate(run, 'valid') != evaluate_lib.evaluate(run, 'valid',
+                                                                      state=last_iterate)
 
 
 def _losses(workdir):
