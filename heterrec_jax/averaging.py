@@ -67,12 +67,10 @@ def model_state(state: Any) -> Any:
   it is). Before the first update (weight 0) the raw parameters."""
   model = state[0]
   average = _average(state)
-  if average is None:
+  if average is None or float(average['weight'][...]) == 0.0:
     return model
   weight = average['weight'][...]
-  averaged = jax.tree.map(lambda e: e / jnp.maximum(weight, 1e-12),
-                          nnx.to_pure_dict(average['ema']))
   copy = jax.tree.map(lambda x: x, model)
-  if float(weight) > 0.0:
-    nnx.replace_by_pure_dict(copy, averaged)
+  nnx.replace_by_pure_dict(copy, jax.tree.map(lambda e: e / weight,
+                                              nnx.to_pure_dict(average['ema'])))
   return copy
