@@ -43,12 +43,6 @@ def eval_graphdef(run: Run) -> Any:
   return nnx.split(model)[0]
 
 
-def model_state(state: Any) -> Any:
-  """The model part of a `(model, optimizer)` state, its parameters averaged where the run
-  keeps an average (`optim.ema`, averaging.py)."""
-  return averaging.model_state(state)
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def _item_chunk(graphdef, state, items_N, tokens_NxS):
   vectors, _ = nnx.merge(graphdef, state).encode_items(items_N, tokens_NxS)
@@ -94,7 +88,7 @@ def evaluate(run: Run, split: str, state: Any | None = None,
   user's scores are NaN or +inf: a diverged model has no rank, it never reports perfect metrics.
   """
   cfg = run.cfg
-  state = model_state(run.state if state is None else state)
+  state = averaging.model_state(run.state if state is None else state)
   graphdef = eval_graphdef(run)
   items_NxD = item_vectors(graphdef, state, run.dataset, cfg.eval.item_batch_size)
   batches = _eval_batches(cfg, run.dataset, split)

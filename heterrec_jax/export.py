@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from heterrec_jax import averaging
 from heterrec_jax import evaluate as evaluate_lib
 from heterrec_jax import sharding
 from heterrec_jax.checkpoint import CheckpointError
@@ -83,7 +84,7 @@ def export_run(workdir: pathlib.Path, output: pathlib.Path, which: str = 'best',
   cfg, dataset = run.cfg, run.dataset
   graphdef = evaluate_lib.eval_graphdef(run)
   # One device, jax arrays: the exported tower closes over them as constants.
-  state = jax.tree.map(jnp.asarray, jax.device_get(evaluate_lib.model_state(run.state)))
+  state = jax.tree.map(jnp.asarray, jax.device_get(averaging.model_state(run.state)))
   items = evaluate_lib.item_vectors(graphdef, state, dataset, cfg.eval.item_batch_size)
   tower = user_tower(graphdef, state)
   n_users, t, s = dataset.schema.n_users, cfg.data.max_len, dataset.schema.n_sub

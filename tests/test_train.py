@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from heterrec_jax import run as run_lib, sharding, train as train_lib
+from heterrec_jax import averaging, run as run_lib, sharding, train as train_lib
 from heterrec_jax import evaluate as evaluate_lib, export as export_lib
 from heterrec_jax.config import MeshConfig, apply_overrides, load_config
 from heterrec_jax.data import pipeline
@@ -93,7 +93,7 @@ def test_sharded_run_with_ema_reads_the_average(tiny):
     run.state, _ = step(run.state, sharding.global_batch(next(data_iter), mesh))
     iterates.append(jax.device_get(nnx.to_pure_dict(nnx.state(run.model(), nnx.Param))))
   averaged = nnx.to_pure_dict(nnx.state(nnx.merge(nnx.graphdef(run.model()),
-                                                  evaluate_lib.model_state(run.state)),
+                                                  averaging.model_state(run.state)),
                                         nnx.Param))
   weights = np.array([0.125, 0.25, 0.5]) / 0.875
   want = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs)), *iterates)
