@@ -353,35 +353,52 @@ def _parse_value(field: str, text: str, kind: Any) -> Any:
     raise ConfigError(f'{field}={text!r}: {e}') from None
 
 
-def override(config: Any, dotted: str, text: str, prefix: str = '') -> Any:
-  """Returns `config` with the field named by `dotted` (e.g. 'model.n1') set from `text`."""
-  head, _, rest = dotted.partition('.')
-  fields = {f.name: f for f in dataclasses.fields(config)}
-  if head not in fields:
-    raise ConfigError(f'unknown config field {prefix + dotted!r}; fields here: {sorted(fields)}')
-  current = getattr(config, head)
-  if rest:
-    if not dataclasses.is_dataclass(current):
-      raise ConfigError(f'config field {prefix + head!r} has no sub-field {rest!r}')
-    return dataclasses.replace(config, **{head: override(current, rest, text, f'{head}.')})
-  if dataclasses.is_dataclass(current):
-    raise ConfigError(f'config field {prefix + dotted!r} is a group; set one of its fields')
+def _with_values(config: Any, values: dict[str, Any], prefix: str = '') -> Any:
+  """`config` rebuilt once with `values` (field name -> text, or a dict for a sub-group), so
+  each group's checks see all of its new values together."""
+  fields = {f.name for f in dataclasses.fields(config)}
   hints = typing.get_type_hints(type(config))
-  value = _parse_value(prefix + dotted, text, hints[head])
+  changes = {}
+  for head, value in values.items():
+    if head not in fields:
+      raise ConfigError(f'unknown config field {prefix + head!r}; fields here: {sorted(fields)}')
+    current = getattr(config, head)
+    if isinstance(value, dict):
+      if not dataclasses.is_dataclass(current):
+        raise ConfigError(f'config field {prefix + head!r} has no sub-field '
+                          f'{next(iter(value))!r}')
+      changes[head] = _with_values(current, value, f'{prefix}{head}.')
+    elif dataclasses.is_dataclass(current):
+      raise ConfigError(f'config field {prefix + head!r} is a group; set one of its fields')
+    else:
+      changes[head] = _parse_value(prefix + head, value, hints[head])
   try:
-    return dataclasses.replace(config, **{head: value})
+    return dataclasses.replace(config, **changes)
   except TypeError as e:
-    raise ConfigError(f'{prefix + dotted}={text!r}: {e}') from None
+    raise ConfigError(f'{prefix.rstrip(".") or "config"}: {e}') from None
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-  """Applies 'a.b=value' strings in order."""
+  """Applies 'a.b=value' strings together: every group is rebuilt once with all of its new
+  values, so a combination that is valid as a whole is accepted in any order (e.g.
+  `loss.negatives=all loss.log_q=false` from a log-Q config). A field given twice takes its
+  last value."""
+  values: dict[str, Any] = {}
   for item in overrides:
     if '=' not in item:
       raise ConfigError(f'override {item!r} must look like field.name=value')
-    key, _, value = item.partition('=')
-    config = override(config, key.strip(), value.strip())
-  return config
+    key, _, text = item.partition('=')
+    *groups, name = key.strip().split('.')
+    node = values
+    for i, group in enumerate(groups):
+      node = node.setdefault(group, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f'config field {".".join(groups[:i + 1])!r} is a group; set one of '
+                          'its fields')
+    if isinstance(node.get(name), dict):
+      raise ConfigError(f'config field {key.strip()!r} is a group; set one of its fields')
+    node[name] = text.strip()
+  return _with_values(config, values)
 
 
 def load_config(path: str | None) -> Config:

@@ -21,6 +21,29 @@ def test_overrides_set_typed_values():
   assert cfg.loss.token_kinds == ('genre', 'year')
 
 
+@pytest.mark.parametrize('order', [1, -1])
+def test_overrides_are_checked_together_in_any_order(order):
+  # Each alone is refused from these files (log-Q needs a batch source; a stride above the
+  # current max_len); together they are valid, whatever their order.
+  pinnerformer = load_config(str(ROOT / 'configs' / 'ml100k_pinnerformer.py'))
+  cfg = apply_overrides(pinnerformer, ['loss.negatives=all', 'loss.log_q=false'][::order])
+  assert (cfg.loss.negatives, cfg.loss.log_q) == ('all', False)
+  cfg = apply_overrides(Config(), ['data.max_len=80', 'data.stride=60'][::order])
+  assert (cfg.data.max_len, cfg.data.stride) == (80, 60)
+  with pytest.raises(ConfigError, match='log_q'):
+    apply_overrides(pinnerformer, ['loss.negatives=all'])
+
+
+def test_an_override_given_twice_takes_its_last_value():
+  assert apply_overrides(Config(), ['model.n1=3', 'model.n1=2']).model.n1 == 2
+
+
+@pytest.mark.parametrize('overrides', [['model=3', 'model.n1=2'], ['model.n1=2', 'model=3']])
+def test_a_group_and_its_field_together_is_an_error(overrides):
+  with pytest.raises(ConfigError, match="'model' is a group"):
+    apply_overrides(Config(), overrides)
+
+
 @pytest.mark.parametrize('override, fragment', [
     ('model.nope=1', "unknown config field 'model.nope'"),
     ('model.n1=abc', 'model.n1'),
