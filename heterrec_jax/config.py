@@ -353,51 +353,50 @@ def _parse_value(field: str, text: str, kind: Any) -> Any:
     raise ConfigError(f'{field}={text!r}: {e}') from None
 
 
-def _with_values(config: Any, values: dict[str, Any], prefix: str = '') -> Any:
-  """`config` rebuilt once with `values` (field name -> text, or a dict for a sub-group), so
-  each group's checks see all of its new values together."""
-  fields = {f.name for f in dataclasses.fields(config)}
-  hints = typing.get_type_hints(type(config))
-  changes = {}
-  for head, value in values.items():
-    if head not in fields:
-      raise ConfigError(f'unknown config field {prefix + head!r}; fields here: {sorted(fields)}')
-    current = getattr(config, head)
-    if isinstance(value, dict):
-      if not dataclasses.is_dataclass(current):
-        raise ConfigError(f'config field {prefix + head!r} has no sub-field '
-                          f'{next(iter(value))!r}')
-      changes[head] = _with_values(current, value, f'{prefix}{head}.')
-    elif dataclasses.is_dataclass(current):
-      raise ConfigError(f'config field {prefix + head!r} is a group; set one of its fields')
-    else:
-      changes[head] = _parse_value(prefix + head, value, hints[head])
-  try:
-    return dataclasses.replace(config, **changes)
-  except TypeError as e:
-    raise ConfigError(f'{prefix.rstrip(".") or "config"}: {e}') from None
+def _parse_override(config: Config, item: str) -> tuple[list[str], Any]:
+  """(field path, typed value) of one 'a.b=value' string, checked against the config's fields
+  (not yet against the other fields' values)."""
+  if '=' not in item:
+    raise ConfigError(f'override {item!r} must look like field.name=value')
+  key, _, text = item.partition('=')
+  key, text = key.strip(), text.strip()
+  path = key.split('.')
+  node = config
+  for i, name in enumerate(path):
+    fields = {f.name for f in dataclasses.fields(node)}
+    if name not in fields:
+      raise ConfigError(f'unknown config field {key!r}; fields here: {sorted(fields)}')
+    child, here, rest = getattr(node, name), '.'.join(path[:i + 1]), '.'.join(path[i + 1:])
+    if rest and not dataclasses.is_dataclass(child):
+      raise ConfigError(f'config field {here!r} has no sub-field {rest!r}')
+    if not rest and dataclasses.is_dataclass(child):
+      raise ConfigError(f'config field {here!r} is a group; set one of its fields')
+    if not rest:
+      return path, _parse_value(key, text, typing.get_type_hints(type(node))[name])
+    node = child
+  raise AssertionError('unreachable')
+
+
+def _with_values(config: Any, values: dict[str, Any]) -> Any:
+  """`config` rebuilt once per group with all of its new `values` (name -> value, or a dict for
+  a sub-group), so each group's checks see its new values together."""
+  changes = {name: _with_values(getattr(config, name), value) if isinstance(value, dict)
+             else value for name, value in values.items()}
+  return dataclasses.replace(config, **changes)
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-  """Applies 'a.b=value' strings together: every group is rebuilt once with all of its new
-  values, so a combination that is valid as a whole is accepted in any order (e.g.
-  `loss.negatives=all loss.log_q=false` from a log-Q config). A field given twice takes its
-  last value."""
+  """Applies 'a.b=value' strings together: each is checked against the fields first, then
+  every group is rebuilt once with all of its new values, so a combination that is valid as a
+  whole is accepted in any order (e.g. `loss.negatives=all loss.log_q=false` from a log-Q
+  config). A field given twice takes its last value."""
   values: dict[str, Any] = {}
   for item in overrides:
-    if '=' not in item:
-      raise ConfigError(f'override {item!r} must look like field.name=value')
-    key, _, text = item.partition('=')
-    *groups, name = key.strip().split('.')
+    path, value = _parse_override(config, item)
     node = values
-    for i, group in enumerate(groups):
+    for group in path[:-1]:
       node = node.setdefault(group, {})
-      if not isinstance(node, dict):
-        raise ConfigError(f'config field {".".join(groups[:i + 1])!r} is a group; set one of '
-                          'its fields')
-    if isinstance(node.get(name), dict):
-      raise ConfigError(f'config field {key.strip()!r} is a group; set one of its fields')
-    node[name] = text.strip()
+    node[path[-1]] = value
   return _with_values(config, values)
 
 

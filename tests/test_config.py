@@ -38,9 +38,13 @@ def test_an_override_given_twice_takes_its_last_value():
   assert apply_overrides(Config(), ['model.n1=3', 'model.n1=2']).model.n1 == 2
 
 
-@pytest.mark.parametrize('overrides', [['model=3', 'model.n1=2'], ['model.n1=2', 'model=3']])
-def test_a_group_and_its_field_together_is_an_error(overrides):
-  with pytest.raises(ConfigError, match="'model' is a group"):
+@pytest.mark.parametrize('overrides, fragment', [
+    (['model=3', 'model.n1=2'], "'model' is a group"),
+    (['model.n1=2', 'model=3'], "'model' is a group"),
+    (['model.n1=2', 'model.n1.x=3'], "'model.n1' has no sub-field 'x'"),
+])
+def test_a_field_and_its_group_together_is_an_error(overrides, fragment):
+  with pytest.raises(ConfigError, match=re.escape(fragment)):
     apply_overrides(Config(), overrides)
 
 
