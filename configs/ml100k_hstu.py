@@ -5,11 +5,11 @@ negative source, scoring and tau chosen per model on validation).
 
     python -m heterrec_jax.train --config configs/ml100k_hstu.py --workdir runs/ml100k_hstu
 
-Chosen on validation (seed 0, the best checkpoint's nDCG@10 / Recall@50 / nDCG@50;
-docs/results.md): the softmax over the whole catalogue with dot products (tau 1) gave 0.0703 /
-0.4221 / 0.1279, HSTU's public ML-1M setting (128 negatives drawn uniformly from the catalogue
-per step, L2-normalised vectors, tau 0.05) 0.0470 / 0.3415 / 0.0963. That setting stays one
-override away:
+Chosen on validation (the best checkpoint's nDCG@10 / Recall@50 / nDCG@50, means over seeds
+0-2; docs/results.md): the softmax over the whole catalogue with dot products (tau 1) gave
+0.0694 / 0.4245 / 0.1282, HSTU's public ML-1M setting (128 negatives drawn uniformly from the
+catalogue per step, L2-normalised vectors, tau 0.05) 0.0501 / 0.3500 / 0.1013, lower on every
+seed. That setting stays one override away:
 
     python -m heterrec_jax.train --config configs/ml100k_hstu.py --workdir runs/ml100k_hstu_ref \\
         loss.negatives=uniform loss.n_uniform=128 loss.scoring=cosine loss.tau=0.05

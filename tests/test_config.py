@@ -23,8 +23,8 @@ def test_overrides_set_typed_values():
 
 @pytest.mark.parametrize('order', [1, -1])
 def test_overrides_are_checked_together_in_any_order(order):
-  # Each alone is refused from these files (log-Q needs a batch source; a stride above the
-  # current max_len); together they are valid, whatever their order.
+  # loss.negatives=all and data.stride=60 alone are refused (log-Q needs a batch source; the
+  # default max_len is 50); with their partners they are valid, whatever the order.
   pinnerformer = load_config(str(ROOT / 'configs' / 'ml100k_pinnerformer.py'))
   cfg = apply_overrides(pinnerformer, ['loss.negatives=all', 'loss.log_q=false'][::order])
   assert (cfg.loss.negatives, cfg.loss.log_q) == ('all', False)
