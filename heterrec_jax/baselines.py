@@ -209,9 +209,8 @@ class RecBoleEncoder(nnx.Module):
   def __init__(self, n_rows: int, cfg: ModelConfig, max_len: int, n_blocks: int, *, dtype,
                rngs: nnx.Rngs):
     d = cfg.d_k
-    init = nnx.with_partitioning(nnx.initializers.normal(RECBOLE_INIT_STD), ('vocab', 'embed'))
     self.embed = nnx.Embed(model.table_rows(n_rows), d, dtype=dtype, rngs=rngs,
-                           embedding_init=init)
+                           embedding_init=model.table_init(RECBOLE_INIT_STD))
     self.positions = Positions(max_len, d, dtype=dtype, rngs=rngs, std=RECBOLE_INIT_STD)
     self.norm = _recbole_norm(d, dtype, rngs)
     self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)

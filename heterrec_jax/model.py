@@ -48,11 +48,12 @@ def table_rows(n: int) -> int:
   return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
-def table_init():
-  """Embedding-table init (variance scaling over the row width), named (vocab, embed)."""
-  return nnx.with_partitioning(nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal',
-                                                                 in_axis=-1, out_axis=-2),
-                               ('vocab', 'embed'))
+def table_init(std: float | None = None):
+  """Embedding-table init, named (vocab, embed): N(0, std), or variance scaling over the row
+  width when `std` is None."""
+  init = (nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal', in_axis=-1, out_axis=-2)
+          if std is None else nnx.initializers.normal(std))
+  return nnx.with_partitioning(init, ('vocab', 'embed'))
 
 
 class CategoricalToken(nnx.Module):
@@ -272,9 +273,9 @@ class HeterRec(nnx.Module):
     feature tables it slowed learning on a sparse 12k-item catalogue; docs/results.md)."""
     if cfg.item_positions and max_len < 1:
       raise ConfigError('model.item_positions needs the learned positions of data.max_len')
-    vector_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ('vocab', 'embed'))
     self.item_vectors = (nnx.Embed(table_rows(schema.n_items + 1), cfg.d_k, rngs=rngs,
-                                   dtype=jnp.dtype(cfg.compute_dtype), embedding_init=vector_init)
+                                   dtype=jnp.dtype(cfg.compute_dtype),
+                                   embedding_init=table_init(0.02))
                          if cfg.item_id_vector or cfg.item_id_input else None)
     self.vector_in_v, self.vector_at_input = cfg.item_id_vector, cfg.item_id_input
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, 'embed'))
