@@ -67,9 +67,11 @@ def model_state(state: Any) -> Any:
   it is). Before the first update (weight 0) the raw parameters."""
   model = state[0]
   average = _average(state)
-  if average is None or float(average['weight'][...]) == 0.0:
+  if average is None:
     return model
   weight = average['weight'][...]
+  if float(weight) == 0.0:
+    return model
   copy = jax.tree.map(lambda x: x, model)
   nnx.replace_by_pure_dict(copy, jax.tree.map(lambda e: e / weight,
                                               nnx.to_pure_dict(average['ema'])))
