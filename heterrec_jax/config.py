@@ -362,19 +362,17 @@ def _parse_override(config: Config, item: str) -> tuple[list[str], Any]:
   key, text = key.strip(), text.strip()
   path = key.split('.')
   node = config
-  for i, name in enumerate(path):
+  for depth, name in enumerate(path, 1):
     fields = {f.name for f in dataclasses.fields(node)}
     if name not in fields:
       raise ConfigError(f'unknown config field {key!r}; fields here: {sorted(fields)}')
-    child, here, rest = getattr(node, name), '.'.join(path[:i + 1]), '.'.join(path[i + 1:])
-    if rest and not dataclasses.is_dataclass(child):
-      raise ConfigError(f'config field {here!r} has no sub-field {rest!r}')
-    if not rest and dataclasses.is_dataclass(child):
-      raise ConfigError(f'config field {here!r} is a group; set one of its fields')
-    if not rest:
-      return path, _parse_value(key, text, typing.get_type_hints(type(node))[name])
-    node = child
-  raise AssertionError('unreachable')
+    node, kind = getattr(node, name), typing.get_type_hints(type(node))[name]
+    if depth < len(path) and not dataclasses.is_dataclass(node):
+      raise ConfigError(f'config field {".".join(path[:depth])!r} has no sub-field '
+                        f'{".".join(path[depth:])!r}')
+  if dataclasses.is_dataclass(node):
+    raise ConfigError(f'config field {key!r} is a group; set one of its fields')
+  return path, _parse_value(key, text, kind)
 
 
 def _with_values(config: Any, values: dict[str, Any]) -> Any:
