@@ -78,8 +78,7 @@ def test_bad_overrides_name_the_field(override, fragment):
     apply_overrides(Config(), [override])
 
 
-@pytest.mark.parametrize('name', ['default', 'tiny', 'paper', 'ml100k', 'ml100k_sasrec',
-                                  'ml100k_bert4rec', 'ml100k_hstu', 'ml100k_pinnerformer'])
+@pytest.mark.parametrize('name', sorted(p.stem for p in (ROOT / 'configs').glob('*.py')))
 def test_config_files_load(name):
   cfg = load_config(str(ROOT / 'configs' / f'{name}.py'))
   assert isinstance(cfg, Config)
