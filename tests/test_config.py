@@ -1,5 +1,6 @@
 """Config checks, dotted overrides and config files."""
 
+import dataclasses
 import pathlib
 import re
 
@@ -88,6 +89,22 @@ def test_paper_config_is_the_papers_setting():
   cfg = load_config(str(ROOT / 'configs' / 'paper.py'))
   assert (cfg.data.max_len, cfg.model.n1, cfg.model.n2) == (256, 2, 2)
   assert (cfg.loss.lambda_m, cfg.loss.n_step) == (1.0, 3)
+
+
+@pytest.mark.parametrize('toys, base, changed', [
+    ('toys', 'ml100k', {'data': ('path', 'max_len', 'stride'), 'model': ('d_f', 'dropout'),
+                        'train': ('steps',)}),
+    ('toys_sasrec', 'ml100k_sasrec', {'data': ('path', 'max_len', 'stride'),
+                                      'model': ('dropout',), 'train': ('steps',)}),
+])
+def test_toys_files_change_only_what_their_docstrings_say(toys, base, changed):
+  toys_cfg = load_config(str(ROOT / 'configs' / f'{toys}.py'))
+  base_cfg = load_config(str(ROOT / 'configs' / f'{base}.py'))
+  for group in dataclasses.fields(Config):
+    new, old = getattr(toys_cfg, group.name), getattr(base_cfg, group.name)
+    differ = {f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(old, f.name)}
+    assert differ == set(changed.get(group.name, ())), group.name
+  assert (toys_cfg.data.max_len, toys_cfg.data.stride, toys_cfg.model.dropout) == (20, 10, 0.2)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
