@@ -102,7 +102,8 @@ def test_toys_files_change_only_what_their_docstrings_say(toys, base, changed):
   base_cfg = load_config(str(ROOT / 'configs' / f'{base}.py'))
   for group in dataclasses.fields(Config):
     new, old = getattr(toys_cfg, group.name), getattr(base_cfg, group.name)
-    differ = {f.name for f in dataclasses.fields(new) if getattr(new, f.name) != getattr(old, f.name)}
+    differ = {f.name for f in dataclasses.fields(new)
+              if getattr(new, f.name) != getattr(old, f.name)}
     assert differ == set(changed.get(group.name, ())), group.name
   assert (toys_cfg.data.max_len, toys_cfg.data.stride, toys_cfg.model.dropout) == (20, 10, 0.2)
 
