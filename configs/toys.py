@@ -1,7 +1,8 @@
 """HeterRec on Amazon Toys (S3-Rec's preprocessing: 19k sparse users, 12k attribute-rich items),
 from a folder prepared by
 
-    python -m heterrec_jax.data.prepare --format csv --input ../shared/data/s3rec-toys/interactions.csv \\
+    python -m heterrec_jax.data.prepare --format csv \\
+        --input ../shared/data/s3rec-toys/interactions.csv \\
         --items ../shared/data/s3rec-toys/items.csv --user-col user_id --item-col item_id \\
         --time-col timestamp --multi attributes --output data/toys
     python -m heterrec_jax.train --config configs/toys.py --workdir runs/toys
