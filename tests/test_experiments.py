@@ -293,6 +293,24 @@ def test_ablation_table_rows_and_gain_of_full(tmp_path):
   assert order == sorted(order)
 
 
+def test_a_row_of_one_run_shows_no_spread(tmp_path):
+  """One seed has no standard error: its cells are the bare value, a row of two keeps '±'."""
+  out = tmp_path / 'abl'
+  _write_run(out, 'heterrec-full-seed0', {k: 0.3 for k in METRIC_NAMES}, wall_time={'seconds': 7})
+  _write_run(out, 'heterrec-full-seed1', {k: 0.4 for k in METRIC_NAMES}, wall_time={'seconds': 9})
+  _write_run(out, 'heterrec-no_htfl-seed0', {k: 0.2 for k in METRIC_NAMES},
+             wall_time={'seconds': 5})
+  assert ex.main(['compare', '--out', str(out), '--variants', 'full,no_htfl', '--seeds', '2',
+                  '--gather']) == 0
+  lines = (out / 'table.md').read_text().splitlines()
+  one = [line for line in lines if line.startswith('| w/o HTFL |')]
+  two = [line for line in lines if line.startswith('| HeterRec |')]
+  assert len(one) == 2 and len(two) == 2  # the metrics row and the wall-time row
+  assert one[0].startswith('| w/o HTFL | _0.2000_ | _0.2000_ |') and '±' not in ''.join(one)
+  assert one[1] == '| w/o HTFL | 5.0 | 1 | recorded |'
+  assert '0.3500 ± 0.0500' in two[0] and '8.0 ± 1.4' in two[1]
+
+
 def test_budget_mismatch_is_reported(tmp_path):
   out = tmp_path / 'o'
   cfg = load_config(str(ROOT / 'configs' / 'tiny.py'))

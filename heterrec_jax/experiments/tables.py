@@ -167,7 +167,8 @@ def _cell(table: Table, name: str, column: str) -> str:
   if stat is None:
     return 'n/a'
   spread = stat.se if table.kind == 'ablation' else stat.std
-  text = f'{stat.mean:.4f} ± {spread:.4f}'
+  # One run has no spread: its cell is the value alone, never a '± 0.0000' that reads as exact.
+  text = f'{stat.mean:.4f} ± {spread:.4f}' if stat.n > 1 else f'{stat.mean:.4f}'
   best = table.best_baseline.get(column)
   return f'_{text}_' if best and best.row == name else text
 
@@ -240,8 +241,7 @@ def _gate_lines(table: Table) -> list[str]:
   rows = []
   for name in _row_order(table) + [n for n in table.gate_open if n not in table.rows]:
     if name in table.gate_open:
-      cells = [f'{s.mean:.3f} ± {s.se:.3f}' if (s := table.gate_open[name].get(k)) else 'n/a'
-               for k in steps]
+      cells = [_gate_cell(table.gate_open[name].get(k)) for k in steps]
       rows.append([_display(name), *cells])
   return (['', '## Margin gate: share of queries whose step-k loss is counted', '',
            'Mean over the logged training steps in the second half of training up to the '
@@ -277,12 +277,19 @@ def _tuning_lines(tuning: TuningSummary | None) -> list[str]:
   return lines
 
 
+def _gate_cell(share) -> str:
+  if share is None:
+    return 'n/a'
+  return f'{share.mean:.3f} ± {share.se:.3f}' if share.n > 1 else f'{share.mean:.3f}'
+
+
 def _footer(table: Table) -> list[str]:
   """Wall time per row, the missing runs and the budget warnings."""
   lines = ['', '## Wall time per run (s)', '', '| Method | mean ± std | n | source |',
            '| --- | ---: | ---: | --- |']
   for name, w in table.wall_time_s.items():
-    lines.append(f'| {_display(name)} | {w.mean:.1f} ± {w.std:.1f} | {w.n} | '
+    spread = f' ± {w.std:.1f}' if w.n > 1 else ''
+    lines.append(f'| {_display(name)} | {w.mean:.1f}{spread} | {w.n} | '
                  f'{", ".join(w.source)} |')
   if table.missing:
     lines += ['', f'Missing runs (not finished): {", ".join(table.missing)}']
