@@ -277,7 +277,8 @@ def _tuning_lines(tuning: TuningSummary | None) -> list[str]:
   return lines
 
 
-def _gate_cell(share) -> str:
+def _gate_cell(share: Stat | None) -> str:
+  """One step's open-gate share: mean ± standard error, the bare mean for one run."""
   if share is None:
     return 'n/a'
   return f'{share.mean:.3f} ± {share.se:.3f}' if share.n > 1 else f'{share.mean:.3f}'
