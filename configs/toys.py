@@ -20,9 +20,9 @@ session: one item-level block on Toys"):
     against 0.1759): chosen on nDCG@10 like every other value here. On ml-100k two blocks
     beat one (results.md).
 Width and dropout are SPEC section 10's defaults (d_f = d_k = 64, dropout 0.2): start a new
-sparse dataset here, a dense one at configs/ml100k.py, and choose on its validation split. At most 3,000 steps
-(9.2 epochs; still rising slowly there): on an accelerator raise train.steps and let early
-stopping end the run.
+sparse dataset here, a dense one at configs/ml100k.py, and choose on its validation split. At
+most 3,000 steps (9.2 epochs; still rising slowly there): on an accelerator raise train.steps
+and let early stopping end the run.
 """
 
 import dataclasses

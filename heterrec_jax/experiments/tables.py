@@ -162,13 +162,19 @@ def _display(row: str) -> str:
   return DISPLAY.get(row, row)
 
 
+def _with_spread(mean: float, spread: float, n: int, digits: int) -> str:
+  """`mean ± spread`; one run has no spread, so its value stands alone (a '± 0.0000' would read
+  as an exact figure)."""
+  text = f'{mean:.{digits}f}'
+  return f'{text} ± {spread:.{digits}f}' if n > 1 else text
+
+
 def _cell(table: Table, name: str, column: str) -> str:
   stat = table.rows[name].get(column)
   if stat is None:
     return 'n/a'
   spread = stat.se if table.kind == 'ablation' else stat.std
-  # One run has no spread: its cell is the value alone, never a '± 0.0000' that reads as exact.
-  text = f'{stat.mean:.4f} ± {spread:.4f}' if stat.n > 1 else f'{stat.mean:.4f}'
+  text = _with_spread(stat.mean, spread, stat.n, 4)
   best = table.best_baseline.get(column)
   return f'_{text}_' if best and best.row == name else text
 
@@ -278,10 +284,8 @@ def _tuning_lines(tuning: TuningSummary | None) -> list[str]:
 
 
 def _gate_cell(share: Stat | None) -> str:
-  """One step's open-gate share: mean ± standard error, the bare mean for one run."""
-  if share is None:
-    return 'n/a'
-  return f'{share.mean:.3f} ± {share.se:.3f}' if share.n > 1 else f'{share.mean:.3f}'
+  """One step's open-gate share: mean ± standard error."""
+  return 'n/a' if share is None else _with_spread(share.mean, share.se, share.n, 3)
 
 
 def _footer(table: Table) -> list[str]:
@@ -289,8 +293,7 @@ def _footer(table: Table) -> list[str]:
   lines = ['', '## Wall time per run (s)', '', '| Method | mean ± std | n | source |',
            '| --- | ---: | ---: | --- |']
   for name, w in table.wall_time_s.items():
-    spread = f' ± {w.std:.1f}' if w.n > 1 else ''
-    lines.append(f'| {_display(name)} | {w.mean:.1f}{spread} | {w.n} | '
+    lines.append(f'| {_display(name)} | {_with_spread(w.mean, w.std, w.n, 1)} | {w.n} | '
                  f'{", ".join(w.source)} |')
   if table.missing:
     lines += ['', f'Missing runs (not finished): {", ".join(table.missing)}']
