@@ -113,6 +113,10 @@ class ModelConfig:
   item_id_vector: bool = False
   item_id_input: bool = False
   item_positions: bool = False
+  # Initial std of the HTFL feature tables (categorical, multi-valued, multimodal): 0 means
+  # 1/sqrt(d_f) (variance scaling over the row width); > 0 means N(0, table_std), e.g. 0.02 as
+  # RecBole's item table and this model's free per-item vector.
+  table_std: float = 0.0
 
   def __post_init__(self):
     _check_in('model.name', self.name, MODEL_NAMES)
@@ -128,6 +132,8 @@ class ModelConfig:
                           f'model.heads={self.heads}')
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f'model.dropout={self.dropout} must be in [0, 1)')
+    if self.table_std < 0.0:
+      raise ConfigError(f'model.table_std={self.table_std} must be >= 0 (0: 1/sqrt(d_f))')
 
 
 NEGATIVES = ('all', 'uniform', 'in_batch', 'mixed', 'same_position', 'batch_pool')

@@ -59,9 +59,9 @@ def table_init(std: float | None = None):
 class CategoricalToken(nnx.Module):
   """One sub-id -> one row of the table (categorical and numerical features)."""
 
-  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
     self.embed = nnx.Embed(table_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
-                           embedding_init=table_init())
+                           embedding_init=table_init(std or None))
 
   def __call__(self, items: jax.Array, ids_xS: jax.Array) -> jax.Array:
     del items
@@ -71,9 +71,9 @@ class CategoricalToken(nnx.Module):
 class MultiToken(nnx.Module):
   """`max_values` sub-ids -> the mean of the embeddings of the non-padding ones (zeros if none)."""
 
-  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
     self.embed = nnx.Embed(table_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
-                           embedding_init=table_init())
+                           embedding_init=table_init(std or None))
 
   def __call__(self, items: jax.Array, ids_xV: jax.Array) -> jax.Array:
     del items
@@ -87,12 +87,12 @@ class MultiToken(nnx.Module):
 class MultimodalToken(nnx.Module):
   """Z group codes -> Z group tables `[rows, d_f/Z]` (stacked `[Z, rows, d_f/Z]`), concatenated."""
 
-  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
     z = feature.n_sub
     if d_f % z:
       raise ConfigError(f'model.d_f={d_f} must be divisible by the {z} groups of multimodal '
                         f'feature {feature.name!r}')
-    init = nnx.with_partitioning(nnx.initializers.normal(1.0 / np.sqrt(d_f)),
+    init = nnx.with_partitioning(nnx.initializers.normal(std or 1.0 / np.sqrt(d_f)),
                                  (None, 'vocab', 'embed'))
     self.embedding = nnx.Param(init(rngs.params(), (z, table_rows(feature.table_size), d_f // z),
                                     jnp.float32))
@@ -135,13 +135,13 @@ def _feature_token(feature: Feature, schema: Schema, cfg: ModelConfig, embedding
                    rngs: nnx.Rngs) -> nnx.Module:
   """The token embedder of one feature."""
   if feature.kind == 'multi':
-    return MultiToken(feature, cfg.d_f, dtype=dtype, rngs=rngs)
+    return MultiToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=cfg.table_std)
   if feature.kind == 'multimodal' and cfg.variant == 'no_mfk':
     matrix = _raw_matrix(feature, embeddings, schema.n_items)
     return RawModalToken(matrix, cfg.d_f, dtype=dtype, rngs=rngs)
   if feature.kind == 'multimodal':
-    return MultimodalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs)
-  return CategoricalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs)
+    return MultimodalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=cfg.table_std)
+  return CategoricalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=cfg.table_std)
 
 
 class TokenEmbedder(nnx.Module):

@@ -279,6 +279,32 @@ def test_item_id_vector_starts_small_beside_the_feature_path():
   assert rows.size >= 100 and 0.015 < rows.std() < 0.025, rows.std()
 
 
+def _feature_tables(model):
+  """(kind, table) of each HTFL feature table: one array per feature."""
+  out = []
+  for feature, embed in zip(FEATURES, model.htfl.features):
+    table = embed.embedding if feature.kind == 'multimodal' else embed.embed.embedding
+    out.append((feature.kind, np.asarray(table[...])))
+  return out
+
+
+@pytest.mark.parametrize('table_std', (0.0, 0.02))
+def test_table_std_sets_the_init_of_every_feature_table(table_std):
+  """model.table_std > 0: every feature table (categorical, numerical, multi-valued,
+  multimodal) starts at N(0, table_std); 0 keeps 1/sqrt(d_f) (d_f = 64 here, so 0.125)."""
+  cfg = ModelConfig(d_f=64, d_k=64, heads=2, n1=1, n2=1, table_std=table_std)
+  model = HeterRec(SCHEMA, cfg, LossConfig(n_step=1), rngs=nnx.Rngs(0))
+  expected = table_std or 1 / np.sqrt(64)
+  for kind, table in _feature_tables(model):
+    assert table.size >= 512, (kind, table.shape)
+    assert 0.75 * expected < table.std() < 1.25 * expected, (kind, table.std(), expected)
+
+
+def test_table_std_must_not_be_negative():
+  with pytest.raises(ConfigError, match=r'model.table_std=-0.1 must be >= 0'):
+    ModelConfig(table_std=-0.1)
+
+
 def test_item_id_input_adds_the_tied_free_row_to_the_item_level_input_only():
   """item_id_input alone: V is the paper's; the item-level input is fusion + the item's row."""
   plain, tied = _paper_and_option(item_id_input=True)
