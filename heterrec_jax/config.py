@@ -132,8 +132,7 @@ class ModelConfig:
                           f'model.heads={self.heads}')
     if not 0.0 <= self.dropout < 1.0:
       raise ConfigError(f'model.dropout={self.dropout} must be in [0, 1)')
-    if self.table_std < 0.0:
-      raise ConfigError(f'model.table_std={self.table_std} must be >= 0 (0: 1/sqrt(d_f))')
+    _check_positive('model.table_std', self.table_std, allow_zero=True)
 
 
 NEGATIVES = ('all', 'uniform', 'in_batch', 'mixed', 'same_position', 'batch_pool')

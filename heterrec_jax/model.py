@@ -59,9 +59,10 @@ def table_init(std: float | None = None):
 class CategoricalToken(nnx.Module):
   """One sub-id -> one row of the table (categorical and numerical features)."""
 
-  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
+  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs,
+               std: float | None = None):
     self.embed = nnx.Embed(table_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
-                           embedding_init=table_init(std or None))
+                           embedding_init=table_init(std))
 
   def __call__(self, items: jax.Array, ids_xS: jax.Array) -> jax.Array:
     del items
@@ -71,9 +72,10 @@ class CategoricalToken(nnx.Module):
 class MultiToken(nnx.Module):
   """`max_values` sub-ids -> the mean of the embeddings of the non-padding ones (zeros if none)."""
 
-  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
+  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs,
+               std: float | None = None):
     self.embed = nnx.Embed(table_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
-                           embedding_init=table_init(std or None))
+                           embedding_init=table_init(std))
 
   def __call__(self, items: jax.Array, ids_xV: jax.Array) -> jax.Array:
     del items
@@ -87,7 +89,8 @@ class MultiToken(nnx.Module):
 class MultimodalToken(nnx.Module):
   """Z group codes -> Z group tables `[rows, d_f/Z]` (stacked `[Z, rows, d_f/Z]`), concatenated."""
 
-  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
+  def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs,
+               std: float | None = None):
     z = feature.n_sub
     if d_f % z:
       raise ConfigError(f'model.d_f={d_f} must be divisible by the {z} groups of multimodal '
@@ -133,15 +136,17 @@ def _raw_matrix(feature: Feature, embeddings: dict | None, n_items: int) -> np.n
 
 def _feature_token(feature: Feature, schema: Schema, cfg: ModelConfig, embeddings, dtype,
                    rngs: nnx.Rngs) -> nnx.Module:
-  """The token embedder of one feature."""
+  """The token embedder of one feature; its table starts at N(0, model.table_std), or at
+  1/sqrt(d_f) when that is 0."""
+  std = cfg.table_std or None
   if feature.kind == 'multi':
-    return MultiToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=cfg.table_std)
+    return MultiToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=std)
   if feature.kind == 'multimodal' and cfg.variant == 'no_mfk':
     matrix = _raw_matrix(feature, embeddings, schema.n_items)
     return RawModalToken(matrix, cfg.d_f, dtype=dtype, rngs=rngs)
   if feature.kind == 'multimodal':
-    return MultimodalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=cfg.table_std)
-  return CategoricalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=cfg.table_std)
+    return MultimodalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=std)
+  return CategoricalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=std)
 
 
 class TokenEmbedder(nnx.Module):

@@ -300,9 +300,11 @@ def test_table_std_sets_the_init_of_every_feature_table(table_std):
     assert 0.75 * expected < table.std() < 1.25 * expected, (kind, table.std(), expected)
 
 
-def test_table_std_must_not_be_negative():
-  with pytest.raises(ConfigError, match=r'model.table_std=-0.1 must be >= 0'):
+def test_table_std_must_be_a_finite_non_negative_number():
+  with pytest.raises(ConfigError, match=r'model.table_std=-0.1 is not allowed; it must be >= 0'):
     ModelConfig(table_std=-0.1)
+  with pytest.raises(ConfigError, match=r'model.table_std=nan is not allowed; it must be a finite'):
+    ModelConfig(table_std=float('nan'))
 
 
 def test_item_id_input_adds_the_tied_free_row_to_the_item_level_input_only():
