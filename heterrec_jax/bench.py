@@ -5,7 +5,7 @@
 
     python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] \\
         [--attention auto[,dense,blockwise]] [--max-len 128,256,512] \\
-        [--dtypes float32,bfloat16] [--profile] [key=value ...]
+        [--dtypes float32,bfloat16] [--microbatches 1,4] [--profile] [key=value ...]
 
 `data` times the training input pipeline (`data.pipeline.train_dataset`) on a prepared folder:
 it draws `--warmup` batches, then times `--batches` more, and prints a human line then, last,
@@ -26,10 +26,13 @@ from the process's resource usage over the timed steps, `minor_page_faults_per_s
 allocator hands the step's large buffers back to the kernel and faults them in again every step.
 It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `compute_dtype`,
 `xla_flops_per_step` (XLA's count of the timed program) and `dense_peak_memory_bytes` (the step
-compiled with the dense attention). XLA counts a loop body once, so `flops_per_step` and
-`fraction_of_ceiling` are always those of the dense program: comparable across attentions.
+compiled with the dense attention) and `microbatches` (`train.microbatches`: the step's batch
+taken in that many parts, one after the other). XLA counts a loop body once, so
+`flops_per_step` and `fraction_of_ceiling` are always those of the dense, whole-batch program:
+comparable across attentions and microbatches.
 
-Comma-separated `--attention`, `--max-len` and `--dtypes` run every combination in one process
+Comma-separated `--attention`, `--max-len`, `--dtypes` and `--microbatches` run every combination
+in one process
 (each run's JSON on its own line, then a table of step time and peak memory per run, then one
 JSON object `{"benchmark": "train_sweep", "runs": [...]}`). `--profile` adds `profile`: each
 component of the step compiled and timed alone (`profile.py`), printed as a table.
@@ -38,6 +41,7 @@ component of the step compiled and timed alone (`profile.py`), printed as a tabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -154,9 +158,12 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
     xla_flops, peak = compiled_costs(step, tstate.state, batches[0])
     compile_s = time.perf_counter() - t_compile
   dense_flops, dense_peak = xla_flops, peak
-  if attention != 'dense':  # XLA counts a loop body once: the FLOPs are the dense program's
+  if attention != 'dense' or cfg.train.microbatches > 1:
+    # XLA counts a loop body once: the FLOPs are the dense, whole-batch program's.
+    whole = dataclasses.replace(tstate, cfg=dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, microbatches=1)))
     with layers.attention_impl('dense'):
-      dense_flops, dense_peak = compiled_costs(train_lib.make_train_step(tstate, batches[0]),
+      dense_flops, dense_peak = compiled_costs(train_lib.make_train_step(whole, batches[0]),
                                                tstate.state, batches[0])
   with layers.attention_impl(attention):
     timed = _time_steps(step, tstate.state, batches, steps, warmup)
@@ -171,7 +178,8 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
       'flops_per_step': dense_flops, 'matmul_ceiling_flops_per_s': ceiling,
       'fraction_of_ceiling': dense_flops / step_time / ceiling if dense_flops else None,
       'peak_memory_bytes': peak, **timed, 'attention': attention,
-      'compute_dtype': cfg.model.compute_dtype, 'xla_flops_per_step': xla_flops,
+      'compute_dtype': cfg.model.compute_dtype, 'microbatches': cfg.train.microbatches,
+      'xla_flops_per_step': xla_flops,
       'dense_peak_memory_bytes': dense_peak}
   if profile:
     with layers.attention_impl(attention):
@@ -207,13 +215,14 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
   """One run per (attention, max_len, dtype) of the command line, in one process."""
   base = apply_overrides(load_config(args.config), args.overrides)
-  settings = [(a, t, d) for a in args.attention for t in (args.max_len or [None])
-              for d in (args.dtypes or [None])]
+  settings = [(a, t, d, m) for a in args.attention for t in (args.max_len or [None])
+              for d in (args.dtypes or [None]) for m in (args.microbatches or [None])]
   results = []
   with tempfile.TemporaryDirectory(prefix='heterrec-bench-') as tmp:
-    for attention, max_len, dtype in settings:
+    for attention, max_len, dtype, microbatches in settings:
       extra = ([f'data.max_len={max_len}'] if max_len else []) + (
-          [f'model.compute_dtype={dtype}'] if dtype else [])
+          [f'model.compute_dtype={dtype}'] if dtype else []) + (
+          [f'train.microbatches={microbatches}'] if microbatches else [])
       cfg = apply_overrides(base, extra)
       result = bench_train(cfg, pathlib.Path(tmp), steps=args.steps, warmup=args.warmup,
                            attention=attention, profile=args.profile)
@@ -240,16 +249,20 @@ def _print_train(result: dict[str, Any]) -> None:
 def _sweep_table(results: list[dict[str, Any]]) -> str:
   """One row per run; `x peak` is the peak memory over the previous row's of the same
   attention and dtype (a doubling of max_len when the sweep doubles it)."""
-  lines = ['| attention | dtype | max_len | step s | peak GB | x peak | dense-path peak GB |',
-           '| --- | --- | ---: | ---: | ---: | ---: | ---: |']
-  previous: dict[tuple[str, str], int] = {}
+  lines = ['| attention | dtype | microbatches | max_len | step s | peak GB | x peak | '
+           'dense-path peak GB | fraction of ceiling | system CPU | page faults/step |',
+           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  previous: dict[tuple[str, str, int], int] = {}
   for r in results:
-    key = (r['attention'], r['compute_dtype'])
+    key = (r['attention'], r['compute_dtype'], r['microbatches'])
     growth = (f'{r["peak_memory_bytes"] / previous[key]:.2f}' if key in previous else '')
     previous[key] = r['peak_memory_bytes']
-    lines.append(f'| {r["attention"]} | {r["compute_dtype"]} | {r["max_len"]} | '
-                 f'{r["step_time_s"]:.3f} | {r["peak_memory_bytes"] / 1e9:.3f} | {growth} | '
-                 f'{r["dense_peak_memory_bytes"] / 1e9:.3f} |')
+    fmt = lambda key, spec: '' if r[key] is None else format(r[key], spec)
+    lines.append(f'| {r["attention"]} | {r["compute_dtype"]} | {r["microbatches"]} | '
+                 f'{r["max_len"]} | {r["step_time_s"]:.3f} | {r["peak_memory_bytes"] / 1e9:.3f} | '
+                 f'{growth} | {r["dense_peak_memory_bytes"] / 1e9:.3f} | '
+                 f'{fmt("fraction_of_ceiling", ".3f")} | {fmt("system_cpu_fraction", ".3f")} | '
+                 f'{fmt("minor_page_faults_per_step", ",.0f")} |')
   return '\n'.join(lines)
 
 
@@ -265,6 +278,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                  help='comma-separated data.max_len values to sweep (e.g. 128,256,512)')
   p.add_argument('--dtypes', type=_csv(str), default=None,
                  help='comma-separated model.compute_dtype values (e.g. float32,bfloat16)')
+  p.add_argument('--microbatches', type=_csv(int), default=None,
+                 help='comma-separated train.microbatches values (e.g. 1,4)')
   p.add_argument('--profile', action='store_true',
                  help='also time each component of the step alone (profile.py)')
   p.add_argument('overrides', nargs='*', help='dotted overrides such as train.batch_size=8')

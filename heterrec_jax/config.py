@@ -211,6 +211,10 @@ class OptimConfig:
   final_lr_fraction: float = 0.0
   # AdamW weight decay.
   weight_decay: float = 0.0
+  # Decoupled decay of the free per-item vector table alone (model.item_id_vector /
+  # item_id_input), added to weight_decay there: a pull towards 0 of the rows of rarely seen
+  # items, which the catalogue softmax otherwise keeps pushing (docs/results.md, Toys).
+  vector_decay: float = 0.0
   # Global gradient-norm clipping (0: off).
   clip_norm: float = 1.0
   # AdamW moments.
@@ -226,6 +230,7 @@ class OptimConfig:
     _check_in('optim.schedule', self.schedule, ('constant', 'cosine'))
     _check_positive('optim.warmup_steps', self.warmup_steps, allow_zero=True)
     _check_positive('optim.weight_decay', self.weight_decay, allow_zero=True)
+    _check_positive('optim.vector_decay', self.vector_decay, allow_zero=True)
     _check_positive('optim.clip_norm', self.clip_norm, allow_zero=True)
     _check_fraction('optim.final_lr_fraction', self.final_lr_fraction, closed=True)
     _check_fraction('optim.b1', self.b1)
@@ -268,6 +273,13 @@ class TrainConfig:
   steps: int = 20000
   # Global batch size (sequences per step); must divide by the data-parallel devices.
   batch_size: int = 128
+  # Gradient accumulation: each step's batch is taken in this many equal parts, one after the
+  # other, and their gradients averaged before one optimiser update (train.py
+  # `accumulate_gradients`). The update equals the whole batch's when every part counts the
+  # same number of targets; the step's temporary memory is one part's (on a CPU host also the
+  # pages XLA maps afresh every step: docs/benchmarks.md). The batch per data-parallel device
+  # must divide by it.
+  microbatches: int = 1
   # Seed of parameter initialisation and dropout.
   seed: int = 0
   # Validate every this many steps (0: only at the end).
@@ -287,6 +299,10 @@ class TrainConfig:
   def __post_init__(self):
     _check_positive('train.steps', self.steps)
     _check_positive('train.batch_size', self.batch_size)
+    _check_positive('train.microbatches', self.microbatches)
+    if self.batch_size % self.microbatches:
+      raise ConfigError(f'train.microbatches={self.microbatches} must divide train.batch_size='
+                        f'{self.batch_size}')
     for name in ('eval_every', 'patience', 'checkpoint_every', 'log_every'):
       _check_positive(f'train.{name}', getattr(self, name), allow_zero=True)
     _check_positive('train.keep_checkpoints', self.keep_checkpoints)

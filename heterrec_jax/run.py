@@ -64,9 +64,22 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else o.lr, peak_value=o.lr, warmup_steps=warmup,
         decay_steps=max(cfg.train.steps, warmup + 1), end_value=o.lr * o.final_lr_fraction)
-  adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  if o.vector_decay:  # AdamW with a second decay on the free per-item vector table alone
+    adamw = optax.chain(
+        optax.scale_by_adam(b1=o.b1, b2=o.b2),
+        optax.add_decayed_weights(o.weight_decay),
+        optax.add_decayed_weights(o.vector_decay, mask=_free_vector_mask),
+        optax.scale_by_learning_rate(schedule))
+  else:
+    adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
   return averaging.with_ema(tx, o.ema)
+
+
+def _free_vector_mask(params: Any) -> Any:
+  """True at the free per-item vector table (`HeterRec.item_vectors`), False elsewhere."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'item_vectors' in jax.tree_util.keystr(path), params)
 
 
 @dataclasses.dataclass
@@ -119,6 +132,11 @@ def check_batch_sizes(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     if size % data:
       raise ConfigError(f'{field}={size} must divide by the {data} devices of the mesh\'s '
                         '"data" axis (set mesh.data, or a multiple of it as the batch size)')
+  per_device = cfg.train.batch_size // data
+  if per_device % cfg.train.microbatches:
+    raise ConfigError(f'train.microbatches={cfg.train.microbatches} must divide the '
+                      f'{per_device} windows per device (train.batch_size='
+                      f'{cfg.train.batch_size} over {data} "data" devices)')
 
 
 def restore_run(workdir: pathlib.Path, checkpoint: str = 'best') -> Run:

@@ -31,7 +31,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from heterrec_jax import evaluate as evaluate_lib
-from heterrec_jax import losses, metrics, negatives, sharding
+from heterrec_jax import lmp, losses, metrics, negatives, sharding
 from heterrec_jax import run as run_lib
 from heterrec_jax import workdir as workdir_lib
 from heterrec_jax.checkpoint import CheckpointError, Checkpointer
@@ -67,21 +67,80 @@ def make_train_step(run: run_lib.Run, example_batch: dict[str, Any],
   """
   graphdef, cfg = run.graphdef, run.cfg
   compute_loss = make_loss(run)
+  microbatches = cfg.train.microbatches
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     rng = jax.random.fold_in(jax.random.key(cfg.train.seed), optimizer.step[...])
-
-    def loss_fn(model):
-      return compute_loss(model, batch, rng)
-
-    (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    if microbatches == 1:
+      (loss, aux), grads = nnx.value_and_grad(
+          lambda model: compute_loss(model, batch, rng), has_aux=True)(model)
+    else:
+      loss, aux, grads = accumulate_gradients(compute_loss, model, batch, rng, microbatches,
+                                               cfg.data.max_len)
     optimizer.update(model, grads)
     aux = {**aux, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
     return nnx.state((model, optimizer)), aux
 
   return jax.jit(decorate(step), in_shardings=(run.shardings, batch_shardings(run, example_batch)),
                  out_shardings=(run.shardings, None), donate_argnums=0)
+
+
+def split_microbatches(batch: dict[str, Any], microbatches: int) -> dict[str, Any]:
+  """`[B, ...] -> [M, B / M, ...]`: microbatch m holds rows m, m + M, m + 2M, ... so that
+  each device's contiguous rows of a data-sharded batch feed every microbatch equally."""
+  def split(x):
+    x = jnp.asarray(x)
+    return x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def counted_pairs(batch: dict[str, Any], max_len: int) -> jax.Array:
+  """`[B]`: the next-item pairs each window counts (a real query at or after its `count_from`
+  whose next event is real; the real counted positions when the window has no next event)."""
+  mask_BxW = batch['mask'].astype(bool)
+  t = min(max_len, mask_BxW.shape[1])
+  counted_BxT = lmp.counted_queries(mask_BxW, t, batch.get('count_from'))
+  if mask_BxW.shape[1] > t:
+    counted_BxT = counted_BxT & mask_BxW[:, 1:t + 1]
+  return jnp.sum(counted_BxT, axis=1)
+
+
+def accumulate_gradients(compute_loss: losses.LossFn, model: nnx.Module, batch: dict[str, Any],
+                         rng: jax.Array, microbatches: int,
+                         max_len: int) -> tuple[jax.Array, dict, Any]:
+  """(loss, aux, gradients) of `batch` taken in `microbatches` equal parts, one after the
+  other (`lax.scan`), each part's gradient with respect to the model's `nnx.Param`s.
+
+  The parts' losses, aux figures and gradients are averaged with weights proportional to the
+  next-item pairs each counts (`counted_pairs`; equal weights when none counts any), so a loss
+  that is one mean over those pairs (SASRec's, HSTU's cross-entropy) gets the whole batch's
+  gradient; a loss of several means (LMP's steps and token level) or of random Cloze masks gets
+  it closely. The step's temporaries are those of one part. Part m draws its negatives from
+  `fold_in(rng, m)`; the dropout streams (the model's other state) run on from part to part.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  parts = split_microbatches(batch, microbatches)
+  pairs_M = jax.vmap(lambda part: jnp.sum(counted_pairs(part, max_len)))(parts)
+  total = jnp.sum(pairs_M)
+  weight_M = jnp.where(total > 0, pairs_M / jnp.maximum(total, 1), 1.0 / microbatches)
+
+  def part(carry, xs):  # the parameters ride in the carry: nnx merges only this trace's values
+    params, rest, grads_sum = carry
+    micro, index, weight = xs
+    part_model = nnx.merge(graphdef, params, rest)
+    (loss, aux), grads = nnx.value_and_grad(
+        lambda model: compute_loss(model, micro, jax.random.fold_in(rng, index)),
+        has_aux=True)(part_model)
+    grads_sum = jax.tree.map(lambda acc, g: acc + weight * g, grads_sum, grads)
+    return (params, nnx.split(part_model, nnx.Param, ...)[2], grads_sum), (loss, aux)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (_, rest, grads), (loss_M, aux_M) = jax.lax.scan(
+      part, (params, rest, zeros), (parts, jnp.arange(microbatches), weight_M.astype(jnp.float32)))
+  nnx.update(model, rest)
+  weighted = lambda x_M: jnp.tensordot(weight_M.astype(x_M.dtype), x_M, axes=1)
+  return weighted(loss_M), jax.tree.map(weighted, aux_M), grads
 
 
 def compile_step(step: Callable, run: run_lib.Run, example_batch: dict[str, Any],

@@ -40,16 +40,20 @@ def test_bench_train_reports_cost_memory_and_host_overhead(tiny_data, capsys):
 
 
 def test_bench_train_sweep(tiny_data, capsys):
-  """--max-len x --dtypes x --attention: one run each in one process, a table and one JSON."""
+  """--max-len x --dtypes x --attention x --microbatches: one run each in one process, a table
+  and one JSON. In 2 parts, flops_per_step stays the whole batch's (XLA counts the parts' loop
+  body once: its own count is lower)."""
   assert bench.main(['train', '--config', TINY, '--steps', '1', '--warmup', '1', '--max-len',
-                     '4,8', '--dtypes', 'bfloat16', '--attention', 'dense',
+                     '4,8', '--dtypes', 'bfloat16', '--attention', 'dense', '--microbatches', '2',
                      f'data.path={tiny_data}']) == 0
   out = capsys.readouterr().out
   result = json.loads(out.strip().splitlines()[-1])
   assert result['benchmark'] == 'train_sweep'
-  runs = [(r['max_len'], r['compute_dtype'], r['attention']) for r in result['runs']]
-  assert runs == [(4, 'bfloat16', 'dense'), (8, 'bfloat16', 'dense')]
-  assert '| dense | bfloat16 | 8 |' in out
+  runs = [(r['max_len'], r['compute_dtype'], r['attention'], r['microbatches'])
+          for r in result['runs']]
+  assert runs == [(4, 'bfloat16', 'dense', 2), (8, 'bfloat16', 'dense', 2)]
+  assert all(r['flops_per_step'] > 1.2 * r['xla_flops_per_step'] for r in result['runs'])
+  assert '| dense | bfloat16 | 2 | 8 |' in out
 
 
 def test_bench_train_profile(tiny_data, capsys):

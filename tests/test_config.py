@@ -73,6 +73,8 @@ def test_a_field_and_its_group_together_is_an_error(overrides, fragment):
     ('loss.n_uniform=0', 'loss.n_uniform=0 is not allowed'),
     ('loss.log_q=true', "it needs loss.negatives 'in_batch' or 'mixed', not 'all'"),
     ('optim.schedule=linear', "optim.schedule='linear' is not allowed"),
+    ('optim.vector_decay=-0.1', 'optim.vector_decay=-0.1 is not allowed'),
+    ('optim.vector_decay=nan', 'optim.vector_decay=nan is not allowed'),
 ])
 def test_bad_overrides_name_the_field(override, fragment):
   with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -96,7 +98,8 @@ def test_paper_config_is_the_papers_setting():
                         'model': ('d_f', 'n2', 'dropout'), 'optim': ('weight_decay',),
                         'train': ('steps',)}),
     ('toys_sasrec', 'ml100k_sasrec', {'data': ('path', 'max_len', 'stride'),
-                                      'model': ('dropout',), 'train': ('steps',)}),
+                                      'model': ('dropout',), 'optim': ('weight_decay',),
+                                      'train': ('steps',)}),
 ])
 def test_toys_files_change_only_what_their_docstrings_say(toys, base, changed):
   toys_cfg = load_config(str(ROOT / 'configs' / f'{toys}.py'))

@@ -11,7 +11,7 @@ import pytest
 
 from heterrec_jax import averaging, run as run_lib, sharding, train as train_lib
 from heterrec_jax import evaluate as evaluate_lib, export as export_lib
-from heterrec_jax.config import MeshConfig, apply_overrides, load_config
+from heterrec_jax.config import ConfigError, MeshConfig, apply_overrides, load_config
 from heterrec_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -64,8 +64,11 @@ def nnx_params(model):
   return nnx.state(model, nnx.Param)
 
 
-def test_train_step_compiles_once(tiny):
+@pytest.mark.parametrize('microbatches', [1, 2])
+def test_train_step_compiles_once(tiny, microbatches):
+  """With dropout on; in 2 parts, the dropout streams run on from part to part."""
   cfg, dataset = tiny
+  cfg = apply_overrides(cfg, [f'train.microbatches={microbatches}'])
   mesh = sharding.make_mesh(MeshConfig(data=4, model=2))
   run = run_lib.build_run(cfg, dataset, mesh)
   data_iter = train_lib.train_iterator(cfg, run)
@@ -75,6 +78,129 @@ def test_train_step_compiles_once(tiny):
   for _ in range(4):
     state, aux = step(state, sharding.global_batch(next(data_iter), mesh))
   assert np.isfinite(float(aux['loss']))
+
+
+def test_counted_pairs_match_a_loop():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(0, 10, size=12)
+  mask = (np.arange(9)[None] < lengths[:, None])  # windows of T + 1 = 9 events
+  count_from = rng.integers(0, 8, size=12)
+  got = train_lib.counted_pairs({'mask': mask, 'count_from': count_from}, max_len=8)
+  want = [sum(1 for t in range(8) if mask[b, t] and mask[b, t + 1] and t >= count_from[b])
+          for b in range(12)]
+  np.testing.assert_array_equal(got, want)
+  # A Cloze window (no next event): its counted real positions.
+  got = train_lib.counted_pairs({'mask': mask[:, :8]}, max_len=8)
+  np.testing.assert_array_equal(got, mask[:, :8].sum(1))
+
+
+def _step_state(cfg, dataset, mesh, microbatches, batch_np):
+  cfg = apply_overrides(cfg, [f'train.microbatches={microbatches}'])
+  run = run_lib.build_run(cfg, dataset, mesh)
+  batch = sharding.global_batch(batch_np, mesh)
+  state, aux = train_lib.make_train_step(run, batch)(run.state, batch)
+  return jax.device_get(state), jax.device_get(aux)
+
+
+def _assert_params_close(state_a, state_b):
+  from flax import nnx
+  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(state_a[0])),
+                  jax.tree.leaves(nnx.to_pure_dict(state_b[0]))):
+    if jax.numpy.issubdtype(a.dtype, jax.numpy.floating):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('model', ['sasrec', 'heterrec'])
+def test_microbatches_give_the_whole_batch_update(tiny, model):
+  """One mean over the next-item pairs (SASRec's cross-entropy, LMP at N_step 1 with its token
+  level): 4 parts give the whole batch's loss and update, on 1 and on 8 devices."""
+  cfg, dataset = tiny
+  cfg = apply_overrides(cfg, ['model.dropout=0.0', 'loss.n_step=1', f'model.name={model}'])
+  mesh1 = sharding.make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+  run = run_lib.build_run(cfg, dataset, mesh1)
+  batch_np = next(train_lib.train_iterator(cfg, run))
+  counts = np.asarray(train_lib.counted_pairs(batch_np, cfg.data.max_len))
+  assert len({counts[m::4].sum() for m in range(4)}) > 1  # unequal parts: weights matter
+  whole, aux_whole = _step_state(cfg, dataset, mesh1, 1, batch_np)
+  parts, aux_parts = _step_state(cfg, dataset, mesh1, 4, batch_np)
+  np.testing.assert_allclose(aux_parts['loss'], aux_whole['loss'], rtol=1e-5)
+  _assert_params_close(parts, whole)
+  if model == 'sasrec':  # the parts' split of a data-sharded batch (model-independent)
+    parts8, _ = _step_state(cfg, dataset, sharding.make_mesh(MeshConfig(data=2, model=4)), 4,
+                            batch_np)
+    _assert_params_close(parts8, whole)
+
+
+def test_accumulated_gradient_is_the_pair_weighted_mean_of_the_parts(tiny):
+  """LMP at N_step 2 is not one mean: the parts' gradients, weighted by their next-item
+  pairs, against each part differentiated alone."""
+  from flax import nnx
+  cfg, dataset = tiny
+  cfg = apply_overrides(cfg, ['model.dropout=0.0'])
+  mesh1 = sharding.make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+  run = run_lib.build_run(cfg, dataset, mesh1)
+  batch = {k: np.asarray(v) for k, v in next(train_lib.train_iterator(cfg, run)).items()}
+  compute_loss, rng, m = train_lib.make_loss(run), jax.random.key(3), 4
+  graphdef, state = nnx.split(run.model())
+  loss, _, grads = jax.jit(lambda state, batch: train_lib.accumulate_gradients(
+      compute_loss, nnx.merge(graphdef, state), batch, rng, m, cfg.data.max_len))(state, batch)
+
+  @jax.jit
+  def part_gradient(state, part, key):
+    return nnx.value_and_grad(lambda model: compute_loss(model, part, key),
+                              has_aux=True)(nnx.merge(graphdef, state))
+
+  counts = np.asarray(train_lib.counted_pairs(batch, cfg.data.max_len))
+  weights = np.array([counts[i::m].sum() for i in range(m)]) / counts.sum()
+  want_loss, want = 0.0, None
+  for i in range(m):
+    part = {k: v[i::m] for k, v in batch.items()}
+    (part_loss, _), g = part_gradient(state, part, jax.random.fold_in(rng, i))
+    g = jax.tree.map(lambda x: weights[i] * np.asarray(x), nnx.to_pure_dict(g))
+    want = g if want is None else jax.tree.map(np.add, want, g)
+    want_loss += weights[i] * float(part_loss)
+  np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(nnx.to_pure_dict(grads)), want)
+
+
+def test_microbatches_must_divide_the_batch_per_device(tiny):
+  cfg, _ = tiny
+  with pytest.raises(ConfigError, match='train.microbatches=3 must divide train.batch_size=16'):
+    apply_overrides(cfg, ['train.microbatches=3'])
+  with pytest.raises(ConfigError, match='train.microbatches=0 is not allowed'):
+    apply_overrides(cfg, ['train.microbatches=0'])
+  cfg = apply_overrides(cfg, ['train.microbatches=8'])
+  with pytest.raises(ConfigError, match=r'train.microbatches=8 must divide the 4 windows per '
+                                        r'device \(train.batch_size=16 over 4'):
+    run_lib.check_batch_sizes(cfg, sharding.make_mesh(MeshConfig(data=4, model=2)))
+
+
+def test_vector_decay_pulls_only_the_free_vector_table(tiny):
+  """optim.vector_decay: one step from the same state with it and without; only the free
+  per-item vectors differ, by exactly -lr * vector_decay * their value before the step."""
+  from flax import nnx
+  cfg, dataset = tiny
+  cfg = apply_overrides(cfg, ['model.dropout=0.0', 'model.item_id_vector=true',
+                              'optim.warmup_steps=0', 'optim.weight_decay=0.01'])
+  mesh1 = sharding.make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+  batch_np = next(train_lib.train_iterator(cfg, run_lib.build_run(cfg, dataset, mesh1)))
+  before = jax.device_get(run_lib.build_run(cfg, dataset, mesh1).state[0])
+  plain, _ = _step_state(cfg, dataset, mesh1, 1, batch_np)
+  decayed, _ = _step_state(apply_overrides(cfg, ['optim.vector_decay=0.5']), dataset, mesh1, 1,
+                           batch_np)
+  flat = lambda state: {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+                        jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
+                        if jax.numpy.issubdtype(v.dtype, jax.numpy.floating)}
+  before, plain, decayed = flat(before), flat(plain[0]), flat(decayed[0])
+  vector_keys = [k for k in plain if 'item_vectors' in k]
+  assert vector_keys
+  for key in plain:
+    if key in vector_keys:
+      np.testing.assert_allclose(decayed[key] - plain[key], -cfg.optim.lr * 0.5 * before[key],
+                                 rtol=1e-3, atol=1e-8)  # float32 differences of ~1e-5
+    else:
+      np.testing.assert_array_equal(decayed[key], plain[key], err_msg=key)
 
 
 def test_sharded_run_with_ema_reads_the_average(tiny):
