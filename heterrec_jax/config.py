@@ -450,9 +450,11 @@ def load_config(path: str | None) -> Config:
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'default.py')
 
 # Config groups and fields that may change between a run and its resumption.
+# (train.microbatches: a run that no longer fits resumes in more parts; the model, its loss and
+# its update stay, only the parts' draws of negatives and dropout differ.)
 RESUMABLE_CHANGES = ('train.steps', 'train.eval_every', 'train.patience', 'train.log_every',
                      'train.checkpoint_every', 'train.keep_checkpoints', 'train.compile_cache_dir',
-                     'eval.', 'data.workers')
+                     'train.microbatches', 'eval.', 'data.workers')
 
 
 def save_config(cfg: Config, workdir: pathlib.Path) -> None:

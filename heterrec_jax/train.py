@@ -114,16 +114,20 @@ def accumulate_gradients(compute_loss: losses.LossFn, model: nnx.Module, batch: 
 
   The parts' losses, aux figures and gradients are averaged with weights proportional to the
   next-item pairs each counts (`counted_pairs`; equal weights when none counts any), so a loss
-  that is one mean over those pairs (SASRec's, HSTU's cross-entropy) gets the whole batch's
-  gradient; a loss of several means (LMP's steps and token level) or of random Cloze masks gets
-  it closely. The step's temporaries are those of one part. Part m draws its negatives from
-  `fold_in(rng, m)`; the dropout streams (the model's other state) run on from part to part.
+  that is one mean over those pairs gets the whole batch's gradient: SASRec's and HSTU's
+  cross-entropy, LMP at N_step 1 with its token level (tests/test_train.py). LMP at N_step > 1
+  (a later step's mean runs over the pairs its gate opens) and BERT4Rec's random Cloze masks get
+  the parts' pair-weighted mean, not the whole batch's gradient (5% apart in norm at N_step 2
+  on configs/tiny.py in 4 parts). The step's temporaries are those of one part. Part m draws
+  its negatives from `fold_in(rng, m)`; the dropout streams (the model's other state) run on
+  from part to part.
   """
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   parts = split_microbatches(batch, microbatches)
   pairs_M = jax.vmap(lambda part: jnp.sum(counted_pairs(part, max_len)))(parts)
   total = jnp.sum(pairs_M)
-  weight_M = jnp.where(total > 0, pairs_M / jnp.maximum(total, 1), 1.0 / microbatches)
+  weight_M = jnp.where(total > 0, pairs_M / jnp.maximum(total, 1),
+                       1.0 / microbatches).astype(jnp.float32)
 
   def part(carry, xs):  # the parameters ride in the carry: nnx merges only this trace's values
     params, rest, grads_sum = carry
@@ -137,9 +141,9 @@ def accumulate_gradients(compute_loss: losses.LossFn, model: nnx.Module, batch: 
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (_, rest, grads), (loss_M, aux_M) = jax.lax.scan(
-      part, (params, rest, zeros), (parts, jnp.arange(microbatches), weight_M.astype(jnp.float32)))
+      part, (params, rest, zeros), (parts, jnp.arange(microbatches), weight_M))
   nnx.update(model, rest)
-  weighted = lambda x_M: jnp.tensordot(weight_M.astype(x_M.dtype), x_M, axes=1)
+  weighted = lambda x_M: jnp.tensordot(weight_M, x_M.astype(jnp.float32), axes=1)
   return weighted(loss_M), jax.tree.map(weighted, aux_M), grads
 
 

@@ -135,6 +135,7 @@ def test_resuming_with_another_config_is_refused(tmp_path):
   cfg = Config()
   config_lib.save_config(cfg, tmp_path)
   assert config_lib.load_saved_config(tmp_path) == cfg
-  config_lib.check_resumable(apply_overrides(cfg, ['train.steps=5', 'eval.batch_size=8']), tmp_path)
+  config_lib.check_resumable(apply_overrides(cfg, ['train.steps=5', 'eval.batch_size=8',
+                                                  'train.microbatches=4']), tmp_path)
   with pytest.raises(ConfigError, match=r'model.d_f: 64 -> 32'):
     config_lib.check_resumable(apply_overrides(cfg, ['model.d_f=32']), tmp_path)

@@ -69,6 +69,7 @@ def test_train_step_compiles_once(tiny, microbatches):
   """With dropout on; in 2 parts, the dropout streams run on from part to part."""
   cfg, dataset = tiny
   cfg = apply_overrides(cfg, [f'train.microbatches={microbatches}'])
+  chex.clear_trace_counter()  # the counter is per step function, and each case builds one
   mesh = sharding.make_mesh(MeshConfig(data=4, model=2))
   run = run_lib.build_run(cfg, dataset, mesh)
   data_iter = train_lib.train_iterator(cfg, run)
