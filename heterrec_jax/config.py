@@ -274,11 +274,11 @@ class TrainConfig:
   # Global batch size (sequences per step); must divide by the data-parallel devices.
   batch_size: int = 128
   # Gradient accumulation: each step's batch is taken in this many equal parts, one after the
-  # other, and their gradients averaged before one optimiser update (train.py
-  # `accumulate_gradients`). The update equals the whole batch's when every part counts the
-  # same number of targets; the step's temporary memory is one part's (on a CPU host also the
-  # pages XLA maps afresh every step: docs/benchmarks.md). The batch per data-parallel device
-  # must divide by it.
+  # other, and their gradients averaged, weighted by the next-item pairs each counts, before
+  # one optimiser update (train.py `accumulate_gradients`: the whole batch's update for a loss
+  # that is one mean over those pairs). The step's temporary memory is one part's (on a CPU
+  # host also the pages XLA maps afresh every step: docs/benchmarks.md). The batch per
+  # data-parallel device must divide by it.
   microbatches: int = 1
   # Seed of parameter initialisation and dropout.
   seed: int = 0
@@ -340,6 +340,15 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   train: TrainConfig = TrainConfig()
   eval: EvalConfig = EvalConfig()
+
+  def __post_init__(self):
+    m = self.model
+    if self.optim.vector_decay and not (m.name == 'heterrec'
+                                        and (m.item_id_vector or m.item_id_input)):
+      raise ConfigError(f'optim.vector_decay={self.optim.vector_decay} decays the free per-item '
+                        'vector, which only HeterRec with model.item_id_vector=true (or '
+                        f'item_id_input) has; this config has model.name={m.name!r}, '
+                        f'item_id_vector={m.item_id_vector}, item_id_input={m.item_id_input}')
 
 
 def horizon(model_name: str, loss: LossConfig) -> int:

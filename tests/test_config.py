@@ -75,6 +75,7 @@ def test_a_field_and_its_group_together_is_an_error(overrides, fragment):
     ('optim.schedule=linear', "optim.schedule='linear' is not allowed"),
     ('optim.vector_decay=-0.1', 'optim.vector_decay=-0.1 is not allowed'),
     ('optim.vector_decay=nan', 'optim.vector_decay=nan is not allowed'),
+    ('optim.vector_decay=0.5', 'only HeterRec with model.item_id_vector=true'),
 ])
 def test_bad_overrides_name_the_field(override, fragment):
   with pytest.raises(ConfigError, match=re.escape(fragment)):
