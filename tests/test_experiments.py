@@ -216,6 +216,68 @@ def test_table_markdown_layout(fake_compare):
   assert any(line.startswith('Missing runs') and 'pinnerformer-seed0' in line for line in lines)
 
 
+def _write_reference(folder, seed, test, valid=None, wall=None):
+  """A results.json as launch/recbole_reference.py writes it (RecBole's MRR@10 among them)."""
+  folder.mkdir(parents=True)
+  record = {'seed': seed, 'best_valid': valid or test, 'test': {**test, 'mrr@10': 0.9}}
+  if wall is not None:
+    record['wall_seconds'] = wall
+  (folder / 'results.json').write_text(json.dumps(record))
+
+
+def test_reference_rows_are_gathered_and_count_as_baselines(fake_compare, tmp_path):
+  out, values = fake_compare
+  rng = np.random.default_rng(1)
+  runs = [{k: float(0.5 + rng.uniform(0, 0.05)) for k in ('recall@10', 'recall@50', 'ndcg@10')}
+          for _ in range(2)]
+  for seed, metrics in zip((2020, 2021), runs):
+    _write_reference(tmp_path / 'rb' / f'seed{seed}', seed, metrics, wall=100.0 + seed)
+  assert _gather(out, '--reference', f'RecBole SASRec={tmp_path}/rb/seed*/results.json') == 0
+  table = json.loads((out / 'table.json').read_text())
+  row = table['rows']['RecBole SASRec']
+  assert sorted(row) == ['ndcg@10', 'recall@10', 'recall@50']  # RecBole's mrr@10 is not ours
+  for column in row:
+    xs = np.array([r[column] for r in runs])
+    assert row[column]['mean'] == pytest.approx(xs.mean())
+    assert row[column]['std'] == pytest.approx(xs.std(ddof=1))
+  assert table['seeds']['RecBole SASRec'] == [2020, 2021]
+  assert table['best_baseline']['recall@50']['row'] == 'RecBole SASRec'
+  mine = np.mean([r['recall@50'] for r in values['heterrec']])
+  theirs = np.mean([r['recall@50'] for r in runs])
+  assert table['gain_percent']['recall@50'] == pytest.approx((mine - theirs) / theirs * 100)
+  assert table['best_baseline']['recall@100']['row'] != 'RecBole SASRec'
+  assert table['wall_time_s']['RecBole SASRec']['mean'] == pytest.approx(2120.5)
+  text = (out / 'table.md').read_text()
+  line = next(x for x in text.splitlines() if x.startswith('| RecBole SASRec |'))
+  assert line.split(' | ')[3] == 'n/a' and line.endswith('| 2 |')  # no Recall@100 measured
+  assert 'RecBole SASRec: measured outside this sweep' in text
+  assert _gather(out, '--split', 'valid', '--reference', f'R={tmp_path}/rb/*/results.json') == 0
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('no-equals-sign', 'give NAME=GLOB'),
+    ('R=nothing/*/results.json', "no file matches 'nothing/*/results.json'"),
+    ('R={bad}', "is not a JSON object with a 'test' dict"),
+    ('R={empty}', "has none of the metrics"),
+    ('sasrec={good}', 'a row of that name is already in the table'),
+    ('R={good} --reference R={good}', 'a row of that name is already in the table'),
+])
+def test_bad_references_fail_with_one_line_before_anything_is_written(fake_compare, tmp_path,
+                                                                      capsys, spec, message):
+  """Checked in main before any run trains (the same code path without --gather)."""
+  out, _ = fake_compare
+  (tmp_path / 'bad.json').write_text('[1, 2]')
+  (tmp_path / 'empty.json').write_text(json.dumps({'test': {'mrr@10': 0.1}}))
+  _write_reference(tmp_path / 'good', 0, {'recall@50': 0.4})
+  spec = spec.format(bad=tmp_path / 'bad.json', empty=tmp_path / 'empty.json',
+                     good=tmp_path / 'good' / 'results.json')
+  flags = [x for part in spec.split(' --reference ') for x in ('--reference', part)]
+  assert _gather(out, *flags) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: --reference') and message in err and err.count('\n') == 1
+  assert not (out / 'table.json').exists()
+
+
 def test_gain_keeps_its_sign_and_is_undefined_for_a_zero_baseline(tmp_path):
   out = tmp_path / 'o'
   mine = {k: 0.1 for k in METRIC_NAMES}

@@ -181,3 +181,49 @@ def test_shell_scripts_print_help(script):
   result = _run(['bash', f'launch/{script}', '--help'])
   assert result.returncode == 0 and '--dry-run' in result.stdout
   assert 'set -e' not in result.stdout  # the comment header only
+
+
+# ---- recbole_reference.py ---------------------------------------------------------------------
+
+def _reference(*args):
+  return _run([sys.executable, 'launch/recbole_reference.py', *args])
+
+
+def test_recbole_reference_refuses_a_folder_without_the_inter_file(tmp_path):
+  result = _reference('--data', str(tmp_path), '--out', str(tmp_path / 'out'))
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.strip() == f'error: --data {tmp_path}: no {tmp_path.name}.inter there'
+  assert not (tmp_path / 'out').exists()
+
+
+def test_recbole_reference_never_overwrites_finished_results(tmp_path):
+  data = tmp_path / 'ml-100k'
+  data.mkdir()
+  (data / 'ml-100k.inter').write_text('user_id:token\titem_id:token\ttimestamp:float\n')
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'results.json').write_text('{"kept": 1}\n')
+  result = _reference('--data', str(data), '--out', str(out))
+  assert result.returncode == 2 and 'already holds results.json' in result.stderr
+  assert (out / 'results.json').read_text() == '{"kept": 1}\n'
+
+
+def test_recbole_reference_uses_the_settings_of_issue_8(tmp_path):
+  sys.path.insert(0, str(ROOT / 'launch'))
+  try:
+    import recbole_reference  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  args = recbole_reference.parse_args(['--data', str(tmp_path / 'ml-100k'), '--out', 'o'])
+  config = recbole_reference.recbole_config(args, tmp_path / 'o')
+  assert config['data_path'] == str(tmp_path) and args.seed == 2020 and config['epochs'] == 20
+  assert {k: config[k] for k in ('hidden_size', 'inner_size', 'n_layers', 'n_heads',
+                                 'hidden_dropout_prob', 'attn_dropout_prob', 'hidden_act',
+                                 'loss_type', 'MAX_ITEM_LIST_LENGTH', 'train_batch_size',
+                                 'learning_rate')} == {
+      'hidden_size': 64, 'inner_size': 256, 'n_layers': 2, 'n_heads': 2,
+      'hidden_dropout_prob': 0.5, 'attn_dropout_prob': 0.5, 'hidden_act': 'gelu',
+      'loss_type': 'CE', 'MAX_ITEM_LIST_LENGTH': 50, 'train_batch_size': 256,
+      'learning_rate': 1e-3}
+  assert config['eval_args']['split'] == {'LS': 'valid_and_test'}
+  assert config['eval_args']['mode'] == 'full' and config['train_neg_sample_args'] is None

@@ -29,6 +29,7 @@ import sys
 
 from heterrec_jax.config import METRIC_NAMES, MODEL_NAMES, VARIANTS, ConfigError
 from heterrec_jax.experiments import runner, scaling as scaling_lib, tables
+from heterrec_jax.experiments.gather import Reference, parse_references
 from heterrec_jax.experiments.sweep import (COMMAND_CONFIG, DEFAULT_MODELS, POPULARITY, TUNABLE,
                                             Sweep, Tuning, ablation_runs, check_configs,
                                             common_overrides, compare_runs, load_with, parse_grid,
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
   compare.add_argument('--model-config', action='append', default=[], metavar='NAME=FILE',
                        help="a row's own config file instead of --config (its reference "
                             'settings), e.g. sasrec=configs/ml100k_sasrec.py; repeatable')
+  compare.add_argument('--reference', action='append', default=[], metavar='NAME=GLOB',
+                       help='a row measured outside this sweep, from the results.json files '
+                            'GLOB matches (e.g. "RecBole SASRec=runs/recbole/seed*/results.json",'
+                            ' written by launch/recbole_reference.py); counted as a baseline; '
+                            'repeatable')
   _common_flags(compare, seeds=3)
   scaling = sub.add_parser('scaling', help='the (N1, N2) grid with and without HTFL (Figure 3)')
   scaling.add_argument('--grid', default='1x1,1x2,2x2,3x3', help='N1xN2 points (default: '
@@ -139,9 +145,10 @@ def make_sweep(args: argparse.Namespace) -> Sweep:
   return _scaling_sweep(args) if args.command == 'scaling' else _compare_sweep(args)
 
 
-def report(sweep: Sweep, args: argparse.Namespace, compute_floor: bool) -> list[str]:
-  """Builds the outputs of a sweep from its finished runs (computing the popularity floor when
-  `compute_floor` and no run has it); returns the missing runs."""
+def report(sweep: Sweep, args: argparse.Namespace, compute_floor: bool,
+           references: tuple[Reference, ...] = ()) -> list[str]:
+  """Builds the outputs of a sweep from its finished runs and the `references` rows (computing
+  the popularity floor when `compute_floor` and no run has it); returns the missing runs."""
   if sweep.kind == 'scaling':
     scaling = scaling_lib.build_scaling(sweep, args.split)
     metrics = parse_list('--metrics', args.metrics, METRIC_NAMES)
@@ -151,7 +158,7 @@ def report(sweep: Sweep, args: argparse.Namespace, compute_floor: bool) -> list[
   floor = None
   if POPULARITY in sweep.groups:
     floor = runner.popularity_floor(sweep, compute_floor, progress=not args.quiet)
-  table = tables.build_table(sweep, args.split, floor)
+  table = tables.build_table(sweep, args.split, floor, references)
   tables.write_table(sweep.out, table)
   print(tables.markdown(table))
   print(f'wrote {sweep.out}/table.md and {sweep.out}/table.json', file=sys.stderr)
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     sweep = make_sweep(args)
+    # Read before any training, so that a bad --reference fails in a second, not after the runs.
+    references = parse_references(getattr(args, 'reference', []), args.split, sweep.groups)
     if args.plan_only:
       path = write_plan(sweep)
       print(f'wrote {path} ({len(path.read_text().splitlines())} runs)', file=sys.stderr)
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.gather:
       check_configs(sweep)
       failed = runner.execute(sweep, progress=not args.quiet)
-    missing = report(sweep, args, compute_floor=not args.gather)
+    missing = report(sweep, args, compute_floor=not args.gather, references=references)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

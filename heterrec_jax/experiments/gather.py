@@ -4,6 +4,7 @@ wall times and the training budget they were planned with."""
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import pathlib
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from heterrec_jax.config import METRIC_NAMES
+from heterrec_jax.config import METRIC_NAMES, ConfigError
 from heterrec_jax.experiments.sweep import Sweep, read_json, run_config
 
 # Sample standard deviation over seeds (ddof = 1); a single seed gets 0.
@@ -192,3 +193,58 @@ def row_budgets(sweep: Sweep, planned: dict[str, Any]) -> dict[str, dict[str, An
       if own != planned:
         out[run.group] = {'config': run.config, **own}
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """A row measured outside this project (e.g. launch/recbole_reference.py): one results.json per
+  run, each with a `split` dict of metrics named as ours ('recall@50', 'ndcg@10'; others, such
+  as RecBole's 'mrr@10', are not ours and are dropped), an optional 'seed' and 'wall_seconds'."""
+  name: str
+  files: list[str]
+  seeds: list[int]
+  metrics: list[dict[str, float]]
+  wall_seconds: list[float]
+
+
+def parse_reference(spec: str, split: str) -> Reference:
+  """`NAME=GLOB` (a --reference flag) -> its runs; a one-line ConfigError when the flag is
+  malformed, matches no file, or a file is unreadable or lacks the split."""
+  name, sep, pattern = spec.partition('=')
+  name, pattern = name.strip(), pattern.strip()
+  if not sep or not name or not pattern:
+    raise ConfigError(f'--reference {spec!r}: give NAME=GLOB, e.g. '
+                      "'RecBole SASRec=runs/recbole/seed*/results.json'")
+  files = [pathlib.Path(f) for f in sorted(glob.glob(pattern))]
+  if not files:
+    raise ConfigError(f'--reference {name}: no file matches {pattern!r}')
+  keys = (split, 'best_valid') if split == 'valid' else (split,)
+  seeds, metrics, walls = [], [], []
+  for i, path in enumerate(files):
+    record = read_json(path)
+    found = next((record[k] for k in keys if isinstance(record, dict)
+                  and isinstance(record.get(k), dict)), None)
+    if found is None:
+      raise ConfigError(f'--reference {name}: {path} is not a JSON object with a '
+                        f'{" or ".join(repr(k) for k in keys)} dict of metrics')
+    kept = {k: float(v) for k, v in found.items() if k in METRIC_NAMES}
+    if not kept:
+      raise ConfigError(f'--reference {name}: {path} has none of the metrics '
+                        f'{", ".join(METRIC_NAMES)} under {keys[0]!r}')
+    metrics.append(kept)
+    seeds.append(int(record.get('seed', i)))
+    if isinstance(record.get('wall_seconds'), (int, float)):
+      walls.append(float(record['wall_seconds']))
+  return Reference(name, [str(f) for f in files], seeds, metrics, walls)
+
+
+def parse_references(specs: list[str], split: str, rows: tuple[str, ...]) -> tuple[Reference, ...]:
+  """Every --reference flag (`parse_reference`), each named unlike `rows` and the others."""
+  references, names = [], list(rows)
+  for spec in specs:
+    ref = parse_reference(spec, split)
+    if ref.name in names:
+      raise ConfigError(f'--reference {ref.name}: a row of that name is already in the table')
+    references.append(ref)
+    names.append(ref.name)
+  return tuple(references)

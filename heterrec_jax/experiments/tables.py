@@ -9,9 +9,9 @@ import json
 import pathlib
 from typing import Any
 
-from heterrec_jax.experiments.gather import (STD_DDOF, Stat, WallTime, budget, collect,
-                                             gate_shares, metric_label, row_budgets, step_number,
-                                             summarize, wall_seconds, wall_times)
+from heterrec_jax.experiments.gather import (STD_DDOF, Reference, Stat, WallTime, budget, collect,
+                                             gate_shares, metric_label, row_budgets, stat,
+                                             step_number, summarize, wall_seconds, wall_times)
 from heterrec_jax.experiments.sweep import (DISPLAY, POPULARITY, Sweep, TuningRow, tuned,
                                             tuning_choices, tuning_runs)
 
@@ -64,6 +64,9 @@ class Table:
   # Rows whose own config (--model-config) plans another budget than `budget`: row -> its
   # config file ('config') and budget fields.
   row_budgets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  # Rows measured outside the sweep (--reference): row -> the results.json files it gathers.
+  # They count as baselines (the best other row per column may be one).
+  references: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def gain_percent(proposed: float | None, baseline: float | None) -> float | None:
@@ -136,9 +139,25 @@ def _rows(sweep: Sweep, split: str, floor: dict | None) -> tuple[
   return rows, seeds, missing
 
 
-def build_table(sweep: Sweep, split: str, floor: dict | None) -> Table:
+def _add_references(references: tuple[Reference, ...], rows: dict[str, dict[str, Stat]],
+                    seeds: dict[str, list[int]],
+                    walls: dict[str, WallTime]) -> dict[str, list[str]]:
+  """Adds each --reference row (named unlike every other: `gather.parse_references`) after the
+  sweep's rows, in place; returns row -> files."""
+  files = {}
+  for ref in references:
+    rows[ref.name], seeds[ref.name] = summarize(ref.metrics), ref.seeds
+    if ref.wall_seconds:
+      walls[ref.name] = WallTime(**dataclasses.asdict(stat(ref.wall_seconds)),
+                                 source=['results.json'])
+    files[ref.name] = ref.files
+  return files
+
+
+def build_table(sweep: Sweep, split: str, floor: dict | None,
+                references: tuple[Reference, ...] = ()) -> Table:
   """Gathers the finished runs of a compare/ablation sweep (`floor`: the popularity floor's
-  results, or None) into the table."""
+  results, or None) and the `references` rows into the table."""
   tuning = tuning_summary(sweep)
   # One list, extended in place: table.json has always listed every missing run (not only the
   # unfinished tuning runs) under tuning.missing too.
@@ -146,12 +165,14 @@ def build_table(sweep: Sweep, split: str, floor: dict | None) -> Table:
   sweep = tuned(sweep)
   rows, seeds, missing_runs = _rows(sweep, split, floor)
   missing.extend(missing_runs)
+  walls = wall_times(sweep)
+  files = _add_references(references, rows, seeds, walls)
   best = best_baselines(rows, sweep.proposed)
   gain, gain_over = gains(rows, sweep.proposed, best)
   plan, warnings = budget(sweep)
   return Table(list(COLUMNS), rows, sweep.proposed, best, gain, gain_over, sweep.kind, split,
                seeds, missing, plan, warnings, sweep.config, list(sweep.common), STD_DDOF,
-               wall_times(sweep), tuning, gate_shares(sweep), row_budgets(sweep, plan))
+               walls, tuning, gate_shares(sweep), row_budgets(sweep, plan), files)
 
 
 def format_gain(value: float | None) -> str:
@@ -236,7 +257,17 @@ def _main_lines(table: Table) -> list[str]:
           + ['', f'Improvement: (HeterRec - best {other}) / best {other} x 100, per column, on '
              f'the means; the best {other} is in italics. std: ddof={table.std_ddof} over '
              'seeds' + ('; standard error: std / sqrt(n)' if table.kind == 'ablation' else '')
-             + '; n: runs gathered (popularity is deterministic: one evaluation).'])
+             + '; n: runs gathered (popularity is deterministic: one evaluation).']
+          + _reference_lines(table))
+
+
+def _reference_lines(table: Table) -> list[str]:
+  """Where each --reference row comes from (its columns that are n/a were not measured)."""
+  lines = []
+  for name, files in table.references.items():
+    lines += ['', f'{name}: measured outside this sweep, from '
+              f'{", ".join(f"`{f}`" for f in files)}; n/a: a metric those files do not hold.']
+  return lines
 
 
 def _gate_lines(table: Table) -> list[str]:
