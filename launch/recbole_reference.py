@@ -15,7 +15,8 @@ initializer_range 0.02, cross-entropy over all items (loss_type CE, no negative 
 MAX_ITEM_LIST_LENGTH 50, train_batch_size 256, Adam lr 1e-3, 20 epochs with RecBole's own
 early stopping (stopping_step 10 on its default valid_metric MRR@10), leave-one-out split in
 time order (LS valid_and_test, TO), full-corpus ranking, Recall/NDCG/MRR at 10 and 50.
-Writes OUT/results.json: the best validation and the test figures, the epochs and wall time.
+Writes OUT/results.json: the best validation and the test figures, the epochs and wall time;
+RecBole's own log, tensorboard files and checkpoint stay in OUT too.
 """
 
 from __future__ import annotations
@@ -87,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   if args.threads:
     torch.set_num_threads(args.threads)
+  out = out.resolve()
   out.mkdir(parents=True, exist_ok=True)
+  config_dict = recbole_config(args, out)  # absolute paths: RecBole runs inside OUT
+  os.chdir(out)  # RecBole writes ./log and ./log_tensorboard wherever it runs
   start = time.time()
   config = Config(model='SASRec', dataset=data.resolve().name,
-                  config_dict=recbole_config(args, out))
+                  config_dict=config_dict)
   init_seed(config['seed'], config['reproducibility'])
   init_logger(config)
   dataset = create_dataset(config)
