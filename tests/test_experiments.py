@@ -259,6 +259,7 @@ def test_reference_rows_are_gathered_and_count_as_baselines(fake_compare, tmp_pa
     ('R=nothing/*/results.json', "no file matches 'nothing/*/results.json'"),
     ('R={bad}', "is not a JSON object with a 'test' dict"),
     ('R={empty}', "has none of the metrics"),
+    ('R={text}', 'a metric or the seed is not a number'),
     ('sasrec={good}', 'a row of that name is already in the table'),
     ('R={good} --reference R={good}', 'a row of that name is already in the table'),
 ])
@@ -268,8 +269,10 @@ def test_bad_references_fail_with_one_line_before_anything_is_written(fake_compa
   out, _ = fake_compare
   (tmp_path / 'bad.json').write_text('[1, 2]')
   (tmp_path / 'empty.json').write_text(json.dumps({'test': {'mrr@10': 0.1}}))
+  (tmp_path / 'text.json').write_text(json.dumps({'test': {'recall@50': 'high'}}))
   _write_reference(tmp_path / 'good', 0, {'recall@50': 0.4})
   spec = spec.format(bad=tmp_path / 'bad.json', empty=tmp_path / 'empty.json',
+                     text=tmp_path / 'text.json',
                      good=tmp_path / 'good' / 'results.json')
   flags = [x for part in spec.split(' --reference ') for x in ('--reference', part)]
   assert _gather(out, *flags) == 2

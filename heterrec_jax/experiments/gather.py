@@ -227,12 +227,17 @@ def parse_reference(spec: str, split: str) -> Reference:
     if found is None:
       raise ConfigError(f'--reference {name}: {path} is not a JSON object with a '
                         f'{" or ".join(repr(k) for k in keys)} dict of metrics')
-    kept = {k: float(v) for k, v in found.items() if k in METRIC_NAMES}
+    try:
+      kept = {k: float(v) for k, v in found.items() if k in METRIC_NAMES}
+      seed = int(record.get('seed', i))
+    except (TypeError, ValueError):
+      raise ConfigError(f'--reference {name}: {path}: a metric or the seed is not a number') \
+          from None
     if not kept:
       raise ConfigError(f'--reference {name}: {path} has none of the metrics '
                         f'{", ".join(METRIC_NAMES)} under {keys[0]!r}')
     metrics.append(kept)
-    seeds.append(int(record.get('seed', i)))
+    seeds.append(seed)
     if isinstance(record.get('wall_seconds'), (int, float)):
       walls.append(float(record['wall_seconds']))
   return Reference(name, [str(f) for f in files], seeds, metrics, walls)
