@@ -183,6 +183,16 @@ def test_shell_scripts_print_help(script):
   assert 'set -e' not in result.stdout  # the comment header only
 
 
+def test_device_bench_prints_help_and_refuses_an_unknown_flag(tmp_path):
+  result = _run(['bash', 'launch/device_bench.sh', '--help'])
+  assert result.returncode == 0 and 'launch/device_bench.sh [OUT_DIR]' in result.stdout
+  assert 'set -uo' not in result.stdout
+  result = _run(['bash', 'launch/device_bench.sh', '--steps', str(tmp_path / 'out')])
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.strip() == 'error: unknown flag --steps (see --help)'
+  assert not (tmp_path / 'out').exists()
+
+
 # ---- recbole_reference.py ---------------------------------------------------------------------
 
 def _reference(*args):
