@@ -124,6 +124,9 @@ def _panel(ax: Axes, points: list[ScalingPoint], metric: str, key: str, xlabel: 
     ax.xaxis.get_major_locator().set_params(integer=True)
   else:
     ax.set_xscale('log')
+    # Within a decade or so matplotlib labels the minor ticks too (2x10^12, 3x10^12, ...):
+    # slanted and smaller, they do not run into each other.
+    ax.tick_params(axis='x', which='both', labelsize=8, labelrotation=30)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(f'{metric_label(metric)} ({split})')
   ax.grid(alpha=0.3)
