@@ -15,16 +15,17 @@
 # cut short still returns what finished. Where a folder .whl/ of wheels is here (packages the
 # machine lacks, e.g. grain), they are installed into /tmp/site first.
 set -uo pipefail
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage
 case "${1:-}" in -h|--help) usage 0 ;; -*) echo "error: unknown flag $1 (see --help)" >&2; exit 2 ;; esac
 OUT_DIR="${1:-${OUT:-runs/device}}"
 mkdir -p "$OUT_DIR"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+site=""
 if compgen -G '.whl/*.whl' > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="$PWD:/tmp/site"
+  site=":/tmp/site"
 fi
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD$site${PYTHONPATH:+:$PYTHONPATH}"
 step() { echo "== $(date +%T) $*"; }
 paper_bench() {  # bench train at configs/paper.py, batch $1, float32 and bfloat16
   step "bench train, paper, batch $1"

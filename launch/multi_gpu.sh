@@ -28,7 +28,7 @@ set -euo pipefail
 HOSTS="localhost" GPUS_PER_HOST=0 COORDINATOR="" REPO="heterrec_jax" VENV="venv"
 LOGS="runs/multi_gpu_logs" DRY_RUN="${DRY_RUN:-0}"
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, quote, join_quoted
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -52,9 +52,6 @@ IFS=',' read -r -a HOST_LIST <<< "$HOSTS"
 PER_HOST=$(( GPUS_PER_HOST > 0 ? GPUS_PER_HOST : 1 ))
 N_PROCESSES=$(( ${#HOST_LIST[@]} * PER_HOST ))
 COORDINATOR="${COORDINATOR:-${HOST_LIST[0]}:12355}"
-
-# quote, join_quoted
-source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
 
 # Fills CMD with the command of process $1 on host $2 (GPU $3, or -1 for all of them).
 process_command() {

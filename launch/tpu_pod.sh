@@ -25,7 +25,7 @@ JAX_VERSION=0.10.2
 NAME="" ZONE="" PROJECT="" REPO="heterrec_jax" VENV="venv"
 SYNC=0 SETUP=0 DRY_RUN="${DRY_RUN:-0}"
 
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-0}"; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # usage, quote, join_quoted
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -46,9 +46,6 @@ if [[ -z "$NAME" || -z "$ZONE" ]]; then
   echo "error: --name and --zone are required" >&2
   exit 2
 fi
-
-# quote, join_quoted
-source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
 
 # Prints the command, then runs it unless this is a dry run.
 run() {
