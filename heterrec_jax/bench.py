@@ -4,8 +4,11 @@
         [--batch-size 128] [--batches 200] [--warmup 10] [--window last|random] [--workers 0]
 
     python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] \\
-        [--attention auto[,dense,blockwise]] [--max-len 128,256,512] \\
+        [--attention auto[,dense,blockwise]] [--block-items 32[,64]] [--max-len 128,256,512] \\
         [--dtypes float32,bfloat16] [--microbatches 1,4] [--profile] [key=value ...]
+
+    python -m heterrec_jax.bench ceiling [--n 2048] [--repeats 5] [--dtypes float32,bfloat16] \\
+        [--precisions default,highest] [--statistic best|median]
 
 `data` times the training input pipeline (`data.pipeline.train_dataset`) on a prepared folder:
 it draws `--warmup` batches, then times `--batches` more, and prints a human line then, last,
@@ -24,18 +27,25 @@ outputs + temporaries - donated aliases, from XLA's memory analysis of the compi
 from the process's resource usage over the timed steps, `minor_page_faults_per_step` and
 `system_cpu_fraction` (kernel CPU time / all CPU time): on a CPU host, high values mean the
 allocator hands the step's large buffers back to the kernel and faults them in again every step.
-It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `compute_dtype`,
-`xla_flops_per_step` (XLA's count of the timed program) and `dense_peak_memory_bytes` (the step
-compiled with the dense attention) and `microbatches` (`train.microbatches`: the step's batch
-taken in that many parts, one after the other). XLA counts a loop body once, so
-`flops_per_step` and `fraction_of_ceiling` are always those of the dense, whole-batch program:
-comparable across attentions and microbatches.
+It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `block_items`
+(the blockwise attention's items per block, `--block-items`; `layers.BLOCK_ITEMS` by default),
+`compute_dtype`, `xla_flops_per_step` (XLA's count of the timed program),
+`dense_peak_memory_bytes` (the step compiled with the dense attention) and `microbatches`
+(`train.microbatches`: the step's batch taken in that many parts, one after the other). XLA
+counts a loop body once, so `flops_per_step` and `fraction_of_ceiling` are always those of the
+dense, whole-batch program: comparable across attentions, block sizes and microbatches.
 
-Comma-separated `--attention`, `--max-len`, `--dtypes` and `--microbatches` run every combination
-in one process
-(each run's JSON on its own line, then a table of step time and peak memory per run, then one
-JSON object `{"benchmark": "train_sweep", "runs": [...]}`). `--profile` adds `profile`: each
-component of the step compiled and timed alone (`profile.py`), printed as a table.
+Comma-separated `--attention`, `--block-items`, `--max-len`, `--dtypes` and `--microbatches` run
+every combination in one process (each run's JSON on its own line, then a table of step time and
+peak memory per run, then one JSON object `{"benchmark": "train_sweep", "runs": [...]}`).
+`--profile` adds `profile`: each component of the step compiled and timed alone
+(`profile.py`), printed as a table.
+
+`ceiling` times one `--n`^3 matmul per dtype and precision (`jax.lax.Precision`: 'default' lets
+XLA use TF32 for float32 on a GPU, 'highest' does not), one untimed call then `--repeats` timed
+ones, and prints a line each then one JSON object with `DTYPE_PRECISION_flops_per_s` per pair:
+the rates a step's `fraction_of_ceiling` and MFU are read against (`train` times float32 at the
+default precision, n = 2048, best of 5, in the step's own process).
 """
 
 from __future__ import annotations
@@ -59,6 +69,11 @@ from heterrec_jax import train as train_lib
 from heterrec_jax.config import DEFAULT_CONFIG, Config, ConfigError, apply_overrides, load_config
 from heterrec_jax.data import pipeline
 from heterrec_jax.data.dataset import Dataset, DatasetError
+
+# `ceiling`: jax.lax matmul precisions ('default': the backend's own, TF32 on a GPU) and how the
+# timed calls are summarised.
+PRECISIONS = ('default', 'high', 'highest')
+STATISTICS = ('best', 'median')
 
 
 def bench_data(input_dir: str, *, max_len: int = 200, n_step: int = 3, batch_size: int = 128,
@@ -113,17 +128,58 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
 # ---- train ----------------------------------------------------------------------------------
 
 
-def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
-  """float32 FLOP/s of one large `n x n` matmul on the default device (best of `repeats`)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = math.inf
+def matmul_ceiling(n: int = 2048, repeats: int = 5, dtype: str = 'float32',
+                   precision: str = 'default', statistic: str = 'best') -> float:
+  """FLOP/s of one `n x n` matmul in `dtype` at `precision` (`PRECISIONS`; 'default' lets XLA
+  use TF32 on a GPU) on the default device: the `statistic` ('best' or 'median') of `repeats`
+  timed calls after one untimed call."""
+  if precision not in PRECISIONS:
+    raise ConfigError(f'precision {precision!r} must be one of {PRECISIONS}')
+  if statistic not in STATISTICS:
+    raise ConfigError(f'statistic {statistic!r} must be one of {STATISTICS}')
+  if repeats < 1 or n < 1:
+    raise ConfigError(f'--n={n} and --repeats={repeats} must be >= 1')
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise ConfigError(f'dtype {dtype!r} is not a dtype (e.g. float32, bfloat16)') from None
+  a = jax.random.normal(jax.random.key(0), (n, n), dt)
+  b = jax.random.normal(jax.random.key(1), (n, n), dt)
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=None if precision == 'default'
+                                      else precision))
+  f(a, b).block_until_ready()
+  times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  seconds = min(times) if statistic == 'best' else sorted(times)[len(times) // 2]
+  return 2.0 * n ** 3 / seconds
+
+
+def _run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+  """One matmul rate per (dtype, precision) of the command line, in one process."""
+  result: dict[str, Any] = {'benchmark': 'ceiling', 'device': str(jax.devices()[0]), 'n': args.n,
+                            'repeats': args.repeats, 'statistic': args.statistic}
+  for dtype in args.dtypes:
+    for precision in args.precisions:
+      rate = matmul_ceiling(args.n, args.repeats, dtype, precision, args.statistic)
+      print(f'{dtype} {precision}: {rate / 1e12:.3f} TFLOP/s ({args.n}^3 matmul, '
+            f'{args.statistic} of {args.repeats})')
+      result[f'{dtype}_{precision}_flops_per_s'] = rate
+  return result
+
+
+def _ceiling_parser(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser('ceiling', help="the device's matmul rate per dtype and precision")
+  p.add_argument('--n', type=int, default=2048, help='the square matmul size')
+  p.add_argument('--repeats', type=int, default=5, help='timed calls')
+  p.add_argument('--dtypes', type=_csv(str), default=['float32'],
+                 help='comma-separated dtypes (e.g. float32,bfloat16)')
+  p.add_argument('--precisions', type=_csv(str), default=['default'],
+                 help='comma-separated matmul precisions: ' + ', '.join(PRECISIONS))
+  p.add_argument('--statistic', default='best', choices=STATISTICS,
+                 help='the best or the median of the timed calls')
 
 
 def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
@@ -141,18 +197,23 @@ def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
 
 
 def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int = 2,
-                attention: str = 'auto', profile: bool = False) -> dict[str, Any]:
+                attention: str = 'auto', profile: bool = False,
+                block_items: int | None = None) -> dict[str, Any]:
   """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps,
-  the causal blocks' attention traced as `attention` (`layers.ATTENTION_IMPLS`)."""
+  the causal blocks' attention traced as `attention` (`layers.ATTENTION_IMPLS`; the blockwise
+  one over blocks of `block_items` items, None: `layers.BLOCK_ITEMS`)."""
   if steps < 1 or warmup < 1:
     raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
   if attention not in layers.ATTENTION_IMPLS:
     raise ConfigError(f'--attention={attention!r} must be one of {layers.ATTENTION_IMPLS}')
+  block_items = layers.BLOCK_ITEMS if block_items is None else block_items
+  if block_items < 1:
+    raise ConfigError(f'--block-items={block_items} must be >= 1')
   dataset = run_lib.load_dataset(cfg, workdir, progress=False)
   tstate = run_lib.build_run(cfg, dataset, sharding.make_mesh(cfg.mesh))
   data_iter = train_lib.train_iterator(cfg, tstate)
   batches = [sharding.global_batch(next(data_iter), tstate.mesh) for _ in range(2)]
-  with layers.attention_impl(attention):
+  with layers.attention_impl(attention, block_items):
     step = train_lib.make_train_step(tstate, batches[0])
     t_compile = time.perf_counter()
     xla_flops, peak = compiled_costs(step, tstate.state, batches[0])
@@ -165,7 +226,7 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
     with layers.attention_impl('dense'):
       dense_flops, dense_peak = compiled_costs(train_lib.make_train_step(whole, batches[0]),
                                                tstate.state, batches[0])
-  with layers.attention_impl(attention):
+  with layers.attention_impl(attention, block_items):
     timed = _time_steps(step, tstate.state, batches, steps, warmup)
   ceiling = matmul_ceiling()
   b, t, k = cfg.train.batch_size, cfg.data.max_len, dataset.schema.n_kinds
@@ -177,12 +238,12 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
       'sequences_per_s': b / step_time, 'tokens_per_s': b * t * k / step_time,
       'flops_per_step': dense_flops, 'matmul_ceiling_flops_per_s': ceiling,
       'fraction_of_ceiling': dense_flops / step_time / ceiling if dense_flops else None,
-      'peak_memory_bytes': peak, **timed, 'attention': attention,
+      'peak_memory_bytes': peak, **timed, 'attention': attention, 'block_items': block_items,
       'compute_dtype': cfg.model.compute_dtype, 'microbatches': cfg.train.microbatches,
       'xla_flops_per_step': xla_flops,
       'dense_peak_memory_bytes': dense_peak}
   if profile:
-    with layers.attention_impl(attention):
+    with layers.attention_impl(attention, block_items):
       result['profile'] = profile_lib.profile_step(
           cfg, tstate.model(final_state), batches[0], tstate.dataset.item_tokens,
           train_lib.training_log_freq(tstate.dataset))
@@ -213,19 +274,21 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
-  """One run per (attention, max_len, dtype) of the command line, in one process."""
+  """One run per (attention, block items, max_len, dtype, microbatches) of the command line,
+  in one process."""
   base = apply_overrides(load_config(args.config), args.overrides)
-  settings = [(a, t, d, m) for a in args.attention for t in (args.max_len or [None])
-              for d in (args.dtypes or [None]) for m in (args.microbatches or [None])]
+  settings = [(a, bi, t, d, m) for a in args.attention for bi in args.block_items
+              for t in (args.max_len or [None]) for d in (args.dtypes or [None])
+              for m in (args.microbatches or [None])]
   results = []
   with tempfile.TemporaryDirectory(prefix='heterrec-bench-') as tmp:
-    for attention, max_len, dtype, microbatches in settings:
+    for attention, block_items, max_len, dtype, microbatches in settings:
       extra = ([f'data.max_len={max_len}'] if max_len else []) + (
           [f'model.compute_dtype={dtype}'] if dtype else []) + (
           [f'train.microbatches={microbatches}'] if microbatches else [])
       cfg = apply_overrides(base, extra)
       result = bench_train(cfg, pathlib.Path(tmp), steps=args.steps, warmup=args.warmup,
-                           attention=attention, profile=args.profile)
+                           attention=attention, profile=args.profile, block_items=block_items)
       results.append({'config': args.config, 'overrides': args.overrides + extra, **result})
       _print_train(results[-1])
       if len(settings) > 1:
@@ -248,17 +311,19 @@ def _print_train(result: dict[str, Any]) -> None:
 
 def _sweep_table(results: list[dict[str, Any]]) -> str:
   """One row per run; `x peak` is the peak memory over the previous row's of the same
-  attention and dtype (a doubling of max_len when the sweep doubles it)."""
-  lines = ['| attention | dtype | microbatches | max_len | step s | peak GB | x peak | '
+  attention, block size, dtype and microbatches (a doubling of max_len when the sweep doubles
+  it)."""
+  lines = ['| attention | block items | dtype | microbatches | max_len | step s | peak GB | x peak | '
            'dense-path peak GB | fraction of ceiling | system CPU | page faults/step |',
-           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
-  previous: dict[tuple[str, str, int], int] = {}
+           '| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  previous: dict[tuple[str, int, str, int], int] = {}
   for r in results:
-    key = (r['attention'], r['compute_dtype'], r['microbatches'])
+    key = (r['attention'], r['block_items'], r['compute_dtype'], r['microbatches'])
     growth = (f'{r["peak_memory_bytes"] / previous[key]:.2f}' if key in previous else '')
     previous[key] = r['peak_memory_bytes']
     fmt = lambda key, spec: '' if r[key] is None else format(r[key], spec)
-    lines.append(f'| {r["attention"]} | {r["compute_dtype"]} | {r["microbatches"]} | '
+    lines.append(f'| {r["attention"]} | {r["block_items"]} | {r["compute_dtype"]} | '
+                 f'{r["microbatches"]} | '
                  f'{r["max_len"]} | {r["step_time_s"]:.3f} | {r["peak_memory_bytes"] / 1e9:.3f} | '
                  f'{growth} | {r["dense_peak_memory_bytes"] / 1e9:.3f} | '
                  f'{fmt("fraction_of_ceiling", ".3f")} | {fmt("system_cpu_fraction", ".3f")} | '
@@ -274,6 +339,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument('--attention', type=_csv(str), default=['auto'],
                  help='attention of the causal blocks, comma-separated to compare in one run: '
                       + ', '.join(layers.ATTENTION_IMPLS))
+  p.add_argument('--block-items', type=_csv(int), default=[layers.BLOCK_ITEMS],
+                 help='items per block of the blockwise attention, comma-separated to compare '
+                      f'(default {layers.BLOCK_ITEMS})')
   p.add_argument('--max-len', type=_csv(int), default=None,
                  help='comma-separated data.max_len values to sweep (e.g. 128,256,512)')
   p.add_argument('--dtypes', type=_csv(str), default=None,
@@ -289,6 +357,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], dict[str, Any]]]] = {
     'data': (_data_parser, _run_data),
     'train': (_train_parser, _run_train),
+    'ceiling': (_ceiling_parser, _run_ceiling),
 }
 
 

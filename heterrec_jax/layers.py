@@ -43,6 +43,7 @@ DENSE_MAX_ITEMS = 2 * BLOCK_ITEMS
 # or 'blockwise'; set by `attention_impl` (benchmarks compare the two in one process).
 ATTENTION_IMPLS = ('auto', 'dense', 'blockwise')
 _attention_impl = 'auto'
+_block_items: int | None = None  # None: BLOCK_ITEMS, read when a function is traced
 
 default_kernel_init = nnx.initializers.lecun_normal()
 
@@ -116,35 +117,40 @@ def block_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD:
 
 
 @contextlib.contextmanager
-def attention_impl(name: str) -> Iterator[None]:
-  """Within the context, causal blocks TRACED use attention `name` (one of ATTENTION_IMPLS).
+def attention_impl(name: str, block_items: int | None = None) -> Iterator[None]:
+  """Within the context, causal blocks TRACED use attention `name` (one of ATTENTION_IMPLS),
+  the blockwise one over blocks of `block_items` items (None: BLOCK_ITEMS; where 'auto'
+  switches stays DENSE_MAX_ITEMS).
 
   The choice is made when a function is traced: wrap the first call (or the `lower`) of a
   jitted function, not later calls.
   """
-  global _attention_impl
+  global _attention_impl, _block_items
   if name not in ATTENTION_IMPLS:
     raise ValueError(f'attention implementation {name!r} is not one of {ATTENTION_IMPLS}')
-  previous, _attention_impl = _attention_impl, name
+  if block_items is not None and block_items < 1:
+    raise ValueError(f'block_items={block_items} must be >= 1')
+  previous = _attention_impl, _block_items
+  _attention_impl, _block_items = name, block_items
   try:
     yield
   finally:
-    _attention_impl = previous
+    _attention_impl, _block_items = previous
 
 
 def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD: jax.Array,
                      bias_BxHxTxT: jax.Array, allowed: jax.Array) -> jax.Array:
   """`block_attention` for item-causal masks (`allowed[b, t, :, s, :]` False for s > t):
-  blockwise over blocks of BLOCK_ITEMS items (no L x L logits, memory linear in T, key blocks
-  after the query block skipped) when the sequence has more than DENSE_MAX_ITEMS items, else
+  blockwise over blocks of BLOCK_ITEMS items (or `attention_impl`'s; no L x L logits, memory
+  linear in T, key blocks after the query block skipped) when the sequence has more than DENSE_MAX_ITEMS items, else
   dense (faster at that length)."""
   n_items = q_BxTxKxHxD.shape[1]
   blockwise = (_attention_impl == 'blockwise'
                or (_attention_impl == 'auto' and n_items > DENSE_MAX_ITEMS))
   if not blockwise:
     return block_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD, bias_BxHxTxT, allowed)
-  return attention_lib.blockwise_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD,
-                                           bias_BxHxTxT, allowed, block_items=BLOCK_ITEMS)
+  return attention_lib.blockwise_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD, bias_BxHxTxT,
+                                           allowed, block_items=_block_items or BLOCK_ITEMS)
 
 
 def dense(d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs: nnx.Rngs,

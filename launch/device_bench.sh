@@ -4,8 +4,8 @@
 #
 #   launch/device_bench.sh [OUT_DIR]        (default: runs/device, or $OUT where it is set)
 #
-# 1. the machine's own ceilings: an 8192^3 matmul in bfloat16 and in float32 (JAX's default
-#    precision, which lets XLA use TF32 on a GPU, and 'highest'), median of 10;
+# 1. the machine's own ceilings (`bench ceiling`): an 8192^3 matmul in bfloat16 and float32,
+#    each at JAX's default precision (TF32 for float32 on a GPU) and 'highest', median of 10;
 # 2. `bench train` at the paper's setting (configs/paper.py), batch 16, float32 and bfloat16;
 # 3. the `--max-len` sweep at batch 2 (peak memory per T, blockwise attention), up to T = 2,048;
 # 4. time to quality: the ml-100k SASRec and HeterRec runs (configs/ml100k_sasrec.py,
@@ -40,28 +40,10 @@ python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.
             "optax", optax.__version__, jax.devices())' || exit 1
 
 step ceilings
-timeout 120 python3 - > "$OUT_DIR/ceiling.json" <<'EOF'
-import json, os, time
-import jax, jax.numpy as jnp
-
-def rate(dtype, precision=None, n=int(os.environ.get('CEILING_N', 8192)), repeats=10):
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2.0 * n ** 3 / sorted(times)[len(times) // 2]
-
-print(json.dumps({'device': str(jax.devices()[0]),
-                  'bfloat16_flops_per_s': rate(jnp.bfloat16),
-                  'float32_default_flops_per_s': rate(jnp.float32),
-                  'float32_highest_flops_per_s': rate(jnp.float32, 'highest')}))
-EOF
-cat "$OUT_DIR/ceiling.json"
+timeout 120 python3 -m heterrec_jax.bench ceiling --n "${CEILING_N:-8192}" --repeats 10 \
+    --statistic median --dtypes bfloat16,float32 --precisions default,highest \
+    > "$OUT_DIR/ceiling.log" 2>&1
+grep -E 'TFLOP/s|^error' "$OUT_DIR/ceiling.log"; tail -n 1 "$OUT_DIR/ceiling.log" > "$OUT_DIR/ceiling.json"
 
 paper_bench 16
 

@@ -125,6 +125,9 @@ def test_causal_attention_dispatch(monkeypatch):
   with pytest.raises(ValueError, match='attention implementation'):
     with layers.attention_impl('flash'):
       pass
+  with pytest.raises(ValueError, match='block_items'):
+    with layers.attention_impl('blockwise', block_items=0):
+      pass
 
 
 @pytest.mark.parametrize('test', [test_model.test_token_level_is_block_causal_by_gradients,

@@ -53,7 +53,27 @@ def test_bench_train_sweep(tiny_data, capsys):
           for r in result['runs']]
   assert runs == [(4, 'bfloat16', 'dense', 2), (8, 'bfloat16', 'dense', 2)]
   assert all(r['flops_per_step'] > 1.2 * r['xla_flops_per_step'] for r in result['runs'])
-  assert '| dense | bfloat16 | 2 | 8 |' in out
+  assert '| dense | 32 | bfloat16 | 2 | 8 |' in out
+
+
+def test_bench_train_block_items_reach_the_traced_step(tiny_data, capsys):
+  """--block-items: one run per block size; the blockwise program's loop body (what XLA counts)
+  grows with the block, so the setting reached the traced step; the dense FLOPs do not move."""
+  assert bench.main(['train', '--config', TINY, '--steps', '1', '--warmup', '1', '--attention',
+                     'blockwise', '--block-items', '2,4', f'data.path={tiny_data}']) == 0
+  runs = _last_json(capsys)['runs']
+  assert [r['block_items'] for r in runs] == [2, 4]
+  assert runs[0]['xla_flops_per_step'] < runs[1]['xla_flops_per_step']
+  assert runs[0]['flops_per_step'] == runs[1]['flops_per_step']
+
+
+def test_bench_ceiling_reports_each_dtype_and_precision(capsys):
+  assert bench.main(['ceiling', '--n', '64', '--repeats', '2', '--dtypes', 'float32,bfloat16',
+                     '--precisions', 'default,highest', '--statistic', 'median']) == 0
+  result = _last_json(capsys)
+  assert result['benchmark'] == 'ceiling' and result['statistic'] == 'median'
+  for key in ('float32_default', 'float32_highest', 'bfloat16_default', 'bfloat16_highest'):
+    assert math.isfinite(result[f'{key}_flops_per_s']) and result[f'{key}_flops_per_s'] > 0
 
 
 def test_bench_train_profile(tiny_data, capsys):
@@ -91,6 +111,10 @@ def test_bench_data_reports_windows_per_second(tiny_data, capsys):
     ['train', '--config', TINY, '--steps', '0'],
     ['train', '--config', TINY, 'model.heads=3'],
     ['train', '--config', TINY, '--attention', 'flash'],
+    ['train', '--config', TINY, '--block-items', '0'],
+    ['ceiling', '--dtypes', 'float33'],
+    ['ceiling', '--precisions', 'exact'],
+    ['ceiling', '--repeats', '0'],
     ['data', '--input', '/nonexistent/folder'],
     ['data', '--input', '.', '--batches', '0'],
 ])
