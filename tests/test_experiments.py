@@ -418,6 +418,11 @@ def test_wall_time_falls_back_to_file_times(tmp_path):
   os.utime(run / 'config.json', (1000.0, 1000.0))
   os.utime(run / 'results.json', (1042.5, 1042.5))
   assert gather.wall_seconds(run) == (pytest.approx(42.5), 'file times')
+  # A run trained by `train` and copied in: the trainer's own record beats the file times.
+  results = json.loads((run / 'results.json').read_text())
+  results['training'] = {'wall_seconds': 301.5}
+  (run / 'results.json').write_text(json.dumps(results))
+  assert gather.wall_seconds(run) == (301.5, 'trainer')
   (run / 'wall_time.json').write_text(json.dumps({'seconds': 7.0}))
   assert gather.wall_seconds(run) == (7.0, 'recorded')
 

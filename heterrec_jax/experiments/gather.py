@@ -32,7 +32,7 @@ class Stat:
 
 @dataclasses.dataclass(frozen=True)
 class WallTime(Stat):
-  """A row's wall time per run, and where the seconds came from ('recorded', 'file times')."""
+  """A row's wall time per run, and where the seconds came from ('recorded', 'trainer', 'file times')."""
   source: list[str]
 
 
@@ -128,11 +128,16 @@ def gate_shares(sweep: Sweep) -> dict[str, dict[str, Stat]]:
 
 
 def wall_seconds(run_dir: pathlib.Path) -> tuple[float | None, str]:
-  """A finished run's wall time: wall_time.json (written by the runner or launch/sweep.py),
-  else an estimate from the file times (config.json is written at start, results.json at end)."""
+  """A finished run's wall time: wall_time.json (written by the runner or launch/sweep.py), else
+  the trainer's own `training.wall_seconds` in results.json (a run trained by `train` and copied
+  into the sweep; a resumed run: its last attempt), else an estimate from the file times
+  (config.json is written at start, results.json at end; a copy or a resume moves them)."""
   record = read_json(run_dir / 'wall_time.json')
   if record and 'seconds' in record:
     return float(record['seconds']), 'recorded'
+  training = (read_json(run_dir / 'results.json') or {}).get('training')
+  if isinstance(training, dict) and isinstance(training.get('wall_seconds'), (int, float)):
+    return float(training['wall_seconds']), 'trainer'
   start, end = run_dir / 'config.json', run_dir / 'results.json'
   if start.is_file() and end.is_file():
     return end.stat().st_mtime - start.stat().st_mtime, 'file times'
