@@ -27,6 +27,9 @@ Chosen on validation (seed 0, best nDCG@10 / Recall@50; docs/results.md):
     0.0667 / 0.4380 (the token level is kept at 0.1) and the tied id input
     (model.item_id_input) 0.0737 / 0.4380 (one seed's noise: not taken); dropout 0.3 gave
     0.0689 / 0.4422 against the file's 0.0723 / 0.4433 (seed 0 of its 3-seed run).
+  * N1 x N2 (fourteenth session, 3 seeds, Figure 3 in docs/results.md): 1x1, 1x2, 2x2 and 3x3
+    are level on validation (Recall@50 0.436 / 0.441 / 0.444 / 0.443, nDCG@10 0.0705 / 0.0685
+    / 0.0680 / 0.0678, each within one standard error of 1x2), so 1x2 stays.
   * (fifth session) the free per-item vector starts at N(0, 0.02), not 0.125 (a model change,
     not a field): ml-100k validation nDCG@10 over 3 seeds 0.0693 against 0.0694, Amazon Toys
     +31% at step 1,500. optim.ema=0.995 was measured and is not used (docs/results.md).
