@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import resource
 import sys
@@ -313,8 +312,8 @@ def _sweep_table(results: list[dict[str, Any]]) -> str:
   """One row per run; `x peak` is the peak memory over the previous row's of the same
   attention, block size, dtype and microbatches (a doubling of max_len when the sweep doubles
   it)."""
-  lines = ['| attention | block items | dtype | microbatches | max_len | step s | peak GB | x peak | '
-           'dense-path peak GB | fraction of ceiling | system CPU | page faults/step |',
+  lines = ['| attention | block items | dtype | microbatches | max_len | step s | peak GB | '
+           'x peak | dense-path peak GB | fraction of ceiling | system CPU | page faults/step |',
            '| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   previous: dict[tuple[str, int, str, int], int] = {}
   for r in results:

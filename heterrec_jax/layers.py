@@ -142,8 +142,8 @@ def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD
                      bias_BxHxTxT: jax.Array, allowed: jax.Array) -> jax.Array:
   """`block_attention` for item-causal masks (`allowed[b, t, :, s, :]` False for s > t):
   blockwise over blocks of BLOCK_ITEMS items (or `attention_impl`'s; no L x L logits, memory
-  linear in T, key blocks after the query block skipped) when the sequence has more than DENSE_MAX_ITEMS items, else
-  dense (faster at that length)."""
+  linear in T, key blocks after the query block skipped) when the sequence has more than
+  DENSE_MAX_ITEMS items, else dense (faster at that length)."""
   n_items = q_BxTxKxHxD.shape[1]
   blockwise = (_attention_impl == 'blockwise'
                or (_attention_impl == 'auto' and n_items > DENSE_MAX_ITEMS))

@@ -32,7 +32,8 @@ class Stat:
 
 @dataclasses.dataclass(frozen=True)
 class WallTime(Stat):
-  """A row's wall time per run, and where the seconds came from ('recorded', 'trainer', 'file times')."""
+  """A row's wall time per run, and where the seconds came from ('recorded', 'trainer',
+  'file times')."""
   source: list[str]
 
 
