@@ -1,8 +1,11 @@
 """Full-corpus retrieval evaluation (SPEC section 7) and the `evaluate` command.
 
     python -m heterrec_jax.evaluate --workdir DIR [--split test|valid|both] [--checkpoint best|latest]
+                                    [--by-popularity N]
 
-re-evaluates a saved run and prints its Markdown table beside the popularity floor.
+re-evaluates a saved run and prints its Markdown table beside the popularity floor; with
+--by-popularity N, also the metrics within N groups of users split by how often their target
+appears in training (where a model wins or loses: head or tail items).
 """
 
 from __future__ import annotations
@@ -62,18 +65,25 @@ def item_vectors(graphdef: Any, state: Any, dataset: Dataset, chunk: int) -> jax
   return jnp.concatenate(out)[:n]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _eval_step(graphdef, exclude_history, mesh, state, items_NxD, batch):
-  """Metric sums of one batch; with a "model" axis the items are scored shard by shard."""
+def _batch_ranks(graphdef, exclude_history, mesh, state, items_NxD, batch) -> jax.Array:
+  """The targets' ranks of one batch; with a "model" axis the items are scored shard by shard."""
   model = nnx.merge(graphdef, state)
   user_BxD = model.user_vector(batch['items'], batch['tokens'], batch['timestamps'],
                                batch['mask']).astype(jnp.float32)
   if mesh is not None and mesh.shape['model'] > 1:
-    rank_B = retrieval.sharded_target_ranks(mesh, user_BxD, items_NxD, batch['target'],
-                                            batch['items'], exclude_history)
-  else:
-    rank_B = retrieval.target_ranks(user_BxD, items_NxD, batch['target'],
-                                    batch['items'], exclude_history)
+    return retrieval.sharded_target_ranks(mesh, user_BxD, items_NxD, batch['target'],
+                                          batch['items'], exclude_history)
+  return retrieval.target_ranks(user_BxD, items_NxD, batch['target'], batch['items'],
+                                exclude_history)
+
+
+_rank_step = jax.jit(_batch_ranks, static_argnums=(0, 1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _eval_step(graphdef, exclude_history, mesh, state, items_NxD, batch):
+  """Metric sums of one batch (and the count of users without a finite rank)."""
+  rank_B = _batch_ranks(graphdef, exclude_history, mesh, state, items_NxD, batch)
   sums = metrics.metrics_from_ranks(rank_B, batch['valid'])
   no_rank_B = batch['valid'].astype(bool) & (rank_B == retrieval.NO_RANK)
   sums[NON_FINITE] = jnp.sum(no_rank_B, dtype=jnp.float32)
@@ -106,6 +116,77 @@ def evaluate(run: Run, split: str, state: Any | None = None,
   return metrics.finalize(totals)
 
 
+def target_ranks(run: Run, split: str, state: Any | None = None,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(rank, target) of every user of `split`, int64 `[U]` each, in the order of the split.
+
+  The ranks are `evaluate`'s (ties count against the target); raises NonFiniteScores as it does.
+  """
+  cfg = run.cfg
+  state = averaging.model_state(run.state if state is None else state)
+  graphdef = eval_graphdef(run)
+  items_NxD = item_vectors(graphdef, state, run.dataset, cfg.eval.item_batch_size)
+  ranks, targets = [], []
+  for batch in tqdm(_eval_batches(cfg, run.dataset, split), desc=f'ranks {split}',
+                    disable=not progress, leave=False):
+    rank_B = _rank_step(graphdef, cfg.eval.exclude_history, run.mesh, state, items_NxD,
+                        sharding.global_batch(batch, run.mesh))
+    valid_B = np.asarray(batch['valid']).astype(bool)
+    ranks.append(np.asarray(rank_B)[valid_B])
+    targets.append(np.asarray(batch['target'])[valid_B])
+  rank_U, target_U = np.concatenate(ranks).astype(np.int64), np.concatenate(targets)
+  if np.any(rank_U == retrieval.NO_RANK):
+    raise NonFiniteScores(
+        f'the model scores {int(np.sum(rank_U == retrieval.NO_RANK))} of {rank_U.size} {split} '
+        'users NaN or infinite: its state has diverged and has no rank to report')
+  return rank_U, target_U.astype(np.int64)
+
+
+def training_counts(dataset: Dataset) -> np.ndarray:
+  """Training-event count of every item id, int64 `[n_items + 1]` (validation and test targets
+  are not counted; row 0, the padding item, is 0)."""
+  items_E = np.asarray(dataset.items)
+  train_E = splits.training_events(splits.dataset_split(dataset), items_E.size)
+  return retrieval.popularity_scores(items_E[train_E], dataset.schema.n_items).astype(np.int64)
+
+
+def popularity_groups(count_U: np.ndarray, n_groups: int) -> list[tuple[int, int]]:
+  """Bounds `(lo, hi)` (inclusive) of at most `n_groups` ranges of training counts that split
+  the users by their target's count into groups of about equal size. Users with the same count
+  stay in one group, so fewer groups come back where one count holds many users. The ranges
+  cover [min, max] of `count_U` without gaps."""
+  if n_groups < 1:
+    raise ValueError(f'n_groups={n_groups} must be >= 1')
+  values, users = np.unique(np.asarray(count_U), return_counts=True)
+  groups, lo, i, left = [], None, 0, int(users.sum())
+  while i < values.size:
+    # Take counts in ascending order until this group holds its share of the users left.
+    share = left / (n_groups - len(groups))
+    taken = 0
+    while i < values.size and (taken < share or len(groups) == n_groups - 1):
+      taken += int(users[i])
+      i += 1
+    groups.append((int(values[0]) if lo is None else lo, int(values[i - 1])))
+    lo, left = int(values[i - 1]) + 1, left - taken
+  return groups
+
+
+def metrics_by_popularity(rank_U: np.ndarray, target_U: np.ndarray, counts_N: np.ndarray,
+                          n_groups: int) -> dict[str, dict[str, float]]:
+  """`evaluate`'s metrics within each group of `popularity_groups` over the targets' training
+  counts, keyed 'targets with lo-hi training events'; each adds 'users', its share of users."""
+  count_U = np.asarray(counts_N)[target_U]
+  out = {}
+  for lo, hi in popularity_groups(count_U, n_groups):
+    in_group_U = (count_U >= lo) & (count_U <= hi)
+    sums = metrics.metrics_from_ranks(jnp.asarray(rank_U[in_group_U]),
+                                      jnp.ones(int(in_group_U.sum()), bool))
+    row = metrics.finalize(metrics.add({}, sums))
+    row['users'] = float(in_group_U.mean())
+    out[f'targets with {lo}-{hi} training events'] = row
+  return out
+
+
 def _eval_batches(cfg: Config, dataset: Dataset, split: str):
   per_process = cfg.eval.batch_size // jax.process_count()
   return pipeline.eval_dataset(
@@ -117,16 +198,24 @@ def _eval_batches(cfg: Config, dataset: Dataset, split: str):
 def popularity(cfg: Config, dataset: Dataset, split: str) -> dict[str, float]:
   """The floor: every user gets the items ranked by their training-event counts (validation
   and test targets are not counted)."""
-  items_E = np.asarray(dataset.items)
-  train_E = splits.training_events(splits.dataset_split(dataset), items_E.size)
-  scores = retrieval.popularity_scores(items_E[train_E], dataset.schema.n_items)
-  scores = jnp.asarray(scores, jnp.float32)
-  totals: dict[str, float] = {}
+  rank_U, _ = popularity_target_ranks(cfg, dataset, split)
+  return metrics.finalize(metrics.add({}, metrics.metrics_from_ranks(
+      jnp.asarray(rank_U), jnp.ones(rank_U.size, bool))))
+
+
+def popularity_target_ranks(cfg: Config, dataset: Dataset,
+                            split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(rank, target) of every user of `split` under the popularity floor, as `target_ranks`."""
+  scores = jnp.asarray(training_counts(dataset), jnp.float32)
+  ranks, targets = [], []
   for batch in _eval_batches(cfg, dataset, split):
-    rank = _popularity_ranks(scores, jnp.asarray(batch['target']), jnp.asarray(batch['items']),
-                             cfg.eval.exclude_history)
-    totals = metrics.add(totals, metrics.metrics_from_ranks(rank, jnp.asarray(batch['valid'])))
-  return metrics.finalize(totals)
+    rank_B = _popularity_ranks(scores, jnp.asarray(batch['target']),
+                               jnp.asarray(batch['items']), cfg.eval.exclude_history)
+    valid_B = np.asarray(batch['valid']).astype(bool)
+    ranks.append(np.asarray(rank_B)[valid_B])
+    targets.append(np.asarray(batch['target'])[valid_B])
+  return (np.concatenate(ranks).astype(np.int64),
+          np.concatenate(targets).astype(np.int64))
 
 
 _popularity_ranks = jax.jit(retrieval.popularity_ranks, static_argnums=(3,))
@@ -139,21 +228,45 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--split', default='both', choices=('valid', 'test', 'both'))
   parser.add_argument('--checkpoint', default='best', choices=('best', 'latest'),
                       help='which saved state to evaluate (best falls back to latest)')
+  parser.add_argument('--by-popularity', type=int, default=0, metavar='N',
+                      help='also print the metrics within N groups of users of about equal '
+                           'size, split by how many training events their target has (the '
+                           'popularity floor beside each); 0 (default): off')
   args = parser.parse_args(argv)
+  if args.by_popularity < 0:
+    parser.error(f'--by-popularity must be >= 0 (0: off); got {args.by_popularity}')
   sharding.maybe_initialize_distributed()
   try:
     run = restore_run(pathlib.Path(args.workdir), args.checkpoint)
     splits = ('valid', 'test') if args.split == 'both' else (args.split,)
     results = {s: evaluate(run, s, progress=True) for s in splits}
     floor = {s: popularity(run.cfg, run.dataset, s) for s in splits}
+    groups = {s: _group_table(run, s, args.by_popularity) for s in splits
+              if args.by_popularity}
   except (ConfigError, DatasetError, CheckpointError, NonFiniteScores, WorkdirError,
           OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(metrics.format_table({**{f'{run.cfg.model.name} ({s})': r for s, r in results.items()},
                               **{f'popularity ({s})': r for s, r in floor.items()}}))
+  for s, table in groups.items():
+    print(f'\n{s}, by the target\'s training events (users: the group\'s share of the split)')
+    print(metrics.format_table(table))
   print(json.dumps(results))
   return 0
+
+
+def _group_table(run: Run, split: str, n_groups: int) -> dict[str, dict[str, float]]:
+  """The model's and the popularity floor's metrics within each popularity group of `split`."""
+  counts_N = training_counts(run.dataset)
+  model = metrics_by_popularity(*target_ranks(run, split, progress=True), counts_N, n_groups)
+  floor = metrics_by_popularity(*popularity_target_ranks(run.cfg, run.dataset, split),
+                                counts_N, n_groups)
+  table = {}
+  for group in model:
+    table[f'{run.cfg.model.name}, {group}'] = model[group]
+    table[f'popularity, {group}'] = floor[group]
+  return table
 
 
 if __name__ == '__main__':

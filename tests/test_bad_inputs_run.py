@@ -224,3 +224,13 @@ def test_export_bad_output(capsys, finished, scratch, refuse_computation, output
   path = {'WORKDIR': finished, 'PARENT': finished.parent}.get(output, scratch / output)
   expect_error(capsys, 'export', ['--workdir', str(finished), '--output', str(path)], fragment,
                [finished, scratch])
+
+
+def test_evaluate_negative_group_count_is_refused_before_anything_is_read(capsys, finished):
+  before = tree_hash(finished)
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate_lib.main(['--workdir', str(finished), '--by-popularity', '-1'])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert '--by-popularity must be >= 0' in err and 'Traceback' not in err
+  assert tree_hash(finished) == before

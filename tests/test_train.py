@@ -277,7 +277,7 @@ def test_non_finite_loss_stops_before_checkpoint(tiny, tmp_path, monkeypatch):
   assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
 
 
-def test_train_end_to_end_writes_results_and_exports(tiny, tmp_path):
+def test_train_end_to_end_writes_results_and_exports(tiny, tmp_path, capsys):
   cfg, dataset = tiny
   out = train_lib.train(cfg, tmp_path / 'run', progress=False)
   results = json.loads((tmp_path / 'run' / 'results.json').read_text())
@@ -298,6 +298,17 @@ def test_train_end_to_end_writes_results_and_exports(tiny, tmp_path):
   run = run_lib.restore_run(tmp_path / 'run', 'best')
   again = evaluate_lib.evaluate(run, 'test')
   np.testing.assert_allclose(again['mrr'], results['test']['mrr'], rtol=1e-5)
+  # The per-user ranks behind `--by-popularity` give the same metrics in one group.
+  rank_U, target_U = evaluate_lib.target_ranks(run, 'test')
+  counts_N = evaluate_lib.training_counts(run.dataset)
+  (whole,) = evaluate_lib.metrics_by_popularity(rank_U, target_U, counts_N, 1).values()
+  for name, value in again.items():
+    np.testing.assert_allclose(whole[name], value, rtol=1e-5, err_msg=name)
+  capsys.readouterr()
+  assert evaluate_lib.main(['--workdir', str(tmp_path / 'run'), '--split', 'test',
+                            '--by-popularity', '3']) == 0
+  out = capsys.readouterr().out
+  assert 'test, by the target' in out and out.count('popularity, targets with') >= 1
   manifest = export_lib.export_run(tmp_path / 'run', tmp_path / 'export')
   items = np.load(tmp_path / 'export' / 'item_embeddings.npy')
   assert items.shape == (manifest['n_items'], manifest['d_k'])
