@@ -117,6 +117,10 @@ class ModelConfig:
   # 1/sqrt(d_f) (variance scaling over the row width); > 0 means N(0, table_std), e.g. 0.02 as
   # RecBole's item table and this model's free per-item vector.
   table_std: float = 0.0
+  # HeterRec option (off = the paper): dropout on the block stacks' inputs, i.e. on the HTFL
+  # tokens H0 and on the item-level input (after the fusion, the free vector and the positions),
+  # as SASRec drops its input embeddings; the blocks keep `dropout`.
+  input_dropout: float = 0.0
 
   def __post_init__(self):
     _check_in('model.name', self.name, MODEL_NAMES)
@@ -130,8 +134,9 @@ class ModelConfig:
       if getattr(self, name) % self.heads:
         raise ConfigError(f'model.{name}={getattr(self, name)} must be divisible by '
                           f'model.heads={self.heads}')
-    if not 0.0 <= self.dropout < 1.0:
-      raise ConfigError(f'model.dropout={self.dropout} must be in [0, 1)')
+    for name in ('dropout', 'input_dropout'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ConfigError(f'model.{name}={getattr(self, name)} must be in [0, 1)')
     _check_positive('model.table_std', self.table_std, allow_zero=True)
 
 

@@ -272,10 +272,10 @@ class HeterRec(nnx.Module):
     return layers.l2_normalize(x) if self.cosine else x.astype(jnp.float32)
 
   def _build_options(self, schema: Schema, cfg: ModelConfig, rngs: nnx.Rngs, max_len: int):
-    """The optional free per-item vector (in V, at the item-level input, or both: one table)
-    and item-level positions (ModelConfig). The vector starts at N(0, 0.02), as RecBole's item
-    table: beside the feature path it starts as a small correction (at the 0.125 of the
-    feature tables it slowed learning on a sparse 12k-item catalogue; docs/results.md)."""
+    """The optional free per-item vector (in V, at the item-level input, or both: one table),
+    item-level positions and input dropout (ModelConfig). The vector starts at N(0, 0.02), as
+    RecBole's item table: beside the feature path it starts as a small correction (at the 0.125
+    of the feature tables it slowed learning on a sparse 12k-item catalogue; docs/results.md)."""
     if cfg.item_positions and max_len < 1:
       raise ConfigError('model.item_positions needs the learned positions of data.max_len')
     self.item_vectors = (nnx.Embed(table_rows(schema.n_items + 1), cfg.d_k, rngs=rngs,
@@ -286,6 +286,9 @@ class HeterRec(nnx.Module):
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, 'embed'))
     self.positions = (nnx.Param(init(rngs.params(), (max_len, cfg.d_k), jnp.float32))
                       if cfg.item_positions else None)
+    # Only when on: a model without it keeps the state (and checkpoints) it always had.
+    self.input_drop = (nnx.Dropout(cfg.input_dropout, rngs=rngs) if cfg.input_dropout
+                       else None)
 
   # ---- user tower -------------------------------------------------------------------------
 
@@ -300,6 +303,8 @@ class HeterRec(nnx.Module):
                     items_BxT: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """HCT from the HTFL output H0 (split out so tests can differentiate w.r.t. H0).
     `items_BxT` feeds the free per-item vector to the item-level input (`item_id_input`)."""
+    if self.input_drop is not None:
+      h0_BxTxKxDf = self.input_drop(h0_BxTxKxDf)
     if self.variant == 'no_hct':
       return self._flat_tokens(h0_BxTxKxDf, timestamps_BxT, mask_BxT)
     tok_BxTxKxDf = None
@@ -316,6 +321,8 @@ class HeterRec(nnx.Module):
         raise ValueError(f'sequences of {t} positions are longer than the '
                          f'{self.positions.shape[0]} learned positions (data.max_len)')
       item_BxTxDk = item_BxTxDk + self.positions[...][-t:].astype(item_BxTxDk.dtype)
+    if self.input_drop is not None:
+      item_BxTxDk = self.input_drop(item_BxTxDk)
     return self.encode_item_level(item_BxTxDk, timestamps_BxT, mask_BxT), tok_BxTxKxDf
 
   def encode_item_level(self, x_BxTxDk: jax.Array, timestamps_BxT: jax.Array,

@@ -344,3 +344,40 @@ def test_item_positions_are_right_aligned_and_causal():
   norms = _grad_norms(lambda h: model.encode_tokens(h, ts, mask)[0], model.htfl(items, tokens))
   for t in range(T):
     assert np.all(norms[t, t + 1:] == 0), (t, norms[t])
+
+
+def test_input_dropout_drops_the_stack_inputs_in_training_only():
+  """model.input_dropout: same parameters as the paper's model; in eval mode the same outputs;
+  in train mode about `rate` of H0's entries get no gradient (they were dropped), and the
+  item-level input is dropped too (the no_htfl model, whose token path is H0 alone, changes)."""
+  plain, dropped = _paper_and_option(input_dropout=0.5)
+  assert plain.input_drop is None
+  chex.assert_trees_all_equal(nnx.state(plain, nnx.Param), nnx.state(dropped, nnx.Param))
+  items, tokens, ts, mask = _full_mask_inputs()
+  plain.eval()
+  dropped.eval()
+  np.testing.assert_array_equal(plain.encode_user(items, tokens, ts, mask)[0],
+                                dropped.encode_user(items, tokens, ts, mask)[0])
+  dropped.train()
+  h0 = dropped.htfl(items, tokens)
+  loss = lambda m, h: jnp.sum(m.encode_tokens(h, ts, mask)[0] ** 2)
+  grad = nnx.grad(loss, argnums=1)(dropped, h0)  # nnx.grad: the dropout's RNG state moves
+  zero_share = float(jnp.mean(grad == 0))
+  assert 0.35 < zero_share < 0.65, zero_share
+  plain.train()  # dropout 0 in its blocks: training mode changes nothing
+  grad = nnx.grad(loss, argnums=1)(plain, h0)
+  assert float(jnp.mean(grad == 0)) < 0.01
+  # The item-level input: with the token stage gone, both dropouts still act.
+  cfg = ModelConfig(variant='no_htfl', d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2,
+                    dropout=0.0, time_buckets=8, input_dropout=0.5)
+  model = HeterRec(SCHEMA, cfg, LossConfig(n_step=N_STEP), rngs=nnx.Rngs(0), embeddings=RAW)
+  fused = model.fusion(h0.reshape(*h0.shape[:2], -1))
+  model.train()
+  first = model.encode_item_level(fused, ts, mask)
+  out = model.encode_tokens(h0, ts, mask)[0]
+  assert float(jnp.abs(out - first).max()) > 1e-4
+
+
+def test_input_dropout_must_be_a_rate():
+  with pytest.raises(ConfigError, match=r'model.input_dropout=1.0 must be in \[0, 1\)'):
+    ModelConfig(input_dropout=1.0)
