@@ -500,10 +500,12 @@ def load_saved_config(workdir: pathlib.Path) -> Config:
 
 def check_resumable(cfg: Config, workdir: pathlib.Path) -> None:
   """Refuses to resume a run in `workdir` whose saved config differs in what shapes the state
-  or the data stream (the model, the loss, the optimiser, the data, the batch, the seed)."""
+  or the data stream (the model, the loss, the optimiser, the data, the batch, the seed).
+  A field the saved config lacks (a run of a version before the field existed) counts as its
+  default, which is what that version did."""
   if not (workdir / 'config.json').is_file():
     return
-  saved = _flatten(json.loads((workdir / 'config.json').read_text()))
+  saved = _flatten(json.loads(json.dumps(dataclasses.asdict(load_saved_config(workdir)))))
   new = _flatten(json.loads(json.dumps(dataclasses.asdict(cfg))))
   changed = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k)
                    and not k.startswith(RESUMABLE_CHANGES))

@@ -1,6 +1,7 @@
 """Config checks, dotted overrides and config files."""
 
 import dataclasses
+import json
 import pathlib
 import re
 
@@ -140,3 +141,16 @@ def test_resuming_with_another_config_is_refused(tmp_path):
                                                   'train.microbatches=4']), tmp_path)
   with pytest.raises(ConfigError, match=r'model.d_f: 64 -> 32'):
     config_lib.check_resumable(apply_overrides(cfg, ['model.d_f=32']), tmp_path)
+
+
+def test_a_field_newer_than_the_saved_run_counts_as_its_default(tmp_path):
+  """A run saved before a field existed resumes under a config that leaves the field at its
+  default (what the older version did), and is refused one that sets it."""
+  cfg = Config()
+  config_lib.save_config(cfg, tmp_path)
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  del saved['model']['input_dropout']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  config_lib.check_resumable(cfg, tmp_path)
+  with pytest.raises(ConfigError, match=r'model.input_dropout: 0.0 -> 0.2'):
+    config_lib.check_resumable(apply_overrides(cfg, ['model.input_dropout=0.2']), tmp_path)
