@@ -112,6 +112,10 @@ class ModelConfig:
   # the item-level input beside the time-gap bias.
   item_id_vector: bool = False
   item_id_input: bool = False
+  # HeterRec option (off = the paper): the item-id token's own HTFL row (the table the user
+  # tower reads) added straight to V, as SASRec's V is its input table's row. Needs d_f == d_k
+  # and an 'item_id' feature.
+  item_id_row_in_v: bool = False
   item_positions: bool = False
   # Initial std of the HTFL feature tables (categorical, multi-valued, multimodal): 0 means
   # 1/sqrt(d_f) (variance scaling over the row width); > 0 means N(0, table_std), e.g. 0.02 as

@@ -283,6 +283,13 @@ class HeterRec(nnx.Module):
                                    embedding_init=table_init(0.02))
                          if cfg.item_id_vector or cfg.item_id_input else None)
     self.vector_in_v, self.vector_at_input = cfg.item_id_vector, cfg.item_id_input
+    self.id_row_kind = None
+    if cfg.item_id_row_in_v:
+      names = [f.name for f in schema.features]
+      if 'item_id' not in names or cfg.d_f != cfg.d_k:
+        raise ConfigError('model.item_id_row_in_v needs an item_id feature and model.d_f == '
+                          f'model.d_k (got features {names}, d_f={cfg.d_f}, d_k={cfg.d_k})')
+      self.id_row_kind = names.index('item_id')
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, 'embed'))
     self.positions = (nnx.Param(init(rngs.params(), (max_len, cfg.d_k), jnp.float32))
                       if cfg.item_positions else None)
@@ -344,9 +351,12 @@ class HeterRec(nnx.Module):
 
     Any leading shape: `items [...]`, `tokens [..., S]`.
     """
-    item_NxDk, slots_NxKxDf = self.item_tower(self.htfl(items_N, tokens_NxS))
+    tok_NxKxDf = self.htfl(items_N, tokens_NxS)
+    item_NxDk, slots_NxKxDf = self.item_tower(tok_NxKxDf)
     if self.vector_in_v:
       item_NxDk = item_NxDk + self.item_vectors(items_N)
+    if self.id_row_kind is not None:
+      item_NxDk = item_NxDk + tok_NxKxDf[..., self.id_row_kind, :]
     return self.normalize(item_NxDk), self.normalize(slots_NxKxDf)
 
   def step_queries(self, user_BxTxDk: jax.Array) -> jax.Array:

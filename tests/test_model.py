@@ -381,3 +381,21 @@ def test_input_dropout_drops_the_stack_inputs_in_training_only():
 def test_input_dropout_must_be_a_rate():
   with pytest.raises(ConfigError, match=r'model.input_dropout=1.0 must be in \[0, 1\)'):
     ModelConfig(input_dropout=1.0)
+
+
+def test_item_id_row_in_v_adds_the_id_tokens_own_row():
+  """model.item_id_row_in_v: with dot scoring V(option) - V(paper) is the item-id token's HTFL
+  output (the table the user tower reads); a width mismatch is a config error."""
+  cfg = ModelConfig(d_f=12, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2, dropout=0.0, time_buckets=8)
+  loss = LossConfig(n_step=N_STEP, scoring='dot')
+  plain = HeterRec(SCHEMA, cfg, loss, rngs=nnx.Rngs(0), embeddings=RAW)
+  row = HeterRec(SCHEMA, dataclasses.replace(cfg, item_id_row_in_v=True), loss, rngs=nnx.Rngs(0),
+                 embeddings=RAW)
+  items = jnp.array([1, 4, 7])
+  tokens = jnp.asarray(_batch()['tokens'][0, :3])
+  expected = row.htfl(items, tokens)[:, 0]  # item_id is the schema's first feature
+  difference = row.encode_items(items, tokens)[0] - plain.encode_items(items, tokens)[0]
+  np.testing.assert_allclose(difference, expected, atol=1e-6)
+  with pytest.raises(ConfigError, match='model.d_f == model.d_k'):
+    HeterRec(SCHEMA, dataclasses.replace(cfg, d_k=8, item_id_row_in_v=True), loss,
+             rngs=nnx.Rngs(0), embeddings=RAW)
