@@ -142,6 +142,9 @@ class ModelConfig:
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ConfigError(f'model.{name}={getattr(self, name)} must be in [0, 1)')
     _check_positive('model.table_std', self.table_std, allow_zero=True)
+    if self.item_id_row_in_v and self.d_f != self.d_k:
+      raise ConfigError(f'model.item_id_row_in_v needs model.d_f == model.d_k (got d_f='
+                        f'{self.d_f}, d_k={self.d_k})')
 
 
 NEGATIVES = ('all', 'uniform', 'in_batch', 'mixed', 'same_position', 'batch_pool')

@@ -286,9 +286,8 @@ class HeterRec(nnx.Module):
     self.id_row_kind = None
     if cfg.item_id_row_in_v:
       names = [f.name for f in schema.features]
-      if 'item_id' not in names or cfg.d_f != cfg.d_k:
-        raise ConfigError('model.item_id_row_in_v needs an item_id feature and model.d_f == '
-                          f'model.d_k (got features {names}, d_f={cfg.d_f}, d_k={cfg.d_k})')
+      if 'item_id' not in names:
+        raise ConfigError(f'model.item_id_row_in_v needs an item_id feature; the data has {names}')
       self.id_row_kind = names.index('item_id')
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, 'embed'))
     self.positions = (nnx.Param(init(rngs.params(), (max_len, cfg.d_k), jnp.float32))

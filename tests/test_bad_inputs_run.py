@@ -96,6 +96,7 @@ TRAIN_OVERRIDES = [
     ('data.seed=-1', 'data.seed=-1'),
     ('train.seed=-2', 'train.seed=-2'),
     ('model.dropout=nan', 'model.dropout=nan'),
+    ('model.input_dropout=1', 'model.input_dropout=1.0 must be in [0, 1)'),
     ('model.nope=1', "unknown config field 'model.nope'"),
     ('train.steps', 'field.name=value'),
     ('train.early_stop_metric=auc', 'train.early_stop_metric'),
@@ -111,6 +112,13 @@ def test_train_bad_override(capsys, tmp_path, override, fragment):
   workdir = tmp_path / 'run'
   expect_error(capsys, 'train', ['--config', TINY, '--workdir', str(workdir), override],
                fragment, [tmp_path])
+
+
+def test_train_id_row_in_v_with_unequal_widths(capsys, tmp_path):
+  expect_error(capsys, 'train', ['--config', TINY, '--workdir', str(tmp_path / 'run'),
+                                 'model.item_id_row_in_v=true', 'model.d_k=32'],
+               'model.item_id_row_in_v needs model.d_f == model.d_k (got d_f=16, d_k=32)',
+               [tmp_path])
 
 
 @pytest.mark.parametrize('config, fragment', [

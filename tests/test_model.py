@@ -397,5 +397,8 @@ def test_item_id_row_in_v_adds_the_id_tokens_own_row():
   difference = row.encode_items(items, tokens)[0] - plain.encode_items(items, tokens)[0]
   np.testing.assert_allclose(difference, expected, atol=1e-6)
   with pytest.raises(ConfigError, match='model.d_f == model.d_k'):
-    HeterRec(SCHEMA, dataclasses.replace(cfg, d_k=8, item_id_row_in_v=True), loss,
-             rngs=nnx.Rngs(0), embeddings=RAW)
+    dataclasses.replace(cfg, d_k=8, item_id_row_in_v=True)
+  no_id = Schema(FEATURES[1:], n_users=5, n_items=N_ITEMS, n_events=40)
+  with pytest.raises(ConfigError, match='needs an item_id feature'):
+    HeterRec(no_id, dataclasses.replace(cfg, item_id_row_in_v=True), loss, rngs=nnx.Rngs(0),
+             embeddings=RAW)
