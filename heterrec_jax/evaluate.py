@@ -98,9 +98,7 @@ def evaluate(run: Run, split: str, state: Any | None = None,
   user's scores are NaN or +inf: a diverged model has no rank, it never reports perfect metrics.
   """
   cfg = run.cfg
-  state = averaging.model_state(run.state if state is None else state)
-  graphdef = eval_graphdef(run)
-  items_NxD = item_vectors(graphdef, state, run.dataset, cfg.eval.item_batch_size)
+  graphdef, state, items_NxD = _scoring(run, state)
   batches = _eval_batches(cfg, run.dataset, split)
   totals: dict[str, float] = {}
   for batch in tqdm(batches, desc=f'eval {split}', disable=not progress, leave=False):
@@ -109,11 +107,23 @@ def evaluate(run: Run, split: str, state: Any | None = None,
     totals = metrics.add(totals, sums)
   non_finite = totals.pop(NON_FINITE)
   if non_finite:
-    raise NonFiniteScores(
-        f'the model scores {non_finite:g} of {totals[metrics.COUNT]:g} {split} users NaN or '
-        'infinite: its state has diverged and has no rank to report; train again with a '
-        'lower optim.lr (or evaluate an earlier checkpoint)')
+    raise _non_finite(non_finite, totals[metrics.COUNT], split)
   return metrics.finalize(totals)
+
+
+def _scoring(run: Run, state: Any | None) -> tuple[Any, Any, jax.Array]:
+  """(eval graph, the model state to score with, every item's vector) of `run`."""
+  state = averaging.model_state(run.state if state is None else state)
+  graphdef = eval_graphdef(run)
+  return graphdef, state, item_vectors(graphdef, state, run.dataset,
+                                       run.cfg.eval.item_batch_size)
+
+
+def _non_finite(count: float, total: float, split: str) -> NonFiniteScores:
+  return NonFiniteScores(
+      f'the model scores {count:g} of {total:g} {split} users NaN or infinite: its state has '
+      'diverged and has no rank to report; train again with a lower optim.lr (or evaluate an '
+      'earlier checkpoint)')
 
 
 def target_ranks(run: Run, split: str, state: Any | None = None,
@@ -121,25 +131,37 @@ def target_ranks(run: Run, split: str, state: Any | None = None,
   """(rank, target) of every user of `split`, int64 `[U]` each, in the order of the split.
 
   The ranks are `evaluate`'s (ties count against the target); raises NonFiniteScores as it does.
+  One process only: the ranks come back to this host.
   """
   cfg = run.cfg
-  state = averaging.model_state(run.state if state is None else state)
-  graphdef = eval_graphdef(run)
-  items_NxD = item_vectors(graphdef, state, run.dataset, cfg.eval.item_batch_size)
-  ranks, targets = [], []
+  graphdef, state, items_NxD = _scoring(run, state)
+  rows = []
   for batch in tqdm(_eval_batches(cfg, run.dataset, split), desc=f'ranks {split}',
                     disable=not progress, leave=False):
     rank_B = _rank_step(graphdef, cfg.eval.exclude_history, run.mesh, state, items_NxD,
                         sharding.global_batch(batch, run.mesh))
-    valid_B = np.asarray(batch['valid']).astype(bool)
-    ranks.append(np.asarray(rank_B)[valid_B])
-    targets.append(np.asarray(batch['target'])[valid_B])
-  rank_U, target_U = np.concatenate(ranks).astype(np.int64), np.concatenate(targets)
+    rows.append(_valid_rows(rank_B, batch))
+  rank_U, target_U = _concatenate(rows)
   if np.any(rank_U == retrieval.NO_RANK):
-    raise NonFiniteScores(
-        f'the model scores {int(np.sum(rank_U == retrieval.NO_RANK))} of {rank_U.size} {split} '
-        'users NaN or infinite: its state has diverged and has no rank to report')
-  return rank_U, target_U.astype(np.int64)
+    raise _non_finite(int(np.sum(rank_U == retrieval.NO_RANK)), rank_U.size, split)
+  return rank_U, target_U
+
+
+def _valid_rows(rank_B, batch) -> tuple[np.ndarray, np.ndarray]:
+  """(rank, target) of the batch's real users (its padding rows dropped)."""
+  valid_B = np.asarray(batch['valid']).astype(bool)
+  return np.asarray(rank_B)[valid_B], np.asarray(batch['target'])[valid_B]
+
+
+def _concatenate(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+  ranks, targets = zip(*rows)
+  return np.concatenate(ranks).astype(np.int64), np.concatenate(targets).astype(np.int64)
+
+
+def mean_metrics(rank_U: np.ndarray) -> dict[str, float]:
+  """`evaluate`'s metrics of a set of users' ranks (every rank a real user's)."""
+  return metrics.finalize(metrics.add({}, metrics.metrics_from_ranks(
+      jnp.asarray(rank_U), jnp.ones(len(rank_U), bool))))
 
 
 def training_counts(dataset: Dataset) -> np.ndarray:
@@ -179,9 +201,7 @@ def metrics_by_popularity(rank_U: np.ndarray, target_U: np.ndarray, counts_N: np
   out = {}
   for lo, hi in popularity_groups(count_U, n_groups):
     in_group_U = (count_U >= lo) & (count_U <= hi)
-    sums = metrics.metrics_from_ranks(jnp.asarray(rank_U[in_group_U]),
-                                      jnp.ones(int(in_group_U.sum()), bool))
-    row = metrics.finalize(metrics.add({}, sums))
+    row = mean_metrics(rank_U[in_group_U])
     row['users'] = float(in_group_U.mean())
     out[f'targets with {lo}-{hi} training events'] = row
   return out
@@ -198,24 +218,18 @@ def _eval_batches(cfg: Config, dataset: Dataset, split: str):
 def popularity(cfg: Config, dataset: Dataset, split: str) -> dict[str, float]:
   """The floor: every user gets the items ranked by their training-event counts (validation
   and test targets are not counted)."""
-  rank_U, _ = popularity_target_ranks(cfg, dataset, split)
-  return metrics.finalize(metrics.add({}, metrics.metrics_from_ranks(
-      jnp.asarray(rank_U), jnp.ones(rank_U.size, bool))))
+  return mean_metrics(popularity_target_ranks(cfg, dataset, split)[0])
 
 
 def popularity_target_ranks(cfg: Config, dataset: Dataset,
                             split: str) -> tuple[np.ndarray, np.ndarray]:
   """(rank, target) of every user of `split` under the popularity floor, as `target_ranks`."""
   scores = jnp.asarray(training_counts(dataset), jnp.float32)
-  ranks, targets = [], []
-  for batch in _eval_batches(cfg, dataset, split):
-    rank_B = _popularity_ranks(scores, jnp.asarray(batch['target']),
-                               jnp.asarray(batch['items']), cfg.eval.exclude_history)
-    valid_B = np.asarray(batch['valid']).astype(bool)
-    ranks.append(np.asarray(rank_B)[valid_B])
-    targets.append(np.asarray(batch['target'])[valid_B])
-  return (np.concatenate(ranks).astype(np.int64),
-          np.concatenate(targets).astype(np.int64))
+  return _concatenate([
+      _valid_rows(_popularity_ranks(scores, jnp.asarray(batch['target']),
+                                    jnp.asarray(batch['items']), cfg.eval.exclude_history),
+                  batch)
+      for batch in _eval_batches(cfg, dataset, split)])
 
 
 _popularity_ranks = jax.jit(retrieval.popularity_ranks, static_argnums=(3,))
@@ -236,13 +250,20 @@ def main(argv: list[str] | None = None) -> int:
   if args.by_popularity < 0:
     parser.error(f'--by-popularity must be >= 0 (0: off); got {args.by_popularity}')
   sharding.maybe_initialize_distributed()
+  if args.by_popularity and jax.process_count() > 1:
+    print(f'error: --by-popularity gathers every user\'s rank on one host; run it in one '
+          f'process (this job has {jax.process_count()})', file=sys.stderr)
+    return 2
   try:
     run = restore_run(pathlib.Path(args.workdir), args.checkpoint)
     splits = ('valid', 'test') if args.split == 'both' else (args.split,)
-    results = {s: evaluate(run, s, progress=True) for s in splits}
-    floor = {s: popularity(run.cfg, run.dataset, s) for s in splits}
-    groups = {s: _group_table(run, s, args.by_popularity) for s in splits
-              if args.by_popularity}
+    results, floor, groups = {}, {}, {}
+    for s in splits:
+      if args.by_popularity:  # one pass per split: the whole split's metrics from the same ranks
+        results[s], floor[s], groups[s] = _by_popularity(run, s, args.by_popularity)
+      else:
+        results[s] = evaluate(run, s, progress=True)
+        floor[s] = popularity(run.cfg, run.dataset, s)
   except (ConfigError, DatasetError, CheckpointError, NonFiniteScores, WorkdirError,
           OSError) as e:
     print(f'error: {e}', file=sys.stderr)
@@ -256,17 +277,19 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def _group_table(run: Run, split: str, n_groups: int) -> dict[str, dict[str, float]]:
-  """The model's and the popularity floor's metrics within each popularity group of `split`."""
+def _by_popularity(run: Run, split: str, n_groups: int):
+  """(the model's metrics, the popularity floor's, the table of both within each popularity
+  group of `split`), all from one set of per-user ranks of each."""
   counts_N = training_counts(run.dataset)
-  model = metrics_by_popularity(*target_ranks(run, split, progress=True), counts_N, n_groups)
-  floor = metrics_by_popularity(*popularity_target_ranks(run.cfg, run.dataset, split),
-                                counts_N, n_groups)
+  model_ranks = target_ranks(run, split, progress=True)
+  floor_ranks = popularity_target_ranks(run.cfg, run.dataset, split)
+  model = metrics_by_popularity(*model_ranks, counts_N, n_groups)
+  floor = metrics_by_popularity(*floor_ranks, counts_N, n_groups)
   table = {}
   for group in model:
     table[f'{run.cfg.model.name}, {group}'] = model[group]
     table[f'popularity, {group}'] = floor[group]
-  return table
+  return mean_metrics(model_ranks[0]), mean_metrics(floor_ranks[0]), table
 
 
 if __name__ == '__main__':

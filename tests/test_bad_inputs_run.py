@@ -242,3 +242,10 @@ def test_evaluate_negative_group_count_is_refused_before_anything_is_read(capsys
   err = capsys.readouterr().err
   assert '--by-popularity must be >= 0' in err and 'Traceback' not in err
   assert tree_hash(finished) == before
+
+
+def test_evaluate_by_popularity_refuses_several_processes(capsys, finished, monkeypatch):
+  """The per-user ranks come back to one host: a multi-process job is told so, reading nothing."""
+  monkeypatch.setattr(evaluate_lib.jax, 'process_count', lambda: 2)
+  expect_error(capsys, 'evaluate', ['--workdir', str(finished), '--by-popularity', '3'],
+               'run it in one process (this job has 2)', [finished])
