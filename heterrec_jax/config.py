@@ -121,10 +121,18 @@ class ModelConfig:
   # 1/sqrt(d_f) (variance scaling over the row width); > 0 means N(0, table_std), e.g. 0.02 as
   # RecBole's item table and this model's free per-item vector.
   table_std: float = 0.0
+  # Initial std of every Linear kernel of HeterRec (blocks, fusion, item tower, LMP heads): 0
+  # means lecun normal (the paper is silent); > 0 means N(0, linear_std), e.g. 0.02 as RecBole's
+  # SASRec and BERT initialise theirs.
+  linear_std: float = 0.0
   # HeterRec option (off = the paper): dropout on the block stacks' inputs, i.e. on the HTFL
   # tokens H0 and on the item-level input (after the fusion, the free vector and the positions),
   # as SASRec drops its input embeddings; the blocks keep `dropout`.
   input_dropout: float = 0.0
+  # HeterRec option (off = the paper): dropout on the attention probabilities of every block, as
+  # RecBole's SASRec. The causal stacks then run the dense attention (the blockwise one has no
+  # dropout), whose memory is quadratic in T.
+  attention_dropout: float = 0.0
 
   def __post_init__(self):
     _check_in('model.name', self.name, MODEL_NAMES)
@@ -138,10 +146,11 @@ class ModelConfig:
       if getattr(self, name) % self.heads:
         raise ConfigError(f'model.{name}={getattr(self, name)} must be divisible by '
                           f'model.heads={self.heads}')
-    for name in ('dropout', 'input_dropout'):
+    for name in ('dropout', 'input_dropout', 'attention_dropout'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ConfigError(f'model.{name}={getattr(self, name)} must be in [0, 1)')
     _check_positive('model.table_std', self.table_std, allow_zero=True)
+    _check_positive('model.linear_std', self.linear_std, allow_zero=True)
     if self.item_id_row_in_v and self.d_f != self.d_k:
       raise ConfigError(f'model.item_id_row_in_v needs model.d_f == model.d_k (got d_f='
                         f'{self.d_f}, d_k={self.d_k})')

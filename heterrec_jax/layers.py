@@ -48,6 +48,12 @@ _block_items: int | None = None  # None: BLOCK_ITEMS, read when a function is tr
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
+def kernel_init(std: float = 0.0):
+  """A Linear kernel's init: lecun normal when `std` is 0, else N(0, std) (RecBole's and BERT's
+  0.02; `model.linear_std`)."""
+  return nnx.initializers.normal(std) if std else default_kernel_init
+
+
 def time_gap_buckets(ts_BxT: jax.Array, n_buckets: int) -> jax.Array:
   """`clip(floor(ln(max(|ts_a - ts_b|, 1)) / 0.301), 0, n_buckets - 1)`, int32 `[B, T, T]`.
 
@@ -98,12 +104,14 @@ def token_causal_mask(mask_BxT: jax.Array, n_kinds: int) -> jax.Array:
 
 
 def block_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD: jax.Array,
-                    bias_BxHxTxT: jax.Array, allowed: jax.Array) -> jax.Array:
+                    bias_BxHxTxT: jax.Array, allowed: jax.Array,
+                    probs_dropout: nnx.Dropout | None = None) -> jax.Array:
   """Softmax((Q K^T + P_tg) / sqrt(d_head) + M) V over the flattened (item, kind) key axes.
 
   `bias_BxHxTxT` is added to every K x K token block of its item pair by broadcasting;
-  `allowed` (bool, broadcastable to `[B, T, K, T, K]`) is the mask M. Logits and softmax are
-  float32 whatever the input dtype. Returns `[B, T, K, H, D]` in the dtype of `v`.
+  `allowed` (bool, broadcastable to `[B, T, K, T, K]`) is the mask M; `probs_dropout`, if given,
+  drops attention probabilities (as RecBole's SASRec). Logits and softmax are float32 whatever
+  the input dtype. Returns `[B, T, K, H, D]` in the dtype of `v`.
   """
   b, t, k, h, d = q_BxTxKxHxD.shape
   logits_BxHxTxKxTxK = jnp.einsum('btkhd,bsjhd->bhtksj', q_BxTxKxHxD, k_BxTxKxHxD,
@@ -112,6 +120,8 @@ def block_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD:
   logits_BxHxTxKxTxK = (logits_BxHxTxKxTxK + bias_BxHxTx1xTx1) / math.sqrt(d)
   logits_BxHxTxKxTxK = jnp.where(allowed[:, None], logits_BxHxTxKxTxK, NEG_INF)
   probs_BxHxTxKxL = jax.nn.softmax(logits_BxHxTxKxTxK.reshape(b, h, t, k, t * k), axis=-1)
+  if probs_dropout is not None:
+    probs_BxHxTxKxL = probs_dropout(probs_BxHxTxKxL)
   probs_BxHxTxKxTxK = probs_BxHxTxKxL.reshape(b, h, t, k, t, k).astype(v_BxTxKxHxD.dtype)
   return jnp.einsum('bhtksj,bsjhd->btkhd', probs_BxHxTxKxTxK, v_BxTxKxHxD)
 
@@ -154,11 +164,12 @@ def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD
 
 
 def dense(d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs: nnx.Rngs,
-          use_bias: bool = True) -> nnx.Linear:
-  """A Linear layer whose kernel names the logical axes `axes` (its bias: the output axis)."""
+          use_bias: bool = True, std: float = 0.0) -> nnx.Linear:
+  """A Linear layer whose kernel names the logical axes `axes` (its bias: the output axis); the
+  kernel starts at `kernel_init(std)`."""
   return nnx.Linear(
       d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nnx.with_partitioning(default_kernel_init, axes),
+      kernel_init=nnx.with_partitioning(kernel_init(std), axes),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
 
 
@@ -172,9 +183,10 @@ def layer_norm(d: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class Mlp(nnx.Module):
   """Linear -> ReLU -> Linear, `d_in -> d_hidden -> d_out`."""
 
-  def __init__(self, d_in: int, d_hidden: int, d_out: int, *, dtype, rngs: nnx.Rngs):
-    self.fc1 = dense(d_in, d_hidden, ('embed', 'mlp'), dtype, rngs)
-    self.fc2 = dense(d_hidden, d_out, ('mlp', 'embed'), dtype, rngs)
+  def __init__(self, d_in: int, d_hidden: int, d_out: int, *, dtype, rngs: nnx.Rngs,
+               std: float = 0.0):
+    self.fc1 = dense(d_in, d_hidden, ('embed', 'mlp'), dtype, rngs, std=std)
+    self.fc2 = dense(d_hidden, d_out, ('mlp', 'embed'), dtype, rngs, std=std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(jax.nn.relu(self.fc1(x)))
@@ -184,24 +196,32 @@ class MultiHeadAttention(nnx.Module):
   """Multi-head self-attention over `[B, T, K, D]` with an item-grid bias (eq. 1, 4, 5).
 
   `causal=True` promises item-causal masks and lets it run `causal_attention` (blockwise for
-  long sequences); otherwise it runs the dense `block_attention` (any mask).
+  long sequences); otherwise it runs the dense `block_attention` (any mask). With
+  `attention_dropout` > 0 it always runs the dense one, which drops attention probabilities
+  (the blockwise one has no dropout): memory quadratic in T.
   """
 
-  def __init__(self, d: int, heads: int, *, dtype, rngs: nnx.Rngs, causal: bool = False):
+  def __init__(self, d: int, heads: int, *, dtype, rngs: nnx.Rngs, causal: bool = False,
+               std: float = 0.0, attention_dropout: float = 0.0):
     self.heads = heads
     self.causal = causal
-    self.query = dense(d, d, ('embed', 'mlp'), dtype, rngs)
-    self.key = dense(d, d, ('embed', 'mlp'), dtype, rngs)
-    self.value = dense(d, d, ('embed', 'mlp'), dtype, rngs)
-    self.out = dense(d, d, ('mlp', 'embed'), dtype, rngs)
+    # Only when on: a model without it keeps the state (and checkpoints) it always had.
+    self.probs_drop = nnx.Dropout(attention_dropout, rngs=rngs) if attention_dropout else None
+    self.query = dense(d, d, ('embed', 'mlp'), dtype, rngs, std=std)
+    self.key = dense(d, d, ('embed', 'mlp'), dtype, rngs, std=std)
+    self.value = dense(d, d, ('embed', 'mlp'), dtype, rngs, std=std)
+    self.out = dense(d, d, ('mlp', 'embed'), dtype, rngs, std=std)
 
   def __call__(self, x_BxTxKxD: jax.Array, bias_BxHxTxT: jax.Array,
                allowed: jax.Array) -> jax.Array:
     *lead, d = x_BxTxKxD.shape
     split = lambda y: y.reshape(*lead, self.heads, d // self.heads)
     q, k, v = (split(f(x_BxTxKxD)) for f in (self.query, self.key, self.value))
-    attend = causal_attention if self.causal else block_attention
-    out_BxTxKxHxDh = attend(q, k, v, bias_BxHxTxT, allowed)
+    if self.probs_drop is not None:
+      out_BxTxKxHxDh = block_attention(q, k, v, bias_BxHxTxT, allowed, self.probs_drop)
+    else:
+      attend = causal_attention if self.causal else block_attention
+      out_BxTxKxHxDh = attend(q, k, v, bias_BxHxTxT, allowed)
     return self.out(out_BxTxKxHxDh.reshape(*lead, d))
 
 
@@ -209,9 +229,11 @@ class TransformerBlock(nnx.Module):
   """Post-LN block (eq. 6-7): `x = LN(x + Drop(MHA(x))); x = LN(x + Drop(FFN(x)))`."""
 
   def __init__(self, d: int, heads: int, ffn_mult: int, dropout: float, *, dtype,
-               rngs: nnx.Rngs, causal: bool = False):
-    self.attention = MultiHeadAttention(d, heads, dtype=dtype, rngs=rngs, causal=causal)
-    self.ffn = Mlp(d, ffn_mult * d, d, dtype=dtype, rngs=rngs)
+               rngs: nnx.Rngs, causal: bool = False, std: float = 0.0,
+               attention_dropout: float = 0.0):
+    self.attention = MultiHeadAttention(d, heads, dtype=dtype, rngs=rngs, causal=causal, std=std,
+                                        attention_dropout=attention_dropout)
+    self.ffn = Mlp(d, ffn_mult * d, d, dtype=dtype, rngs=rngs, std=std)
     self.norm1 = layer_norm(d, dtype, rngs)
     self.norm2 = layer_norm(d, dtype, rngs)
     self.drop1 = nnx.Dropout(dropout, rngs=rngs)
@@ -231,11 +253,13 @@ class CausalStack(nnx.Module):
   """
 
   def __init__(self, d: int, n_blocks: int, *, heads: int, ffn_mult: int, dropout: float,
-               time_buckets: int, dtype, rngs: nnx.Rngs):
+               time_buckets: int, dtype, rngs: nnx.Rngs, std: float = 0.0,
+               attention_dropout: float = 0.0):
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), ('buckets', 'heads'))
     self.time_gap = nnx.Param(init(rngs.params(), (time_buckets, heads), jnp.float32))
     self.blocks = nnx.List([TransformerBlock(d, heads, ffn_mult, dropout, dtype=dtype, rngs=rngs,
-                                             causal=True)
+                                             causal=True, std=std,
+                                             attention_dropout=attention_dropout)
                             for _ in range(n_blocks)])
 
   def __call__(self, x_BxTxKxD: jax.Array, ts_BxT: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -255,9 +279,11 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
-def stacked_init(lead: Sequence[int]):
-  """lecun_normal over the last two axes of a stack of `lead` kernels."""
+def stacked_init(lead: Sequence[int], std: float = 0.0):
+  """lecun_normal over the last two axes of a stack of `lead` kernels (N(0, std) if `std`)."""
   if 0 in lead:  # an empty stack (e.g. no token-loss kinds): nothing to draw
     return nnx.initializers.zeros_init()
+  if std:
+    return nnx.initializers.normal(std)
   batch_axis = tuple(range(len(lead)))
   return nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=batch_axis)

@@ -111,10 +111,10 @@ class MultimodalToken(nnx.Module):
 class RawModalToken(nnx.Module):
   """'w/o MFK': the raw (PCA'd) embedding of the ITEM through Linear(d' -> d_f)."""
 
-  def __init__(self, matrix: np.ndarray, d_f: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, matrix: np.ndarray, d_f: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
     self.raw_embedding = FrozenEmbedding(jnp.asarray(np.asarray(matrix, np.float32)),
                                          out_sharding=('vocab', None))
-    self.proj = layers.dense(matrix.shape[1], d_f, ('embed', 'mlp'), dtype, rngs)
+    self.proj = layers.dense(matrix.shape[1], d_f, ('embed', 'mlp'), dtype, rngs, std=std)
 
   def __call__(self, items: jax.Array, ids_xZ: jax.Array) -> jax.Array:
     del ids_xZ
@@ -143,7 +143,7 @@ def _feature_token(feature: Feature, schema: Schema, cfg: ModelConfig, embedding
     return MultiToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=std)
   if feature.kind == 'multimodal' and cfg.variant == 'no_mfk':
     matrix = _raw_matrix(feature, embeddings, schema.n_items)
-    return RawModalToken(matrix, cfg.d_f, dtype=dtype, rngs=rngs)
+    return RawModalToken(matrix, cfg.d_f, dtype=dtype, rngs=rngs, std=cfg.linear_std)
   if feature.kind == 'multimodal':
     return MultimodalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=std)
   return CategoricalToken(feature, cfg.d_f, dtype=dtype, rngs=rngs, std=std)
@@ -173,16 +173,16 @@ class ItemTower(nnx.Module):
   """K token embeddings -> per-slot MLP (d_f -> d_f, one per kind) -> concat -> MLP -> d_k."""
 
   def __init__(self, n_kinds: int, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-    d = cfg.d_f
-    self.w1 = nnx.Param(nnx.with_partitioning(layers.stacked_init((n_kinds,)),
+    d, std = cfg.d_f, cfg.linear_std
+    self.w1 = nnx.Param(nnx.with_partitioning(layers.stacked_init((n_kinds,), std),
                                               (None, 'embed', 'mlp'))(
         rngs.params(), (n_kinds, d, d), jnp.float32))
-    self.w2 = nnx.Param(nnx.with_partitioning(layers.stacked_init((n_kinds,)),
+    self.w2 = nnx.Param(nnx.with_partitioning(layers.stacked_init((n_kinds,), std),
                                               (None, 'mlp', 'embed'))(
         rngs.params(), (n_kinds, d, d), jnp.float32))
     self.b1 = nnx.Param(jnp.zeros((n_kinds, d)), out_sharding=(None, 'mlp'))
     self.b2 = nnx.Param(jnp.zeros((n_kinds, d)), out_sharding=(None, 'embed'))
-    self.mlp = layers.Mlp(n_kinds * d, cfg.d_k, cfg.d_k, dtype=dtype, rngs=rngs)
+    self.mlp = layers.Mlp(n_kinds * d, cfg.d_k, cfg.d_k, dtype=dtype, rngs=rngs, std=std)
     self.dtype = dtype
 
   def __call__(self, tok_xKxD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -197,9 +197,9 @@ class ItemTower(nnx.Module):
 class StackedHeads(nnx.Module):
   """Independent linear heads `d -> d`, kernels stacked `[*lead, d, d]` (LMP step heads)."""
 
-  def __init__(self, lead: tuple[int, ...], d: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, lead: tuple[int, ...], d: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
     none = (None,) * len(lead)
-    init = nnx.with_partitioning(layers.stacked_init(lead), none + ('embed', 'mlp'))
+    init = nnx.with_partitioning(layers.stacked_init(lead, std), none + ('embed', 'mlp'))
     self.kernel = nnx.Param(init(rngs.params(), (*lead, d, d), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((*lead, d)), out_sharding=none + ('mlp',))
     self.dtype = dtype
@@ -227,7 +227,8 @@ def resolve_token_kinds(schema: Schema, model_cfg: ModelConfig,
 def _stack(cfg: ModelConfig, d: int, n_blocks: int, dtype, rngs: nnx.Rngs) -> layers.CausalStack:
   return layers.CausalStack(d, n_blocks, heads=cfg.heads, ffn_mult=cfg.ffn_mult,
                             dropout=cfg.dropout, time_buckets=cfg.time_buckets, dtype=dtype,
-                            rngs=rngs)
+                            rngs=rngs, std=cfg.linear_std,
+                            attention_dropout=cfg.attention_dropout)
 
 
 class HeterRec(nnx.Module):
@@ -254,18 +255,22 @@ class HeterRec(nnx.Module):
     self.htfl = TokenEmbedder(schema, cfg, embeddings, dtype=dtype, rngs=rngs)
     if cfg.variant == 'no_hct':
       self.flat_stage = _stack(cfg, cfg.d_f, cfg.n1 + cfg.n2, dtype, rngs)
-      self.flat_out = layers.dense(cfg.d_f, cfg.d_k, ('embed', 'mlp'), dtype, rngs)
+      self.flat_out = layers.dense(cfg.d_f, cfg.d_k, ('embed', 'mlp'), dtype, rngs,
+                                   std=cfg.linear_std)
     else:
       self.token_stage = (None if cfg.variant == 'no_htfl'
                           else _stack(cfg, cfg.d_f, cfg.n1, dtype, rngs))
-      self.fusion = layers.Mlp(k * cfg.d_f, cfg.d_k, cfg.d_k, dtype=dtype, rngs=rngs)
+      self.fusion = layers.Mlp(k * cfg.d_f, cfg.d_k, cfg.d_k, dtype=dtype, rngs=rngs,
+                               std=cfg.linear_std)
       self.item_stage = _stack(cfg, cfg.d_k, cfg.n2, dtype, rngs)
     self.item_tower = ItemTower(k, cfg, dtype=dtype, rngs=rngs)
-    self.heads = StackedHeads((loss_cfg.n_step,), cfg.d_k, dtype=dtype, rngs=rngs)
+    self.heads = StackedHeads((loss_cfg.n_step,), cfg.d_k, dtype=dtype, rngs=rngs,
+                              std=cfg.linear_std)
     # No token-level loss (no_htfl, no_tlmp, w_tok = 0): no heads (Orbax cannot save
     # zero-size arrays).
     self.token_heads = (StackedHeads((loss_cfg.n_step, len(self.token_kinds)), cfg.d_f,
-                                     dtype=dtype, rngs=rngs) if self.token_kinds else None)
+                                     dtype=dtype, rngs=rngs, std=cfg.linear_std)
+                        if self.token_kinds else None)
 
   def normalize(self, x: jax.Array) -> jax.Array:
     """L2-normalised under cosine scoring, raw under 'dot'; float32 either way."""

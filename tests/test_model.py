@@ -307,6 +307,42 @@ def test_table_std_must_be_a_finite_non_negative_number():
     ModelConfig(table_std=float('nan'))
 
 
+def _linear_kernels(model):
+  """(path, kernel) of every Linear-like kernel of HeterRec: the blocks' attention and FFN, the
+  fusion, the item tower's stacked and flat MLPs, the LMP heads (not tables, LayerNorms or
+  biases)."""
+  out = []
+  for path, param in nnx.iter_graph(model):
+    name = '/'.join(str(p) for p in path)
+    if isinstance(param, nnx.Param) and (name.endswith('kernel') or name.endswith(('w1', 'w2'))):
+      out.append((name, np.asarray(param[...])))
+  return out
+
+
+@pytest.mark.parametrize('linear_std', (0.0, 0.02))
+def test_linear_std_sets_the_init_of_every_linear_kernel(linear_std):
+  """model.linear_std > 0: every Linear kernel starts at N(0, linear_std) (RecBole's 0.02);
+  0 keeps lecun normal, std 1/sqrt(fan_in). Feature tables keep their own init."""
+  cfg = ModelConfig(d_f=64, d_k=64, heads=2, n1=1, n2=1, linear_std=linear_std)
+  model = HeterRec(SCHEMA, cfg, LossConfig(n_step=2), rngs=nnx.Rngs(0))
+  kernels = _linear_kernels(model)
+  names = ' '.join(name for name, _ in kernels)
+  for part in ('token_stage', 'fusion', 'item_stage', 'item_tower', 'heads', 'token_heads'):
+    assert part in names, (part, names)
+  for name, kernel in kernels:
+    expected = linear_std or 1 / np.sqrt(kernel.shape[-2])
+    assert 0.8 * expected < kernel.std() < 1.2 * expected, (name, kernel.std(), expected)
+  for kind, table in _feature_tables(model):
+    assert 0.75 / 8 < table.std() < 1.25 / 8, (kind, table.std())
+
+
+def test_linear_std_must_be_a_finite_non_negative_number():
+  with pytest.raises(ConfigError, match=r'model.linear_std=-0.1 is not allowed; it must be >= 0'):
+    ModelConfig(linear_std=-0.1)
+  with pytest.raises(ConfigError, match=r'model.linear_std=inf is not allowed; it must be a fin'):
+    ModelConfig(linear_std=float('inf'))
+
+
 def test_item_id_input_adds_the_tied_free_row_to_the_item_level_input_only():
   """item_id_input alone: V is the paper's; the item-level input is fusion + the item's row."""
   plain, tied = _paper_and_option(item_id_input=True)
