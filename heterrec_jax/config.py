@@ -81,6 +81,7 @@ class DataConfig:
 MODEL_NAMES = ('heterrec', 'sasrec', 'bert4rec', 'pinnerformer', 'hstu')
 # HeterRec's ablation variants (the paper's Table 2), 'full' first.
 VARIANTS = ('full', 'no_htfl', 'no_mfk', 'no_hct', 'no_lmp', 'no_tlmp')
+HEAD_INITS = ('lecun', 'identity')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +134,16 @@ class ModelConfig:
   # RecBole's SASRec. The causal stacks then run the dense attention (the blockwise one has no
   # dropout), whose memory is quadratic in T.
   attention_dropout: float = 0.0
+  # Initial kernels of the LMP step heads (item and token level): 'lecun' (the paper is silent;
+  # `linear_std` applies) or 'identity' (kernel I, bias 0: each step's query starts as U itself,
+  # the next-item query of SASRec, and the heads learn from there).
+  head_init: str = 'lecun'
 
   def __post_init__(self):
     _check_in('model.name', self.name, MODEL_NAMES)
     _check_in('model.variant', self.variant, VARIANTS)
     _check_in('model.compute_dtype', self.compute_dtype, ('float32', 'bfloat16'))
+    _check_in('model.head_init', self.head_init, HEAD_INITS)
     for name in ('d_f', 'd_k', 'heads', 'ffn_mult', 'time_buckets'):
       _check_positive(f'model.{name}', getattr(self, name))
     _check_positive('model.n1', self.n1, allow_zero=True)

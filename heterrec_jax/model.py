@@ -197,9 +197,13 @@ class ItemTower(nnx.Module):
 class StackedHeads(nnx.Module):
   """Independent linear heads `d -> d`, kernels stacked `[*lead, d, d]` (LMP step heads)."""
 
-  def __init__(self, lead: tuple[int, ...], d: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
+  def __init__(self, lead: tuple[int, ...], d: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0,
+               identity: bool = False):
     none = (None,) * len(lead)
-    init = nnx.with_partitioning(layers.stacked_init(lead, std), none + ('embed', 'mlp'))
+    # `model.head_init='identity'`: every head starts as the identity map.
+    eye = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+    init = nnx.with_partitioning(eye if identity else layers.stacked_init(lead, std),
+                                 none + ('embed', 'mlp'))
     self.kernel = nnx.Param(init(rngs.params(), (*lead, d, d), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((*lead, d)), out_sharding=none + ('mlp',))
     self.dtype = dtype
@@ -264,12 +268,14 @@ class HeterRec(nnx.Module):
                                std=cfg.linear_std)
       self.item_stage = _stack(cfg, cfg.d_k, cfg.n2, dtype, rngs)
     self.item_tower = ItemTower(k, cfg, dtype=dtype, rngs=rngs)
+    identity = cfg.head_init == 'identity'
     self.heads = StackedHeads((loss_cfg.n_step,), cfg.d_k, dtype=dtype, rngs=rngs,
-                              std=cfg.linear_std)
+                              std=cfg.linear_std, identity=identity)
     # No token-level loss (no_htfl, no_tlmp, w_tok = 0): no heads (Orbax cannot save
     # zero-size arrays).
     self.token_heads = (StackedHeads((loss_cfg.n_step, len(self.token_kinds)), cfg.d_f,
-                                     dtype=dtype, rngs=rngs, std=cfg.linear_std)
+                                     dtype=dtype, rngs=rngs, std=cfg.linear_std,
+                                     identity=identity)
                         if self.token_kinds else None)
 
   def normalize(self, x: jax.Array) -> jax.Array:

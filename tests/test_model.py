@@ -414,6 +414,33 @@ def test_input_dropout_drops_the_stack_inputs_in_training_only():
   assert float(jnp.abs(out - first).max()) > 1e-4
 
 
+def test_identity_heads_start_as_the_identity_map():
+  """model.head_init='identity': at init every item-level step query is U itself and every
+  token-level query the token output of its kind (dot scoring: no normalisation); 'lecun' heads
+  are not the identity; a bad name lists the allowed ones."""
+  cfg = ModelConfig(d_f=8, d_k=12, heads=2, n1=1, n2=1, ffn_mult=2, dropout=0.0, time_buckets=8,
+                    head_init='identity')
+  loss = LossConfig(n_step=N_STEP, scoring='dot')
+  model = HeterRec(SCHEMA, cfg, loss, rngs=nnx.Rngs(0), embeddings=RAW)
+  items, tokens, ts, mask = _full_mask_inputs()
+  user, tok = model.encode_user(items, tokens, ts, mask)
+  queries = model.step_queries(user)
+  assert queries.shape[0] == N_STEP > 1
+  for step in range(N_STEP):
+    np.testing.assert_allclose(queries[step], user, atol=1e-6)
+  token_queries = model.token_queries(tok)
+  kinds = np.asarray(model._token_kind_index())
+  for step in range(N_STEP):
+    for s, k in enumerate(kinds):
+      np.testing.assert_allclose(token_queries[step, s], tok[:, :, k], atol=1e-6)
+  np.testing.assert_allclose(model.user_vector(items, tokens, ts, mask), user[:, -1], atol=1e-6)
+  lecun = HeterRec(SCHEMA, dataclasses.replace(cfg, head_init='lecun'), loss, rngs=nnx.Rngs(0),
+                   embeddings=RAW)
+  assert float(jnp.abs(lecun.step_queries(user)[0] - user).max()) > 0.1
+  with pytest.raises(ConfigError, match=r"model.head_init='zeros'.*'lecun', 'identity'"):
+    dataclasses.replace(cfg, head_init='zeros')
+
+
 def test_input_dropout_must_be_a_rate():
   with pytest.raises(ConfigError, match=r'model.input_dropout=1.0 must be in \[0, 1\)'):
     ModelConfig(input_dropout=1.0)
