@@ -33,6 +33,13 @@ Choices where SPEC is silent:
   * Token level, kind s: a negative is masked when it is the positive's item OR has the same
     token of kind s (all n_sub sub-ids equal). The gate of step i uses the token-level positive
     logits of kind s at steps i - 1 and i (each level is gated by its own logits).
+  * Token level under 'all' (`TokenVocab`, built by `losses.make`): a kind's vector is a
+    function of its token, and every item sharing the positive's token is masked, so the
+    softmax over the catalogue's items equals one over the kind's distinct tokens, each
+    weighted by its number of items (log count added to its logit), the positive's token
+    skipped and the positive counted once; reduced in chunks like the item level. Called
+    without the vocabulary, `lmp_loss` takes the item-by-item form (`[N, B, T, C]` logits
+    and hit masks), the reference it is tested against.
   * A step with no counted position contributes 0 (never NaN). Masked logits are the finite
     `layers.NEG_INF`.
   * aux 'token_loss' (and 'token_loss_step{i}') is the UNWEIGHTED sum over kinds and steps;
@@ -48,6 +55,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from heterrec_jax.config import LossConfig
 from heterrec_jax.layers import NEG_INF
@@ -66,6 +74,54 @@ class Shared:
   # Every item of the catalogue once, keys = item ids only: the positive is one of the
   # candidates, so the softmax needs no hit mask (denominator = c + sum over all items).
   whole_catalogue: bool = False
+  # The token level over the whole catalogue (`TokenVocab`): with `whole_catalogue`, the
+  # candidates carry a log multiplicity `[C]` and a key `[C]`; the query at (b, t) of step i
+  # skips the candidates whose key is `query_key_BxW[b, t + i]` (its positive's token), and
+  # its positive is added once.
+  log_weight: jax.Array | None = None
+  key: jax.Array | None = None
+  query_key_BxW: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenVocab:
+  """The whole catalogue at the token level of one kind, each distinct token once.
+
+  A kind's token vector is a function of its sub-ids alone (the same token, the same vector),
+  and the loss masks every item that shares the positive's token, so the softmax over the
+  catalogue's items is one over its distinct tokens, each weighted by how many items carry it:
+  `rows [U]` (the catalogue row of one item per distinct token), `log_count [U]`, `key [U]`
+  (the token's index) and `key_of_item [n_items + 1]` (the token index of every item, -1 for
+  the padding item). For a kind whose vector reads the item itself (the raw embedding of
+  'w/o MFK'), every item is its own candidate (count 1) keyed by its token.
+  """
+  rows: jax.Array
+  log_count: jax.Array
+  key: jax.Array
+  key_of_item: jax.Array
+
+
+def token_vocab(item_tokens: np.ndarray, offset: int, n_sub: int,
+                reads_items: bool = False) -> TokenVocab:
+  """The `TokenVocab` of the kind in columns `offset:offset + n_sub` of the token table
+  `[n_items + 1, S]` (row 0 the padding item)."""
+  tokens_CxS = np.asarray(item_tokens)[1:, offset:offset + n_sub]
+  _, first_U, inverse_C, counts_U = np.unique(tokens_CxS, axis=0, return_index=True,
+                                              return_inverse=True, return_counts=True)
+  inverse_C = inverse_C.reshape(-1).astype(np.int32)
+  key_of_item = np.concatenate([[-1], inverse_C]).astype(np.int32)
+  if reads_items:
+    rows, log_count, key = np.arange(len(inverse_C)), np.zeros(len(inverse_C)), inverse_C
+  else:
+    rows, log_count, key = first_U, np.log(counts_U), np.arange(len(counts_U))
+  return TokenVocab(jnp.asarray(rows, jnp.int32), jnp.asarray(log_count, jnp.float32),
+                    jnp.asarray(key, jnp.int32), jnp.asarray(key_of_item))
+
+
+def is_whole_catalogue(negatives: Negatives | None) -> bool:
+  """The 'all' source: every catalogue item, nothing from the batch, no log-Q."""
+  return (negatives is not None and negatives.items is not None and negatives.index is None
+          and not negatives.n_uniform and negatives.log_freq is None)
 
 
 def _gather(x_BxWx: jax.Array, index_M: jax.Array) -> jax.Array:
@@ -151,75 +207,105 @@ def step_loss(pos_xBxT: jax.Array, neg_xBxTxN: jax.Array, neg_ok_xBxTxN: jax.Arr
   return total / _count(counted_xBxT)
 
 
-def _catalogue_chunks(vectors_CxD: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+def _catalogue_chunks(vectors_CxD: jax.Array, rows: int, *per_row: jax.Array | None
+                      ) -> tuple[jax.Array, ...]:
   """The catalogue in K equal chunks of at most `rows` rows: (`[K, R, D]` zero-padded, real
-  `[K, R]`); R = ceil(C / K), so the padding is under K rows, not up to a whole chunk."""
+  `[K, R]`, then each of `per_row` `[C]` as `[K, R]`, None kept); R = ceil(C / K), so the
+  padding is under K rows, not up to a whole chunk."""
   c, d = vectors_CxD.shape
   k = -(-c // max(1, min(rows, c)))
   r = -(-c // k)
+  chunked = lambda x_C: None if x_C is None else jnp.pad(x_C, (0, k * r - c)).reshape(k, r)
   padded_KxRxD = jnp.pad(vectors_CxD, ((0, k * r - c), (0, 0))).reshape(k, r, d)
-  return padded_KxRxD, (jnp.arange(k * r) < c).reshape(k, r)
+  return (padded_KxRxD, (jnp.arange(k * r) < c).reshape(k, r), *map(chunked, per_row))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def catalogue_logsumexp(q_xBxTxD: jax.Array, vectors_CxD: jax.Array, tau: float,
-                        rows: int) -> jax.Array:
-  """`logsumexp_c(<q, v_c> / tau)` over the whole catalogue, `[..., B, T]`, `rows` catalogue
-  rows at a time (an online logsumexp over chunks, `lax.scan`), so at most `[..., B, T, rows]`
-  logits exist at once, forward or backward.
+def catalogue_logsumexp(q_xBxTxD: jax.Array, vectors_CxD: jax.Array, tau: float, rows: int,
+                        log_weight_C: jax.Array | None = None, key_C: jax.Array | None = None,
+                        query_key_xBxT: jax.Array | None = None) -> jax.Array:
+  """`logsumexp_c(<q, v_c> / tau + log_weight_c)` over the candidates c whose `key_C` differs
+  from the query's `query_key_xBxT` (all of them when no keys are given; weight 1 when none),
+  `[..., B, T]`, `rows` candidate rows at a time (an online logsumexp over chunks,
+  `lax.scan`), so at most `[..., B, T, rows]` logits exist at once, forward or backward. A
+  query with every candidate excluded gets -inf.
 
-  Its gradient is written out (`jax.custom_vjp`): with p = softmax over the catalogue, the
-  backward pass recomputes each chunk's logits once and takes `dq = sum_c g p_c v_c / tau` and
+  Its gradient (queries and vectors; none for the weights and keys) is written out
+  (`jax.custom_vjp`): with p = the softmax over the counted candidates, the backward pass
+  recomputes each chunk's logits once and takes `dq = sum_c g p_c v_c / tau` and
   `dv_c = sum_q g p_c q / tau`, two matmuls per chunk. Autodiff through the online update
   (checkpointed) took 11x as long at Toys's shapes (docs/benchmarks.md).
   """
-  return _catalogue_lse_fwd(q_xBxTxD, vectors_CxD, tau, rows)[0]
+  if (key_C is None) != (query_key_xBxT is None):
+    raise ValueError('catalogue_logsumexp needs both key_C and query_key_xBxT, or neither')
+  return _catalogue_lse(q_xBxTxD, vectors_CxD, log_weight_C, key_C, query_key_xBxT, tau, rows)
 
 
-def _catalogue_lse_fwd(q_xBxTxD, vectors_CxD, tau, rows):
+def _chunk_logits(q_MxD, v_RxD, real_R, log_weight_R, key_R, query_key_M, tau):
+  """One chunk's logits `[M, R]` (float32, weights added) and which of them count."""
+  logits_MxR = jnp.dot(q_MxD, v_RxD.T, preferred_element_type=jnp.float32) / tau
+  if log_weight_R is not None:
+    logits_MxR = logits_MxR + log_weight_R[None]
+  ok_MxR = real_R[None]
+  if key_R is not None:
+    ok_MxR = ok_MxR & (key_R[None] != query_key_M[:, None])
+  return logits_MxR, ok_MxR
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _catalogue_lse(q_xBxTxD, vectors_CxD, log_weight_C, key_C, query_key_xBxT, tau, rows):
+  return _catalogue_lse_fwd(q_xBxTxD, vectors_CxD, log_weight_C, key_C, query_key_xBxT, tau,
+                            rows)[0]
+
+
+def _flat_keys(query_key_xBxT):
+  return None if query_key_xBxT is None else query_key_xBxT.reshape(-1)
+
+
+def _catalogue_lse_fwd(q_xBxTxD, vectors_CxD, log_weight_C, key_C, query_key_xBxT, tau, rows):
   q_MxD = q_xBxTxD.reshape(-1, q_xBxTxD.shape[-1])
-  chunks = _catalogue_chunks(vectors_CxD.astype(q_MxD.dtype), rows)
+  query_key_M = _flat_keys(query_key_xBxT)
+  chunks = _catalogue_chunks(vectors_CxD.astype(q_MxD.dtype), rows, log_weight_C, key_C)
 
   def chunk(carry, xs):
     top_M, total_M = carry
-    v_RxD, real_R = xs
-    logits_MxR = jnp.where(real_R, jnp.dot(q_MxD, v_RxD.T, preferred_element_type=jnp.float32)
-                           / tau, NEG_INF)
+    logits_MxR, ok_MxR = _chunk_logits(q_MxD, *xs, query_key_M, tau)
+    logits_MxR = jnp.where(ok_MxR, logits_MxR, NEG_INF)
     new_top_M = jnp.maximum(top_M, jnp.max(logits_MxR, axis=-1))
-    total_M = (total_M * jnp.exp(top_M - new_top_M)
-               + jnp.sum(jnp.exp(logits_MxR - new_top_M[:, None]), axis=-1))
+    kept_MxR = jnp.where(ok_MxR, jnp.exp(logits_MxR - new_top_M[:, None]), 0.0)
+    total_M = total_M * jnp.exp(top_M - new_top_M) + jnp.sum(kept_MxR, axis=-1)
     return (new_top_M, total_M), None
 
   m = q_MxD.shape[0]
   init = (jnp.full((m,), NEG_INF, jnp.float32), jnp.zeros((m,), jnp.float32))
   (top_M, total_M), _ = jax.lax.scan(chunk, init, chunks)
-  lse_M = top_M + jnp.log(total_M)
-  return lse_M.reshape(q_xBxTxD.shape[:-1]), (q_xBxTxD, vectors_CxD, lse_M)
+  lse_M = jnp.where(total_M > 0, top_M + jnp.log(total_M), -jnp.inf)
+  residuals = (q_xBxTxD, vectors_CxD, log_weight_C, key_C, query_key_xBxT, lse_M)
+  return lse_M.reshape(q_xBxTxD.shape[:-1]), residuals
 
 
 def _catalogue_lse_bwd(tau, rows, residuals, g_xBxT):
-  q_xBxTxD, vectors_CxD, lse_M = residuals
+  q_xBxTxD, vectors_CxD, log_weight_C, key_C, query_key_xBxT, lse_M = residuals
   q_MxD = q_xBxTxD.reshape(-1, q_xBxTxD.shape[-1])
+  query_key_M = _flat_keys(query_key_xBxT)
   scale_M = g_xBxT.reshape(-1).astype(jnp.float32) / tau
-  v_KxRxD, real_KxR = _catalogue_chunks(vectors_CxD.astype(q_MxD.dtype), rows)
+  chunks = _catalogue_chunks(vectors_CxD.astype(q_MxD.dtype), rows, log_weight_C, key_C)
 
   def chunk(dq_MxD, xs):
-    v_RxD, real_R = xs
-    logits_MxR = jnp.dot(q_MxD, v_RxD.T, preferred_element_type=jnp.float32) / tau
-    p_MxR = jnp.where(real_R, jnp.exp(logits_MxR - lse_M[:, None]), 0.0) * scale_M[:, None]
+    v_RxD = xs[0]
+    logits_MxR, ok_MxR = _chunk_logits(q_MxD, *xs, query_key_M, tau)
+    p_MxR = jnp.where(ok_MxR, jnp.exp(logits_MxR - lse_M[:, None]), 0.0) * scale_M[:, None]
     p_MxR = p_MxR.astype(q_MxD.dtype)
     dq_MxD = dq_MxD + jnp.dot(p_MxR, v_RxD, preferred_element_type=jnp.float32)
     return dq_MxD, jnp.dot(p_MxR.T, q_MxD, preferred_element_type=jnp.float32)
 
-  dq_MxD, dv_KxRxD = jax.lax.scan(chunk, jnp.zeros(q_MxD.shape, jnp.float32),
-                                  (v_KxRxD, real_KxR))
+  dq_MxD, dv_KxRxD = jax.lax.scan(chunk, jnp.zeros(q_MxD.shape, jnp.float32), chunks)
   c, d = vectors_CxD.shape
   dv_CxD = dv_KxRxD.reshape(-1, d)[:c]
   return (dq_MxD.reshape(q_xBxTxD.shape).astype(q_xBxTxD.dtype),
-          dv_CxD.astype(vectors_CxD.dtype))
+          dv_CxD.astype(vectors_CxD.dtype), None, None, None)
 
 
-catalogue_logsumexp.defvjp(_catalogue_lse_fwd, _catalogue_lse_bwd)
+_catalogue_lse.defvjp(_catalogue_lse_fwd, _catalogue_lse_bwd)
 
 
 def catalogue_step_loss(pos_xBxT: jax.Array, lse_xBxT: jax.Array, counted_xBxT: jax.Array,
@@ -270,7 +356,13 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
     counted_NxBxT = jnp.concatenate([valid_NxBxT[:1], later_xBxT])
   if whole:
     rows = max(1, cfg.logits_budget_mb * 2**20 // (4 * n * b * t))
-    lse_NxBxT = catalogue_logsumexp(queries_NxBxTxD, shared.vectors, cfg.tau, rows)
+    if shared.key is None:
+      lse_NxBxT = catalogue_logsumexp(queries_NxBxTxD, shared.vectors, cfg.tau, rows)
+    else:  # the positive's own token is skipped among the candidates and counted once
+      others_NxBxT = catalogue_logsumexp(queries_NxBxTxD, shared.vectors, cfg.tau, rows,
+                                         shared.log_weight, shared.key,
+                                         _shifted(shared.query_key_BxW, n, t))
+      lse_NxBxT = jnp.logaddexp(others_NxBxT, pos_NxBxT / cfg.tau)
     losses_N = catalogue_step_loss(pos_NxBxT, lse_NxBxT, counted_NxBxT, cfg.tau,
                                    cfg.null_logit_c)
   else:
@@ -305,7 +397,8 @@ def _check_outputs(outputs: dict[str, jax.Array], token_columns) -> None:
 def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_columns,
              cfg: LossConfig, negatives: Negatives | None,
              catalogue: dict[str, jax.Array] | None = None,
-             token_draw: tuple[Negatives | None, dict[str, jax.Array] | None] | None = None
+             token_draw: tuple[Negatives | None, dict[str, jax.Array] | None] | None = None,
+             token_vocab: tuple[TokenVocab, ...] | None = None
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The LMP loss (item level + token level) of `HeterRec.forward` outputs.
 
@@ -314,7 +407,10 @@ def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_c
   `catalogue` (when `negatives.items` is set): 'vectors' `[Cu, d]`, 'slots' `[Cu, K, d_f]`
   (the item tower on `negatives.items`) and 'tokens' `[Cu, S]`. `token_draw`: the token
   level's own (negatives, catalogue) when loss.token_negatives differs (None: the same).
-  Returns (loss, aux of float32 scalars).
+  `token_vocab` (one `TokenVocab` per token kind, with the 'all' source at the token level):
+  the catalogue's distinct tokens, so each kind's softmax runs over its U distinct tokens in
+  chunks (the same value as over the C items with their hit mask, which `[N, B, T, C]` logits
+  and masks would hold). Returns (loss, aux of float32 scalars).
   """
   f32 = lambda name: outputs[name].astype(jnp.float32)
   _check_outputs(outputs, token_columns)
@@ -328,7 +424,7 @@ def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_c
     if negatives.log_freq is not None:
       shared = dataclasses.replace(shared, log_q=negatives.log_expected(shared.keys[0][:, 0]))
       pos_log_q = negatives.log_expected(batch['items'])
-    elif negatives.index is None and not negatives.n_uniform:  # 'all'
+    elif is_whole_catalogue(negatives):
       shared = dataclasses.replace(shared, whole_catalogue=True)
   count_from_B = batch.get('count_from')
   item_steps, fractions = lmp_level_losses(f32('queries'), f32('targets'), (item_key_BxWx1,),
@@ -340,7 +436,12 @@ def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_c
   for s, (_, k, offset, n_sub) in enumerate(token_columns):
     keys = (item_key_BxWx1, batch['tokens'][..., offset:offset + n_sub])
     level = None
-    if negatives is not None:
+    if token_vocab is not None and is_whole_catalogue(negatives):
+      vocab = token_vocab[s]
+      level = Shared(catalogue['slots'][vocab.rows, k], (), jnp.ones(vocab.rows.shape, bool),
+                     whole_catalogue=True, log_weight=vocab.log_count, key=vocab.key,
+                     query_key_BxW=vocab.key_of_item[batch['items']])
+    elif negatives is not None:
       cat_keys = cat_vectors = None
       if negatives.items is not None:
         cat_keys = (negatives.items[:, None], catalogue['tokens'][:, offset:offset + n_sub])

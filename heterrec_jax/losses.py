@@ -112,6 +112,11 @@ def make(cfg: Config, model: RetrievalModel, item_tokens: np.ndarray,
     token_cfg = None
     if loss_cfg.token_negatives not in ('', loss_cfg.negatives) and token_columns:
       token_cfg = dataclasses.replace(loss_cfg, negatives=loss_cfg.token_negatives, log_q=False)
+    # The token level over the whole catalogue runs over each kind's distinct tokens.
+    vocab = None
+    if (token_cfg or loss_cfg).negatives == 'all' and token_columns:
+      vocab = tuple(lmp.token_vocab(item_tokens, offset, n_sub, model.kind_reads_items(k))
+                    for _, k, offset, n_sub in token_columns)
 
     def lmp_fn(model, batch, rng):
       outputs = model.forward(batch)
@@ -119,7 +124,8 @@ def make(cfg: Config, model: RetrievalModel, item_tokens: np.ndarray,
       token_draw = None
       if token_cfg is not None:
         token_draw = draw(token_cfg, model, batch, jax.random.fold_in(rng, 1))
-      return lmp.lmp_loss(outputs, batch, token_columns, loss_cfg, negatives, cat, token_draw)
+      return lmp.lmp_loss(outputs, batch, token_columns, loss_cfg, negatives, cat, token_draw,
+                          vocab)
     return lmp_fn
 
   if name == 'pinnerformer' and cfg.loss.name == 'default':

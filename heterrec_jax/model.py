@@ -59,6 +59,8 @@ def table_init(std: float | None = None):
 class CategoricalToken(nnx.Module):
   """One sub-id -> one row of the table (categorical and numerical features)."""
 
+  reads_items = False
+
   def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs,
                std: float | None = None):
     self.embed = nnx.Embed(table_rows(feature.table_size), d_f, dtype=dtype, rngs=rngs,
@@ -71,6 +73,8 @@ class CategoricalToken(nnx.Module):
 
 class MultiToken(nnx.Module):
   """`max_values` sub-ids -> the mean of the embeddings of the non-padding ones (zeros if none)."""
+
+  reads_items = False
 
   def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs,
                std: float | None = None):
@@ -88,6 +92,8 @@ class MultiToken(nnx.Module):
 
 class MultimodalToken(nnx.Module):
   """Z group codes -> Z group tables `[rows, d_f/Z]` (stacked `[Z, rows, d_f/Z]`), concatenated."""
+
+  reads_items = False
 
   def __init__(self, feature: Feature, d_f: int, *, dtype, rngs: nnx.Rngs,
                std: float | None = None):
@@ -110,6 +116,9 @@ class MultimodalToken(nnx.Module):
 
 class RawModalToken(nnx.Module):
   """'w/o MFK': the raw (PCA'd) embedding of the ITEM through Linear(d' -> d_f)."""
+
+  # The token depends on the item itself, not only on its sub-ids (`lmp.TokenVocab`).
+  reads_items = True
 
   def __init__(self, matrix: np.ndarray, d_f: int, *, dtype, rngs: nnx.Rngs, std: float = 0.0):
     self.raw_embedding = FrozenEmbedding(jnp.asarray(np.asarray(matrix, np.float32)),
@@ -382,6 +391,10 @@ class HeterRec(nnx.Module):
     tok_BxTxSxDf = tok_BxTxKxDf[:, :, self._token_kind_index()]
     out = jnp.einsum('btsd,nsde->nsbte', tok_BxTxSxDf, kernel_NxSxDxD)
     return self.normalize(out + bias_NxSxD[:, :, None, None])
+
+  def kind_reads_items(self, k: int) -> bool:
+    """Whether token kind k's vector depends on the item itself, not only on its sub-ids."""
+    return self.htfl.features[k].reads_items
 
   def _token_kind_index(self) -> jax.Array:
     return jnp.array([k for _, k, _, _ in self.token_kinds], jnp.int32)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from heterrec_jax import lmp, losses, negatives as negatives_lib, sharding, softmax
@@ -366,3 +367,120 @@ def test_all_source_in_chunks_matches_reference(monkeypatch):
   loss, _ = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, negatives, cat)
   np.testing.assert_allclose(float(loss), _lmp_ref(outputs, batch, catalogue, negatives, cfg),
                              rtol=2e-5)
+
+
+def _dense_excluding_lse(q, v, log_w, key, query_key, tau):
+  """The one-pass form of `catalogue_logsumexp` with weights and keys (autodiff reference)."""
+  logits = jnp.einsum('nbtd,cd->nbtc', q, v) / tau + log_w
+  return jax.nn.logsumexp(jnp.where(key != query_key[..., None], logits, -jnp.inf), axis=-1)
+
+
+@pytest.mark.parametrize('rows', [1, 4, 9, 100])
+def test_catalogue_logsumexp_with_weights_and_keys_matches_numpy(rows):
+  """Weighted, with each query's own key skipped: forward against a NumPy loop, gradients
+  (queries and vectors) against autodiff of the one-pass form, for chunk sizes that divide
+  the candidates, do not, and exceed them."""
+  rng = np.random.default_rng(12)
+  q = rng.normal(size=(N, B, T, D)).astype(np.float32)
+  v = rng.normal(size=(N_ITEMS, D)).astype(np.float32)
+  log_w = np.log(rng.integers(1, 5, N_ITEMS)).astype(np.float32)
+  key = rng.integers(0, 4, N_ITEMS).astype(np.int32)
+  query_key = rng.integers(0, 5, (N, B, T)).astype(np.int32)
+  want = np.zeros((N, B, T))
+  for idx in np.ndindex(N, B, T):
+    terms = [q[idx] @ v[c] / 0.3 + log_w[c] for c in range(N_ITEMS) if key[c] != query_key[idx]]
+    want[idx] = np.log(np.sum(np.exp(terms)))
+  chunked = lambda q, v: lmp.catalogue_logsumexp(q, v, 0.3, rows, jnp.asarray(log_w),
+                                                 jnp.asarray(key), jnp.asarray(query_key))
+  np.testing.assert_allclose(chunked(q, v), want, rtol=1e-5, atol=1e-5)
+  dense = lambda q, v: _dense_excluding_lse(q, v, log_w, key, query_key, 0.3)
+  weights = jnp.asarray(rng.normal(size=(N, B, T)), jnp.float32)
+  grads = lambda f: jax.grad(lambda q, v: jnp.sum(f(q, v) * weights), argnums=(0, 1))(q, v)
+  for got, want_grad in zip(grads(chunked), grads(dense)):
+    np.testing.assert_allclose(got, want_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_catalogue_logsumexp_with_every_candidate_skipped_is_minus_infinity():
+  """A query whose key every candidate carries: -inf, and a zero (not NaN) gradient."""
+  q, v = jnp.ones((1, 1, 2, D)), jnp.ones((3, D))
+  key, query_key = jnp.zeros(3, jnp.int32), jnp.array([[[0, 1]]], jnp.int32)
+  f = lambda q, v: lmp.catalogue_logsumexp(q, v, 1.0, 2, jnp.zeros(3), key, query_key)
+  out = f(q, v)
+  assert np.isneginf(out[0, 0, 0]) and np.isfinite(out[0, 0, 1])
+  dq, dv = jax.grad(lambda q, v: jnp.sum(jnp.logaddexp(f(q, v), 0.0)), argnums=(0, 1))(q, v)
+  assert np.all(np.isfinite(dq)) and np.all(np.isfinite(dv))
+  np.testing.assert_array_equal(dq[0, 0, 0], 0.0)
+
+
+def test_token_vocab_counts_each_distinct_token_once():
+  """Distinct sub-id tuples of the kind's columns (multi-column tuples compared whole), one
+  representative row each, their counts, every item's token index (-1 for the padding row);
+  a kind that reads the item keeps every item as its own candidate."""
+  table = np.array([[0, 0, 0], [1, 3, 4], [2, 3, 4], [3, 4, 3], [4, 3, 4], [5, 0, 0]], np.int32)
+  vocab = lmp.token_vocab(table, 1, 2)
+  tuples = [tuple(table[1 + int(r), 1:]) for r in vocab.rows]
+  assert sorted(tuples) == [(0, 0), (3, 4), (4, 3)]
+  counts = {t: int(round(float(np.exp(c)))) for t, c in zip(tuples, vocab.log_count)}
+  assert counts == {(3, 4): 3, (4, 3): 1, (0, 0): 1}
+  for item in range(1, 6):
+    k = int(vocab.key_of_item[item])
+    assert tuples[list(np.asarray(vocab.key)).index(k)] == tuple(table[item, 1:])
+  assert int(vocab.key_of_item[0]) == -1
+  own = lmp.token_vocab(table, 1, 2, reads_items=True)
+  np.testing.assert_array_equal(own.rows, np.arange(5))
+  np.testing.assert_array_equal(own.log_count, 0.0)
+  np.testing.assert_array_equal(own.key, vocab.key_of_item[1:])
+
+
+@pytest.mark.parametrize('reads_items', [False, True])
+def test_token_level_over_distinct_tokens_matches_reference(monkeypatch, reads_items):
+  """The 'all' token level over the distinct tokens (chunks of 2) equals the reference's
+  softmax over every catalogue item with its hit mask. A kind whose vector is its token's
+  (reads_items False) is deduplicated; one that reads the item keeps per-item vectors."""
+  real = lmp.catalogue_logsumexp
+  monkeypatch.setattr(lmp, 'catalogue_logsumexp',
+                      lambda q, v, tau, rows, *a: real(q, v, tau, 2, *a))
+  outputs, batch, catalogue = _example(13)
+  if not reads_items:  # as in HeterRec: the kind's vector is a function of its token
+    table = np.random.default_rng(3).normal(size=(8, DF)).astype(np.float32)
+    table /= np.linalg.norm(table, axis=-1, keepdims=True)
+    catalogue['slots'][:, 1] = table[ITEM_TOKENS[1:, 1]]
+    outputs['token_targets'][0] = np.where(batch['mask'][..., None],
+                                           table[ITEM_TOKENS[batch['items'], 1]],
+                                           outputs['token_targets'][0])
+  cfg = LossConfig(negatives='all', tau=0.2, n_step=N, w_tok=0.5, lambda_m=0.5)
+  negatives = negatives_lib.sample(cfg, jnp.asarray(batch['mask']), N_ITEMS, jax.random.key(0))
+  cat = {'vectors': catalogue['vectors'], 'slots': catalogue['slots'], 'tokens': ITEM_TOKENS[1:]}
+  vocab = (lmp.token_vocab(ITEM_TOKENS, 1, 1, reads_items),)
+  assert vocab[0].rows.shape[0] == (N_ITEMS if reads_items else len(set(ITEM_TOKENS[1:, 1])))
+  loss, aux = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, negatives, cat, token_vocab=vocab)
+  np.testing.assert_allclose(float(loss), _lmp_ref(outputs, batch, catalogue, negatives, cfg),
+                             rtol=2e-5)
+  _, dense = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, negatives, cat)  # [N, B, T, C] path
+  np.testing.assert_allclose(aux['token_loss'], dense['token_loss'], rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ['full', 'no_mfk'])
+def test_heterrec_token_level_all_equals_the_masked_item_softmax(variant):
+  """On a HeterRec (multi-valued, numerical and multimodal kinds), the factory's 'all' token
+  level (over distinct tokens) has the loss and gradients of the same LMP over every
+  catalogue item with the hit mask (`lmp_loss` without the vocabulary)."""
+  from tests.test_model import TOKENS, _batch, _model
+  model = _model(variant)
+  cfg = Config(model=ModelConfig(variant=variant),
+               loss=LossConfig(n_step=2, negatives='all', tau=0.5))
+  batch = _batch()
+  loss_fn = losses.make(cfg, model, TOKENS)
+  n_items = TOKENS.shape[0] - 1
+
+  def masked_items(model, batch, rng):
+    negatives = negatives_lib.sample(cfg.loss, batch['mask'], n_items, rng)
+    return lmp.lmp_loss(model.forward(batch), batch, tuple(model.token_kinds), cfg.loss,
+                        negatives, losses.catalogue(model, negatives, jnp.asarray(TOKENS)))
+
+  key = jax.random.key(0)
+  grads = lambda fn: nnx.jit(nnx.value_and_grad(lambda m: fn(m, batch, key)[0]))(model)
+  (got, got_g), (want, want_g) = grads(loss_fn), grads(masked_items)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
