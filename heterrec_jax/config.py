@@ -204,8 +204,10 @@ class LossConfig:
   w_tok: float = 1.0
   # Token kinds (feature names) of the token-level loss; empty: every kind but the item id.
   token_kinds: tuple[str, ...] = ()
-  # Negative source of the token-level loss ('' = loss.negatives). 'uniform' keeps the token
-  # level cheap when the item level uses 'all' (the token level has K - 1 softmaxes per step).
+  # Negative source of the token-level loss ('' = loss.negatives). Under 'all' each kind's
+  # softmax runs over its distinct tokens in chunks (`lmp.TokenVocab`), so it costs about one
+  # item-level softmax per kind at most; 'uniform' is cheaper when a kind has about as many
+  # distinct tokens as the catalogue has items (an id-like or text-code kind).
   token_negatives: str = ''
 
   def __post_init__(self):
