@@ -19,6 +19,7 @@ its own tokens only gives the same result, and no row is ever NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,12 +31,21 @@ NEG_INF = -1e9  # = layers.NEG_INF (layers imports this module, so it cannot imp
 
 def blockwise_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD: jax.Array,
                         bias_BxHxTxT: jax.Array, allowed: jax.Array, *,
-                        block_items: int = 32) -> jax.Array:
+                        block_items: int = 32, dropout_rate: float = 0.0,
+                        dropout_key: jax.Array | None = None) -> jax.Array:
   """Drop-in for `layers.block_attention` (same arguments and result) for item-causal masks.
 
   `bias_BxHxTxT` broadcastable to `[B, H, T, T]`; `allowed` a 5-d bool broadcastable to
   `[B, T, K, T, K]`. T is padded up to a multiple of `block_items` (padded keys are masked).
+  With `dropout_rate` > 0 the attention probabilities are dropped (kept ones scaled by
+  1 / (1 - rate)) with the keep-mask of each (query block i, key block j) pair drawn from
+  `fold_in(dropout_key, i * n_blocks + j)` (`dropout_keep`), in the forward pass and again,
+  the same, in the backward pass: no mask larger than one block pair is ever held.
   """
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f'dropout_rate={dropout_rate} must be in [0, 1)')
+  if dropout_rate and dropout_key is None:
+    raise ValueError('dropout_rate > 0 needs a dropout_key')
   b, t, k, h, d = q_BxTxKxHxD.shape
   bt = min(block_items, t)
   n = -(-t // bt)
@@ -49,8 +59,9 @@ def blockwise_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKx
     x = jnp.pad(x_BxTxKxHxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
     return x.reshape(b, n, bt, k, h, d).transpose(1, 0, 4, 2, 3, 5)
 
+  key = dropout_key if dropout_rate else None
   out_NxBxHxtxKxD = _flash(to_blocks(q_BxTxKxHxD), to_blocks(k_BxTxKxHxD),
-                           to_blocks(v_BxTxKxHxD), bias_BxHxTpxTp, allowed)
+                           to_blocks(v_BxTxKxHxD), bias_BxHxTpxTp, allowed, key, dropout_rate)
   out_BxTxKxHxD = out_NxBxHxtxKxD.transpose(1, 0, 3, 4, 2, 5).reshape(b, n * bt, k, h, d)
   return out_BxTxKxHxD[:, :t]
 
@@ -68,11 +79,20 @@ def _block_logits(q_BxHxtxKxD, k_BxHxtxKxD, bias_BxHxTxT, allowed, i, j):
   return jnp.where(ok, logits, NEG_INF), ok
 
 
-def _forward_block(q_BxHxtxKxD, i, k_NxBxHxtxKxD, v_NxBxHxtxKxD, bias, allowed):
+def dropout_keep(key: jax.Array, rate: float, i, j, n_blocks: int, shape) -> jax.Array:
+  """The dropout multipliers of the (query block i, key block j) pair, float32 `shape`
+  (`[B, H, t, K, t, K]`): 1 / (1 - rate) where kept, 0 where dropped."""
+  keep = jax.random.bernoulli(jax.random.fold_in(key, i * n_blocks + j), 1.0 - rate, shape)
+  return keep.astype(jnp.float32) / (1.0 - rate)
+
+
+def _forward_block(q_BxHxtxKxD, i, k_NxBxHxtxKxD, v_NxBxHxtxKxD, bias, allowed, key, rate):
   """Online softmax of query block i over key blocks 0..i: (output `[B, H, t, K, D]` in v's
-  dtype, log-sum-exp `[B, H, t, K]` float32)."""
+  dtype, log-sum-exp `[B, H, t, K]` float32). The sum runs over the undropped
+  probabilities; the output over the dropped ones."""
   shape = q_BxHxtxKxD.shape[:-1]
   v_dtype = v_NxBxHxtxKxD.dtype
+  n = k_NxBxHxtxKxD.shape[0]
 
   def body(j, carry):
     m, l, acc = carry
@@ -80,7 +100,8 @@ def _forward_block(q_BxHxtxKxD, i, k_NxBxHxtxKxD, v_NxBxHxtxKxD, bias, allowed):
     m_new = jnp.maximum(m, s.max(axis=(-2, -1)))
     p = jnp.exp(s - m_new[..., None, None])
     scale = jnp.exp(m - m_new)
-    pv = jnp.einsum('bhtksj,bhsjd->bhtkd', p.astype(v_dtype), v_NxBxHxtxKxD[j],
+    kept = p if key is None else p * dropout_keep(key, rate, i, j, n, p.shape)
+    pv = jnp.einsum('bhtksj,bhsjd->bhtkd', kept.astype(v_dtype), v_NxBxHxtxKxD[j],
                     preferred_element_type=jnp.float32)
     return m_new, l * scale + p.sum(axis=(-2, -1)), acc * scale[..., None] + pv
 
@@ -90,40 +111,48 @@ def _forward_block(q_BxHxtxKxD, i, k_NxBxHxtxKxD, v_NxBxHxtxKxD, bias, allowed):
   return (acc / l[..., None]).astype(v_dtype), m + jnp.log(l)
 
 
-def _forward(q, k, v, bias, allowed):
+def _forward(q, k, v, bias, allowed, key, rate):
   def step(_, xs):
     q_i, i = xs
-    return None, _forward_block(q_i, i, k, v, bias, allowed)
+    return None, _forward_block(q_i, i, k, v, bias, allowed, key, rate)
 
   _, (out, lse) = lax.scan(step, None, (q, jnp.arange(q.shape[0])))
   return out, lse
 
 
-@jax.custom_vjp
-def _flash(q, k, v, bias, allowed):
-  return _forward(q, k, v, bias, allowed)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, bias, allowed, key, rate):
+  return _forward(q, k, v, bias, allowed, key, rate)[0]
 
 
-def _flash_fwd(q, k, v, bias, allowed):
-  out, lse = _forward(q, k, v, bias, allowed)
-  return out, (q, k, v, bias, allowed, out, lse)
+def _flash_fwd(q, k, v, bias, allowed, key, rate):
+  out, lse = _forward(q, k, v, bias, allowed, key, rate)
+  return out, (q, k, v, bias, allowed, key, out, lse)
 
 
-def _backward_pair(q_i, do_i, lse_i, delta_i, k_j, v_j, bias, allowed, i, j):
-  """Gradients of one (query block i, key block j) pair: (dq_i, dk_j, dv_j, dbias_ij)."""
+def _backward_pair(q_i, do_i, lse_i, delta_i, k_j, v_j, bias, allowed, i, j, key, rate, n):
+  """Gradients of one (query block i, key block j) pair: (dq_i, dk_j, dv_j, dbias_ij).
+
+  With dropout (multipliers z): out = (p z) v, so dv = (p z)^T do, dp = (do v^T) z, and the
+  softmax's `delta = rowsum(do * out)` is the same expression on the dropped output."""
   s, ok = _block_logits(q_i, k_j, bias, allowed, i, j)
   p = jnp.exp(s - lse_i[..., None, None])
   f32 = jnp.float32
-  dv_j = jnp.einsum('bhtksj,bhtkd->bhsjd', p.astype(do_i.dtype), do_i, preferred_element_type=f32)
+  z = None if key is None else dropout_keep(key, rate, i, j, n, p.shape)
+  kept = p if z is None else p * z
+  dv_j = jnp.einsum('bhtksj,bhtkd->bhsjd', kept.astype(do_i.dtype), do_i,
+                    preferred_element_type=f32)
   dp = jnp.einsum('bhtkd,bhsjd->bhtksj', do_i, v_j, preferred_element_type=f32)
+  if z is not None:
+    dp = dp * z
   ds = jnp.where(ok, p * (dp - delta_i[..., None, None]), 0.0) / math.sqrt(q_i.shape[-1])
   dq_i = jnp.einsum('bhtksj,bhsjd->bhtkd', ds.astype(k_j.dtype), k_j, preferred_element_type=f32)
   dk_j = jnp.einsum('bhtksj,bhtkd->bhsjd', ds.astype(q_i.dtype), q_i, preferred_element_type=f32)
   return dq_i, dk_j, dv_j, ds.sum(axis=(3, 5))
 
 
-def _flash_bwd(res, do):
-  q, k, v, bias, allowed, out, lse = res
+def _flash_bwd(rate, res, do):
+  q, k, v, bias, allowed, key, out, lse = res
   n, bt = q.shape[0], q.shape[3]
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
@@ -133,7 +162,7 @@ def _flash_bwd(res, do):
     def inner(j, c):
       dq_i, dk, dv, dbias = c
       dq_ij, dk_j, dv_j, dbias_ij = _backward_pair(q[i], do[i], lse[i], delta[i], k[j], v[j],
-                                                   bias, allowed, i, j)
+                                                   bias, allowed, i, j, key, rate, n)
       dk = dk.at[j].add(dk_j)
       dv = dv.at[j].add(dv_j)
       dbias = lax.dynamic_update_slice(dbias, dbias_ij, (0, 0, i * bt, j * bt))
@@ -146,7 +175,7 @@ def _flash_bwd(res, do):
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
   dq, dk, dv, dbias = lax.fori_loop(0, n, outer, (zeros(q), zeros(k), zeros(v), zeros(bias)))
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias.astype(bias.dtype),
-          None)
+          None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -131,8 +131,8 @@ class ModelConfig:
   # as SASRec drops its input embeddings; the blocks keep `dropout`.
   input_dropout: float = 0.0
   # HeterRec option (off = the paper): dropout on the attention probabilities of every block, as
-  # RecBole's SASRec. The causal stacks then run the dense attention (the blockwise one has no
-  # dropout), whose memory is quadratic in T.
+  # RecBole's SASRec; the blockwise attention of long sequences draws it per block pair, so its
+  # memory stays linear in T.
   attention_dropout: float = 0.0
   # Initial kernels of the LMP step heads (item and token level): 'lecun' (the paper is silent;
   # `linear_std` applies) or 'identity' (kernel I, bias 0: each step's query starts as U itself,

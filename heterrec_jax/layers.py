@@ -149,18 +149,25 @@ def attention_impl(name: str, block_items: int | None = None) -> Iterator[None]:
 
 
 def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD: jax.Array,
-                     bias_BxHxTxT: jax.Array, allowed: jax.Array) -> jax.Array:
+                     bias_BxHxTxT: jax.Array, allowed: jax.Array,
+                     probs_dropout: nnx.Dropout | None = None) -> jax.Array:
   """`block_attention` for item-causal masks (`allowed[b, t, :, s, :]` False for s > t):
   blockwise over blocks of BLOCK_ITEMS items (or `attention_impl`'s; no L x L logits, memory
   linear in T, key blocks after the query block skipped) when the sequence has more than
-  DENSE_MAX_ITEMS items, else dense (faster at that length)."""
+  DENSE_MAX_ITEMS items, else dense (faster at that length). `probs_dropout` drops attention
+  probabilities on either path (blockwise: per block pair, from one key of its stream)."""
   n_items = q_BxTxKxHxD.shape[1]
   blockwise = (_attention_impl == 'blockwise'
                or (_attention_impl == 'auto' and n_items > DENSE_MAX_ITEMS))
   if not blockwise:
-    return block_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD, bias_BxHxTxT, allowed)
+    return block_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD, bias_BxHxTxT, allowed,
+                           probs_dropout)
+  rate, key = 0.0, None
+  if probs_dropout is not None and probs_dropout.rate and not probs_dropout.deterministic:
+    rate, key = probs_dropout.rate, probs_dropout.rngs()
   return attention_lib.blockwise_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD, bias_BxHxTxT,
-                                           allowed, block_items=_block_items or BLOCK_ITEMS)
+                                           allowed, block_items=_block_items or BLOCK_ITEMS,
+                                           dropout_rate=rate, dropout_key=key)
 
 
 def dense(d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype, rngs: nnx.Rngs,
@@ -196,9 +203,8 @@ class MultiHeadAttention(nnx.Module):
   """Multi-head self-attention over `[B, T, K, D]` with an item-grid bias (eq. 1, 4, 5).
 
   `causal=True` promises item-causal masks and lets it run `causal_attention` (blockwise for
-  long sequences); otherwise it runs the dense `block_attention` (any mask). With
-  `attention_dropout` > 0 it always runs the dense one, which drops attention probabilities
-  (the blockwise one has no dropout): memory quadratic in T.
+  long sequences); otherwise it runs the dense `block_attention` (any mask). Either drops
+  attention probabilities when `attention_dropout` > 0.
   """
 
   def __init__(self, d: int, heads: int, *, dtype, rngs: nnx.Rngs, causal: bool = False,
@@ -217,11 +223,8 @@ class MultiHeadAttention(nnx.Module):
     *lead, d = x_BxTxKxD.shape
     split = lambda y: y.reshape(*lead, self.heads, d // self.heads)
     q, k, v = (split(f(x_BxTxKxD)) for f in (self.query, self.key, self.value))
-    if self.probs_drop is not None:
-      out_BxTxKxHxDh = block_attention(q, k, v, bias_BxHxTxT, allowed, self.probs_drop)
-    else:
-      attend = causal_attention if self.causal else block_attention
-      out_BxTxKxHxDh = attend(q, k, v, bias_BxHxTxT, allowed)
+    attend = causal_attention if self.causal else block_attention
+    out_BxTxKxHxDh = attend(q, k, v, bias_BxHxTxT, allowed, self.probs_drop)
     return self.out(out_BxTxKxHxDh.reshape(*lead, d))
 
 

@@ -162,3 +162,78 @@ def test_causal_stack_blockwise_equals_dense_with_parameter_gradients(monkeypatc
       return jax.jit(value_and_grad)(states, x)
 
   _assert_close(run('blockwise'), run('dense'))
+
+
+def _dense_with_keep(q, k, v, bias, allowed, keep):
+  """The dense reference with a given dropout multiplier on the probabilities
+  `[B, H, T, K, T, K]`: softmax over the flat keys, times `keep`, then V."""
+  b, t, kk, h, d = q.shape
+  logits = (jnp.einsum('btkhd,bsjhd->bhtksj', q, k)
+            + bias[:, :, :, None, :, None]) / np.sqrt(d)
+  logits = jnp.where(allowed[:, None], logits, layers.NEG_INF).reshape(b, h, t, kk, t * kk)
+  probs = jax.nn.softmax(logits, axis=-1).reshape(b, h, t, kk, t, kk) * keep
+  return jnp.einsum('bhtksj,bsjhd->btkhd', probs, v)
+
+
+@pytest.mark.parametrize('block_items', [2, 3])  # 3: T = 7 is padded to 9
+def test_blockwise_dropout_equals_dense_with_the_same_mask(block_items):
+  """Blockwise attention with dropout on the probabilities: forward and gradients (q, k, v,
+  the time-gap table) equal the dense softmax times the keep-mask assembled from the same
+  per-block-pair draws (`attention.dropout_keep`); the rate actually drops about its share."""
+  q, k, v, table, ts, mask = map(jnp.asarray, _inputs(3))
+  allowed = layers.block_causal_mask(mask)
+  rate, key = 0.4, jax.random.key(7)
+  b, t, kk, h, _ = q.shape
+  n = -(-t // block_items)
+  tp = n * block_items
+  keep = np.zeros((b, h, tp, kk, tp, kk), np.float32)
+  for i in range(n):
+    for j in range(i + 1):
+      shape = (b, h, block_items, kk, block_items, kk)
+      rows, cols = slice(i * block_items, (i + 1) * block_items), slice(j * block_items,
+                                                                        (j + 1) * block_items)
+      keep[:, :, rows, :, cols, :] = attention.dropout_keep(key, rate, i, j, n, shape)
+  keep = keep[:, :, :t, :, :t, :]
+  dropped = np.mean(keep[np.broadcast_to(np.asarray(allowed)[:, None], keep.shape)] == 0)
+  assert 0.3 < dropped < 0.5
+  blockwise = functools.partial(attention.blockwise_attention, block_items=block_items,
+                                dropout_rate=rate, dropout_key=key)
+  dense = functools.partial(_dense_with_keep, keep=jnp.asarray(keep))
+  run = lambda attend: (attend(q, k, v, layers.time_gap_bias(table, ts), allowed),
+                        jax.grad(functools.partial(_loss, attend), argnums=(0, 1, 2, 3))(
+                            q, k, v, table, ts, allowed))
+  _assert_close(jax.jit(lambda: run(blockwise))(), run(dense))
+
+
+def test_attention_dropout_runs_blockwise_in_training_and_off_in_eval(monkeypatch):
+  """model.attention_dropout on a long causal sequence runs the blockwise path (the dense
+  one is never called) with dropout in training, and equals the block without dropout in
+  evaluation."""
+  def no_dense(*args, **kwargs):
+    raise AssertionError('the dense attention ran')
+
+  monkeypatch.setattr(layers, 'block_attention', no_dense)
+  with nnx.use_eager_sharding(False):
+    mha = layers.MultiHeadAttention(8, 2, dtype=jnp.float32, rngs=nnx.Rngs(0), causal=True,
+                                    attention_dropout=0.5)
+  x = np.random.default_rng(9).normal(size=(2, 6, 2, 8)).astype(np.float32)
+  bias = jnp.zeros((2, 2, 6, 6))
+  allowed = layers.block_causal_mask(jnp.ones((2, 6), bool))
+  with layers.attention_impl('blockwise', block_items=2):
+    first, second = np.asarray(mha(x, bias, allowed)), np.asarray(mha(x, bias, allowed))
+    mha.eval()
+    off = np.asarray(mha(x, bias, allowed))
+    mha.probs_drop = None
+    plain = np.asarray(mha(x, bias, allowed))
+  assert np.all(np.isfinite(first)) and not np.allclose(first, second)
+  assert not np.allclose(first, off)
+  np.testing.assert_allclose(off, plain, rtol=1e-6)
+
+
+def test_blockwise_dropout_rejects_a_bad_rate_or_a_missing_key():
+  q, k, v, table, ts, mask = _inputs(0)
+  args = (q, k, v, layers.time_gap_bias(table, ts), layers.block_causal_mask(mask))
+  with pytest.raises(ValueError, match='dropout_rate'):
+    attention.blockwise_attention(*args, dropout_rate=1.0, dropout_key=jax.random.key(0))
+  with pytest.raises(ValueError, match='dropout_key'):
+    attention.blockwise_attention(*args, dropout_rate=0.1)
