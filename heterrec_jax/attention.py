@@ -9,6 +9,8 @@ per (query block, key block) pair from the item grid. The backward pass is a cus
 recomputes each block's probabilities from the saved log-sum-exp (FlashAttention-2), so the
 memory of both passes is linear in T for a fixed block size (plus the item-grid bias and mask,
 T x T, which the caller holds anyway and which are K^2 times smaller than the logits).
+Attention dropout, when asked for, is drawn per block pair from one key and drawn again in the
+backward pass, so it keeps that bound (`dropout_keep`).
 
 Contract: the mask is item-causal (`allowed[b, t, :, s, :]` is False for s > t); key blocks after
 the query block are skipped, not computed. Every mask of `layers` obeys it (block-causal,
