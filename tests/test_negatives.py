@@ -484,3 +484,11 @@ def test_heterrec_token_level_all_equals_the_masked_item_softmax(variant):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_catalogue_logsumexp_needs_both_keys_or_neither():
+  q, v = jnp.ones((1, 1, 2, D)), jnp.ones((3, D))
+  with pytest.raises(ValueError, match='both key_C and query_key_xBxT'):
+    lmp.catalogue_logsumexp(q, v, 1.0, 2, None, jnp.zeros(3, jnp.int32))
+  with pytest.raises(ValueError, match='both key_C and query_key_xBxT'):
+    lmp.catalogue_logsumexp(q, v, 1.0, 2, None, None, jnp.zeros((1, 1, 2), jnp.int32))
