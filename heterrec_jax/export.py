@@ -3,14 +3,18 @@
     python -m heterrec_jax.export --workdir DIR --output DIR2 [--checkpoint best|latest]
 
 DIR2 receives
-  item_embeddings.npy  float32 [n_items, d_k]  L2-normalised item vectors V, row i = item_keys line i
+  item_embeddings.npy  float32 [n_items, d_k]  item vectors V as the model scores them, row i =
+                       item_keys line i: unit length under loss.scoring='cosine', raw under 'dot'
   item_keys.txt        the original item id of each row
   user_embeddings.npy  float32 [n_users, d_k]  each user's vector from his latest T events
   user_keys.txt        the original user id of each row
   user_tower.jaxexport the jitted user tower (`jax.export`, parameters inside), called as
                        f(items[B,T] int32, tokens[B,T,S] int32, timestamps[B,T] int32, mask[B,T] bool)
                        -> [B, d_k]; load with `jax.export.deserialize(bytes).call(...)`
-  manifest.json        shapes, dtypes and where the run came from
+  manifest.json        shapes, dtypes, where the run came from, and `scoring`
+A user's score for an item is the inner product of their rows under either scoring, so an ANN
+index over this export is a maximum-inner-product index; a cosine index ranks a 'dot' model's
+items differently from its evaluation.
 
 DIR2 must be a new or empty folder, or an earlier export (it holds manifest.json), which is
 replaced; a file, the workdir itself, a folder holding the workdir, or any other non-empty
@@ -102,6 +106,7 @@ def export_run(workdir: pathlib.Path, output: pathlib.Path, which: str = 'best',
   keys = (dataset.path / 'item_keys.txt').read_text().splitlines()[1:]
   manifest = {'workdir': str(workdir), 'checkpoint': which, 'n_items': len(keys),
               'n_users': n_users, 'd_k': int(items.shape[1]), 'max_len': t, 'n_sub': s,
+              'scoring': cfg.loss.scoring, 'score': 'inner product of user and item rows',
               'dataset_fingerprint': dataset.fingerprint()}
   files = {'item_embeddings.npy': np.asarray(items)[1:], 'user_embeddings.npy': users,
            'item_keys.txt': ''.join(f'{k}\n' for k in keys),

@@ -312,8 +312,27 @@ def test_train_end_to_end_writes_results_and_exports(tiny, tmp_path, capsys):
   manifest = export_lib.export_run(tmp_path / 'run', tmp_path / 'export')
   items = np.load(tmp_path / 'export' / 'item_embeddings.npy')
   assert items.shape == (manifest['n_items'], manifest['d_k'])
+  assert manifest['scoring'] == cfg.loss.scoring == 'cosine'
   np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-4)
   exported = jax.export.deserialize((tmp_path / 'export' / 'user_tower.jaxexport').read_bytes())
   window = export_lib.latest_windows(run.dataset, np.arange(3), cfg.data.max_len)
   users = np.load(tmp_path / 'export' / 'user_embeddings.npy')
   np.testing.assert_allclose(exported.call(*window.values()), users[:3], rtol=1e-4, atol=1e-5)
+
+
+def test_export_of_a_dot_scoring_run_keeps_the_scored_vectors(tiny, tmp_path):
+  """Under loss.scoring='dot' the exported item rows are the raw V the evaluation ranks with
+  (a normalised export would rank items by cosine, not by the model's score)."""
+  cfg, _ = tiny
+  cfg = apply_overrides(cfg, ['loss.scoring=dot', 'loss.tau=1.0', 'train.steps=2',
+                              'train.eval_every=0', 'train.checkpoint_every=100'])
+  assert train_lib.train(cfg, tmp_path / 'run', progress=False)['status'] == 'done'
+  manifest = export_lib.export_run(tmp_path / 'run', tmp_path / 'export', 'latest')
+  assert manifest['scoring'] == 'dot'
+  items = np.load(tmp_path / 'export' / 'item_embeddings.npy')
+  run = run_lib.restore_run(tmp_path / 'run', 'latest')
+  scored = evaluate_lib.item_vectors(evaluate_lib.eval_graphdef(run),
+                                     averaging.model_state(run.state), run.dataset,
+                                     cfg.eval.item_batch_size)
+  np.testing.assert_allclose(items, np.asarray(scored)[1:], rtol=1e-5, atol=1e-6)
+  assert np.abs(np.linalg.norm(items, axis=1) - 1.0).max() > 1e-2
