@@ -5,7 +5,7 @@
 
     python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] \\
         [--attention auto[,dense,blockwise]] [--block-items 32[,64]] [--max-len 128,256,512] \\
-        [--dtypes float32,bfloat16] [--microbatches 1,4] [--profile] [key=value ...]
+        [--dtypes float32,bfloat16] [--microbatches 1,4] [--profile] [--trace DIR] [key=value ...]
 
     python -m heterrec_jax.bench ceiling [--n 2048] [--repeats 5] [--dtypes float32,bfloat16] \\
         [--precisions default,highest] [--statistic best|median]
@@ -39,7 +39,10 @@ Comma-separated `--attention`, `--block-items`, `--max-len`, `--dtypes` and `--m
 every combination in one process (each run's JSON on its own line, then a table of step time and
 peak memory per run, then one JSON object `{"benchmark": "train_sweep", "runs": [...]}`).
 `--profile` adds `profile`: each component of the step compiled and timed alone
-(`profile.py`), printed as a table.
+(`profile.py`), printed as a table. `--trace DIR` runs two more steps after the timed ones
+under `jax.profiler.trace` and writes the trace (XPlane and a Chrome trace, for TensorBoard's
+profile plugin or Perfetto) under DIR, one folder per run of a sweep (`run0`, `run1`, ...), and
+names it in `trace_dir`; the timed steps are not traced, so the figures do not change.
 
 `ceiling` times one `--n`^3 matmul per dtype and precision (`jax.lax.Precision`: 'default' lets
 XLA use TF32 for float32 on a GPU, 'highest' does not), one untimed call then `--repeats` timed
@@ -197,10 +200,12 @@ def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
 
 def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int = 2,
                 attention: str = 'auto', profile: bool = False,
-                block_items: int | None = None) -> dict[str, Any]:
+                block_items: int | None = None,
+                trace_dir: pathlib.Path | None = None) -> dict[str, Any]:
   """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps,
   the causal blocks' attention traced as `attention` (`layers.ATTENTION_IMPLS`; the blockwise
-  one over blocks of `block_items` items, None: `layers.BLOCK_ITEMS`)."""
+  one over blocks of `block_items` items, None: `layers.BLOCK_ITEMS`). With `trace_dir`, two
+  more steps run under `jax.profiler.trace(trace_dir)` after the timed ones."""
   if steps < 1 or warmup < 1:
     raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
   if attention not in layers.ATTENTION_IMPLS:
@@ -227,6 +232,8 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
                                                tstate.state, batches[0])
   with layers.attention_impl(attention, block_items):
     timed = _time_steps(step, tstate.state, batches, steps, warmup)
+    if trace_dir is not None:
+      timed['state'] = _trace_steps(step, timed['state'], batches, trace_dir)
   ceiling = matmul_ceiling()
   b, t, k = cfg.train.batch_size, cfg.data.max_len, dataset.schema.n_kinds
   step_time, final_state = timed.pop('step_time_s'), timed.pop('state')
@@ -241,6 +248,8 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
       'compute_dtype': cfg.model.compute_dtype, 'microbatches': cfg.train.microbatches,
       'xla_flops_per_step': xla_flops,
       'dense_peak_memory_bytes': dense_peak}
+  if trace_dir is not None:
+    result['trace_dir'] = str(trace_dir)
   if profile:
     with layers.attention_impl(attention, block_items):
       result['profile'] = profile_lib.profile_step(
@@ -268,6 +277,16 @@ def _time_steps(step, state, batches, steps: int, warmup: int) -> dict[str, Any]
           'state': state}
 
 
+def _trace_steps(step, state, batches, trace_dir: pathlib.Path):
+  """Two steps under `jax.profiler.trace(trace_dir)`; returns the state after them."""
+  trace_dir.mkdir(parents=True, exist_ok=True)
+  with jax.profiler.trace(str(trace_dir)):
+    for i in range(2):
+      state, aux = step(state, batches[i % 2])
+    jax.block_until_ready((state, aux))
+  return state
+
+
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
   return lambda text: [kind(x) for x in text.split(',') if x]
 
@@ -275,19 +294,26 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
   """One run per (attention, block items, max_len, dtype, microbatches) of the command line,
   in one process."""
+  if args.trace and pathlib.Path(args.trace).exists() and not pathlib.Path(args.trace).is_dir():
+    raise ConfigError(f'--trace {args.trace} is a file; give a folder for the trace')
   base = apply_overrides(load_config(args.config), args.overrides)
   settings = [(a, bi, t, d, m) for a in args.attention for bi in args.block_items
               for t in (args.max_len or [None]) for d in (args.dtypes or [None])
               for m in (args.microbatches or [None])]
   results = []
   with tempfile.TemporaryDirectory(prefix='heterrec-bench-') as tmp:
-    for attention, block_items, max_len, dtype, microbatches in settings:
+    for index, (attention, block_items, max_len, dtype, microbatches) in enumerate(settings):
       extra = ([f'data.max_len={max_len}'] if max_len else []) + (
           [f'model.compute_dtype={dtype}'] if dtype else []) + (
           [f'train.microbatches={microbatches}'] if microbatches else [])
       cfg = apply_overrides(base, extra)
+      trace_dir = None
+      if args.trace:
+        trace_dir = pathlib.Path(args.trace) / f'run{index}' if len(settings) > 1 else pathlib.Path(
+            args.trace)
       result = bench_train(cfg, pathlib.Path(tmp), steps=args.steps, warmup=args.warmup,
-                           attention=attention, profile=args.profile, block_items=block_items)
+                           attention=attention, profile=args.profile, block_items=block_items,
+                           trace_dir=trace_dir)
       results.append({'config': args.config, 'overrides': args.overrides + extra, **result})
       _print_train(results[-1])
       if len(settings) > 1:
@@ -349,6 +375,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                  help='comma-separated train.microbatches values (e.g. 1,4)')
   p.add_argument('--profile', action='store_true',
                  help='also time each component of the step alone (profile.py)')
+  p.add_argument('--trace', default=None, metavar='DIR',
+                 help='write a jax.profiler trace of two steps after the timed ones under DIR')
   p.add_argument('overrides', nargs='*', help='dotted overrides such as train.batch_size=8')
 
 

@@ -11,6 +11,8 @@
 # 4. time to quality: the ml-100k SASRec and HeterRec runs (configs/ml100k_sasrec.py,
 #    configs/ml100k.py) from a prepared data/ml100k (skipped where it is absent);
 # 5. `bench train` at the paper's batch of 128, float32 and bfloat16.
+# Each `bench train` of 2. and 5. also writes a jax.profiler trace of two untimed steps under
+# OUT_DIR/trace_bBATCH/run0 (float32) and run1 (bfloat16): where a GPU step's time goes.
 # Each step has its own time limit and writes its JSON or log under OUT_DIR as it ends, so a call
 # cut short still returns what finished. Where a folder .whl/ of wheels is here (packages the
 # machine lacks, e.g. grain), they are installed into /tmp/site first.
@@ -30,7 +32,8 @@ step() { echo "== $(date +%T) $*"; }
 paper_bench() {  # bench train at configs/paper.py, batch $1, float32 and bfloat16
   step "bench train, paper, batch $1"
   timeout 120 python3 -m heterrec_jax.bench train --config configs/paper.py --steps 30 \
-      --warmup 5 --dtypes float32,bfloat16 "train.batch_size=$1" > "$OUT_DIR/paper_b$1.log" 2>&1
+      --warmup 5 --dtypes float32,bfloat16 --trace "$OUT_DIR/trace_b$1" "train.batch_size=$1" \
+      > "$OUT_DIR/paper_b$1.log" 2>&1
   grep -E '^train|^\|' "$OUT_DIR/paper_b$1.log"; tail -n 3 "$OUT_DIR/paper_b$1.log" | grep -i error
 }
 

@@ -39,13 +39,13 @@ def test_bench_train_reports_cost_memory_and_host_overhead(tiny_data, capsys):
   assert result['dense_peak_memory_bytes'] > 0 and result['xla_flops_per_step'] > 0
 
 
-def test_bench_train_sweep(tiny_data, capsys):
+def test_bench_train_sweep(tiny_data, capsys, tmp_path):
   """--max-len x --dtypes x --attention x --microbatches: one run each in one process, a table
   and one JSON. In 2 parts, flops_per_step stays the whole batch's (XLA counts the parts' loop
-  body once: its own count is lower)."""
+  body once: its own count is lower). --trace: a profiler trace per run, in its own folder."""
   assert bench.main(['train', '--config', TINY, '--steps', '1', '--warmup', '1', '--max-len',
                      '4,8', '--dtypes', 'bfloat16', '--attention', 'dense', '--microbatches', '2',
-                     f'data.path={tiny_data}']) == 0
+                     '--trace', str(tmp_path / 'trace'), f'data.path={tiny_data}']) == 0
   out = capsys.readouterr().out
   result = json.loads(out.strip().splitlines()[-1])
   assert result['benchmark'] == 'train_sweep'
@@ -54,6 +54,9 @@ def test_bench_train_sweep(tiny_data, capsys):
   assert runs == [(4, 'bfloat16', 'dense', 2), (8, 'bfloat16', 'dense', 2)]
   assert all(r['flops_per_step'] > 1.2 * r['xla_flops_per_step'] for r in result['runs'])
   assert '| dense | 32 | bfloat16 | 2 | 8 |' in out
+  for i, r in enumerate(result['runs']):
+    assert r['trace_dir'] == str(tmp_path / 'trace' / f'run{i}')
+    assert list(pathlib.Path(r['trace_dir']).rglob('*.xplane.pb')), r['trace_dir']
 
 
 def test_bench_train_block_items_reach_the_traced_step(tiny_data, capsys):
@@ -115,6 +118,7 @@ def test_bench_data_reports_windows_per_second(tiny_data, capsys):
     ['ceiling', '--dtypes', 'float33'],
     ['ceiling', '--precisions', 'exact'],
     ['ceiling', '--repeats', '0'],
+    ['train', '--config', TINY, '--trace', __file__],
     ['data', '--input', '/nonexistent/folder'],
     ['data', '--input', '.', '--batches', '0'],
 ])
