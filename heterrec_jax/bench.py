@@ -261,12 +261,10 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
 def _time_steps(step, state, batches, steps: int, warmup: int) -> dict[str, Any]:
   """`warmup` untimed then `steps` timed steps: the mean step time and the process's page faults
   and kernel CPU share over the timed steps; 'state' is the final (donated-into) state."""
-  for i in range(warmup):
-    state, aux = step(state, batches[i % 2])
+  state, _ = _steps(step, state, batches, warmup)
   jax.block_until_ready(state)
   usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  for i in range(steps):
-    state, aux = step(state, batches[i % 2])
+  state, aux = _steps(step, state, batches, steps)
   jax.block_until_ready((state, aux))
   step_time = (time.perf_counter() - t0) / steps
   usage1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -277,12 +275,19 @@ def _time_steps(step, state, batches, steps: int, warmup: int) -> dict[str, Any]
           'state': state}
 
 
+def _steps(step, state, batches, n: int):
+  """`n` steps alternating the two batches: (the state after them, the last step's aux)."""
+  aux = None
+  for i in range(n):
+    state, aux = step(state, batches[i % 2])
+  return state, aux
+
+
 def _trace_steps(step, state, batches, trace_dir: pathlib.Path):
   """Two steps under `jax.profiler.trace(trace_dir)`; returns the state after them."""
   trace_dir.mkdir(parents=True, exist_ok=True)
   with jax.profiler.trace(str(trace_dir)):
-    for i in range(2):
-      state, aux = step(state, batches[i % 2])
+    state, aux = _steps(step, state, batches, 2)
     jax.block_until_ready((state, aux))
   return state
 
@@ -294,7 +299,8 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
   """One run per (attention, block items, max_len, dtype, microbatches) of the command line,
   in one process."""
-  if args.trace and pathlib.Path(args.trace).exists() and not pathlib.Path(args.trace).is_dir():
+  trace = pathlib.Path(args.trace) if args.trace else None
+  if trace is not None and trace.exists() and not trace.is_dir():
     raise ConfigError(f'--trace {args.trace} is a file; give a folder for the trace')
   base = apply_overrides(load_config(args.config), args.overrides)
   settings = [(a, bi, t, d, m) for a in args.attention for bi in args.block_items
@@ -307,10 +313,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
           [f'model.compute_dtype={dtype}'] if dtype else []) + (
           [f'train.microbatches={microbatches}'] if microbatches else [])
       cfg = apply_overrides(base, extra)
-      trace_dir = None
-      if args.trace:
-        trace_dir = pathlib.Path(args.trace) / f'run{index}' if len(settings) > 1 else pathlib.Path(
-            args.trace)
+      trace_dir = trace / f'run{index}' if trace and len(settings) > 1 else trace
       result = bench_train(cfg, pathlib.Path(tmp), steps=args.steps, warmup=args.warmup,
                            attention=attention, profile=args.profile, block_items=block_items,
                            trace_dir=trace_dir)
