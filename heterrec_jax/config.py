@@ -244,6 +244,10 @@ class OptimConfig:
   # item_id_input), added to weight_decay there: a pull towards 0 of the rows of rarely seen
   # items, which the catalogue softmax otherwise keeps pushing (docs/results.md, Toys).
   vector_decay: float = 0.0
+  # Learning-rate multiplier of the free per-item vector table alone (1: the shared rate): its
+  # Adam step is scaled by it before the decays, so a row of a rarely seen item can move away
+  # from the feature path's shared direction faster than the shared weights move.
+  vector_lr_scale: float = 1.0
   # Global gradient-norm clipping (0: off).
   clip_norm: float = 1.0
   # AdamW moments.
@@ -260,6 +264,7 @@ class OptimConfig:
     _check_positive('optim.warmup_steps', self.warmup_steps, allow_zero=True)
     _check_positive('optim.weight_decay', self.weight_decay, allow_zero=True)
     _check_positive('optim.vector_decay', self.vector_decay, allow_zero=True)
+    _check_positive('optim.vector_lr_scale', self.vector_lr_scale)
     _check_positive('optim.clip_norm', self.clip_norm, allow_zero=True)
     _check_fraction('optim.final_lr_fraction', self.final_lr_fraction, closed=True)
     _check_fraction('optim.b1', self.b1)
@@ -378,6 +383,13 @@ class Config:
                         'vector, which only HeterRec with model.item_id_vector=true (or '
                         f'item_id_input) has; this config has model.name={m.name!r}, '
                         f'item_id_vector={m.item_id_vector}, item_id_input={m.item_id_input}')
+    if self.optim.vector_lr_scale != 1.0 and not (m.name == 'heterrec'
+                                                  and (m.item_id_vector or m.item_id_input)):
+      raise ConfigError(f'optim.vector_lr_scale={self.optim.vector_lr_scale} scales the rate of '
+                        'the free per-item vector, which only HeterRec with '
+                        'model.item_id_vector=true (or item_id_input) has; this config has '
+                        f'model.name={m.name!r}, item_id_vector={m.item_id_vector}, '
+                        f'item_id_input={m.item_id_input}')
 
 
 def horizon(model_name: str, loss: LossConfig) -> int:

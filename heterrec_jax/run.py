@@ -64,9 +64,10 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else o.lr, peak_value=o.lr, warmup_steps=warmup,
         decay_steps=max(cfg.train.steps, warmup + 1), end_value=o.lr * o.final_lr_fraction)
-  if o.vector_decay:  # AdamW with a second decay on the free per-item vector table alone
+  if o.vector_decay or o.vector_lr_scale != 1.0:  # AdamW, the free vector table apart
     adamw = optax.chain(
         optax.scale_by_adam(b1=o.b1, b2=o.b2),
+        optax.masked(optax.scale(o.vector_lr_scale), _free_vector_mask),
         optax.add_decayed_weights(o.weight_decay),
         optax.add_decayed_weights(o.vector_decay, mask=_free_vector_mask),
         optax.scale_by_learning_rate(schedule))
