@@ -209,6 +209,12 @@ class LossConfig:
   # item-level softmax per kind at most; 'uniform' is cheaper when a kind has about as many
   # distinct tokens as the catalogue has items (an id-like or text-code kind).
   token_negatives: str = ''
+  # Label smoothing eps of the item-level softmax over the whole catalogue (negatives='all',
+  # and BERT4Rec's full Cloze softmax): the target is (1 - eps) on the positive and eps spread
+  # evenly over the catalogue's items, i.e. the loss (1 - eps) * CE + eps * mean_c(-log p_c).
+  # Exact and cheap (the mean logit is the query against the mean item vector); the token
+  # level and the sampled sources are not smoothed. 0: off.
+  label_smoothing: float = 0.0
 
   def __post_init__(self):
     _check_in('loss.name', self.name, ('default', 'sampled_softmax'))
@@ -226,6 +232,11 @@ class LossConfig:
                         f"'in_batch' or 'mixed', not {self.negatives!r}")
     _check_positive('loss.lambda_m', self.lambda_m, allow_zero=True)
     _check_positive('loss.w_tok', self.w_tok, allow_zero=True)
+    _check_fraction('loss.label_smoothing', self.label_smoothing)
+    if self.label_smoothing and self.negatives != 'all':
+      raise ConfigError(f'loss.label_smoothing={self.label_smoothing} spreads the target over '
+                        "the whole catalogue; it needs loss.negatives='all', not "
+                        f'{self.negatives!r}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -363,7 +363,11 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
                                          shared.log_weight, shared.key,
                                          _shifted(shared.query_key_BxW, n, t))
       lse_NxBxT = jnp.logaddexp(others_NxBxT, pos_NxBxT / cfg.tau)
-    losses_N = catalogue_step_loss(pos_NxBxT, lse_NxBxT, counted_NxBxT, cfg.tau,
+    target_NxBxT = pos_NxBxT
+    if cfg.label_smoothing and shared.key is None:  # the item level: eps on the mean logit
+      mean_NxBxT = jnp.einsum('nbtd,d->nbt', queries_NxBxTxD, jnp.mean(shared.vectors, axis=0))
+      target_NxBxT = (1.0 - cfg.label_smoothing) * pos_NxBxT + cfg.label_smoothing * mean_NxBxT
+    losses_N = catalogue_step_loss(target_NxBxT, lse_NxBxT, counted_NxBxT, cfg.tau,
                                    cfg.null_logit_c)
   else:
     ok_NxBxTxC = negative_mask(keys, mask_BxW, n, t, shared)

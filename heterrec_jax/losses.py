@@ -98,7 +98,7 @@ def make(cfg: Config, model: RetrievalModel, item_tokens: np.ndarray,
                                        batch.get('count_from'))
       if cfg.loss.name == 'default':
         loss = softmax.cloze_loss(out['queries'], out['corpus'], out['window_items'],
-                                  masked_BxT, cfg.loss.tau)
+                                  masked_BxT, cfg.loss.tau, cfg.loss.label_smoothing)
         return loss, {'cloze_loss': loss}
       loss = softmax.masked_sampled_softmax_loss(out['queries'], out['targets'],
                                                  out['window_items'], out['window_mask'],

@@ -107,14 +107,19 @@ def dense_all_action_loss(queries_BxTxD: jax.Array, targets_BxWxD: jax.Array,
 
 
 def cloze_loss(queries_BxTxD: jax.Array, corpus_NxD: jax.Array, items_BxT: jax.Array,
-               cloze_mask_BxT: jax.Array, tau: float) -> jax.Array:
+               cloze_mask_BxT: jax.Array, tau: float,
+               label_smoothing: float = 0.0) -> jax.Array:
   """BERT4Rec's masked-item loss, the FULL softmax of its paper: at every [MASK]ed position,
   cross-entropy of the original item against every item of the corpus (rows 1..n_items of
-  `corpus_NxD`; row 0, the padding item, excluded), logits `<q, v> / tau`."""
+  `corpus_NxD`; row 0, the padding item, excluded), logits `<q, v> / tau`; with
+  `label_smoothing` eps the target puts eps evenly on the corpus's items."""
   logits_BxTxN = jnp.einsum('btd,nd->btn', queries_BxTxD, corpus_NxD[1:],
                             preferred_element_type=jnp.float32) / tau
   label_BxT = jnp.clip(items_BxT - 1, 0, corpus_NxD.shape[0] - 2)
   picked_BxT = jnp.take_along_axis(logits_BxTxN, label_BxT[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    picked_BxT = ((1.0 - label_smoothing) * picked_BxT
+                  + label_smoothing * jnp.mean(logits_BxTxN, axis=-1))
   return masked_mean(jax.nn.logsumexp(logits_BxTxN, axis=-1) - picked_BxT,
                      cloze_mask_BxT.astype(bool))
 

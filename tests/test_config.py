@@ -77,12 +77,19 @@ def test_a_field_and_its_group_together_is_an_error(overrides, fragment):
     ('optim.vector_decay=-0.1', 'optim.vector_decay=-0.1 is not allowed'),
     ('optim.vector_decay=nan', 'optim.vector_decay=nan is not allowed'),
     ('optim.vector_decay=0.5', 'only HeterRec with model.item_id_vector=true'),
+    ('loss.label_smoothing=1', 'loss.label_smoothing=1.0 is not allowed; it must be in [0, 1)'),
+    ('loss.label_smoothing=-0.1', 'loss.label_smoothing=-0.1 is not allowed'),
     ('optim.vector_lr_scale=0', 'optim.vector_lr_scale=0.0 is not allowed; it must be > 0'),
     ('optim.vector_lr_scale=2', 'only HeterRec with model.item_id_vector=true'),
 ])
 def test_bad_overrides_name_the_field(override, fragment):
   with pytest.raises(ConfigError, match=re.escape(fragment)):
     apply_overrides(Config(), [override])
+
+
+def test_label_smoothing_needs_the_whole_catalogue():
+  with pytest.raises(ConfigError, match=re.escape("it needs loss.negatives='all', not 'uniform'")):
+    apply_overrides(Config(), ['loss.negatives=uniform', 'loss.label_smoothing=0.1'])
 
 
 @pytest.mark.parametrize('name', sorted(p.stem for p in (ROOT / 'configs').glob('*.py')))

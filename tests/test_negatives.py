@@ -232,6 +232,78 @@ def test_next_item_all_is_full_cross_entropy():
   np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 
+@pytest.mark.parametrize('eps', (0.1, 0.3))
+def test_next_item_all_with_label_smoothing_matches_numpy(eps):
+  """loss.label_smoothing: the target is (1 - eps) on the next item and eps / n on every
+  item, -sum_c y_c log softmax_c(<q, E_c>), against a NumPy loop; its gradient w.r.t. the
+  table against the autodiff of that dense form."""
+  t = W - 1
+  cfg = LossConfig(negatives='all', scoring='dot', tau=1.0, label_smoothing=eps)
+  got, queries, table, batch = _table_loss(6, 'sasrec', cfg, t)
+  total, count = 0.0, 0
+  for b in range(B):
+    for i in range(t):
+      if batch['mask'][b, i] and batch['mask'][b, i + 1]:
+        logits = table[1:] @ queries[b, i]
+        log_p = logits - np.logaddexp.reduce(logits)
+        y = np.full(N_ITEMS, eps / N_ITEMS)
+        y[batch['items'][b, i + 1] - 1] += 1.0 - eps
+        total += -np.sum(y * log_p)
+        count += 1
+  np.testing.assert_allclose(got, total / count, rtol=1e-5)
+  plain, *_ = _table_loss(6, 'sasrec', LossConfig(negatives='all', scoring='dot', tau=1.0), t)
+  assert abs(got - plain) > 1e-3  # the smoothing term counts
+
+  full = losses.make(Config(model=ModelConfig(name='sasrec'), loss=cfg), None, ITEM_TOKENS)
+  q = jnp.asarray(queries)
+  grad = jax.grad(lambda tab: full(_TableModel(q, tab), batch, jax.random.key(0))[0])(
+      jnp.asarray(table))
+
+  def dense(tab):
+    log_p = jax.nn.log_softmax(jnp.einsum('btd,nd->btn', q, tab[1:]), axis=-1)
+    onehot = jax.nn.one_hot(jnp.asarray(batch['items'])[:, 1:t + 1] - 1, N_ITEMS)
+    y = (1.0 - eps) * onehot + eps / N_ITEMS
+    counted = jnp.asarray(batch['mask'][:, :t] & batch['mask'][:, 1:t + 1])
+    return jnp.sum(jnp.where(counted, -jnp.sum(y * log_p, -1), 0.0)) / jnp.sum(counted)
+  np.testing.assert_allclose(grad, jax.grad(dense)(jnp.asarray(table)), rtol=1e-4, atol=1e-6)
+
+
+def test_lmp_all_with_label_smoothing_matches_reference():
+  """HeterRec's LMP over the whole catalogue (cosine, tau, null logit, gate) with
+  label_smoothing: each counted item-level term is log(den) - (1 - eps) s+ - eps mean_c s_c;
+  the token level is not smoothed."""
+  eps = 0.2
+  outputs, batch, catalogue = _example(12)
+  cfg = LossConfig(negatives='all', tau=0.2, n_step=N, w_tok=0.5, lambda_m=0.5,
+                   label_smoothing=eps)
+  negatives = negatives_lib.sample(cfg, jnp.asarray(batch['mask']), N_ITEMS, jax.random.key(0))
+  cat = {'vectors': catalogue['vectors'], 'slots': catalogue['slots'], 'tokens': ITEM_TOKENS[1:]}
+  loss, _ = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, negatives, cat)
+  q, tgt, mask = outputs['queries'], outputs['targets'], batch['mask']
+  item = []
+  for i in range(1, N + 1):
+    total, counted = 0.0, 0
+    for b in range(B):
+      for t in range(T):
+        if not (mask[b, t] and mask[b, t + i]):
+          continue
+        sp = q[i - 1, b, t] @ tgt[b, t + i] / cfg.tau
+        if i > 1:
+          prev = q[i - 2, b, t] @ tgt[b, t + i - 1] / cfg.tau
+          if not math.exp(prev) > math.exp(sp) + cfg.lambda_m:
+            continue
+        all_s = catalogue['vectors'] @ q[i - 1, b, t] / cfg.tau
+        den = cfg.null_logit_c + np.exp(all_s).sum()
+        total += math.log(den) - (1 - eps) * sp - eps * all_s.mean()
+        counted += 1
+    item.append(total / counted if counted else 0.0)
+  plain_cfg = LossConfig(negatives='all', tau=0.2, n_step=N, w_tok=0.5, lambda_m=0.5)
+  token_only = (_lmp_ref(outputs, batch, catalogue, negatives, plain_cfg)
+                - sum(_ref_level(q, tgt, (batch['items'],), mask, plain_cfg,
+                                 _ref_candidates(outputs, batch, catalogue, negatives, -1))))
+  np.testing.assert_allclose(float(loss), sum(item) + token_only, rtol=2e-5)
+
+
 def test_next_item_in_batch_equals_the_in_batch_softmax():
   """The factory's in-batch next-item loss equals `softmax.sampled_softmax_loss` (itself
   tested against NumPy in test_baselines.py)."""
