@@ -11,6 +11,10 @@ in windows of T + 1 ('all') 25 apart, each counting the targets of its last 25 i
 target has >= 25 events of context; stride 25 beat stride 50 on validation nDCG@10, 0.0685 vs
 0.0671, one seed each), batches of 64 windows (validation nDCG@10 at the best checkpoint, seed 0:
 batch 32 0.0644, 64 0.0715, 128 0.0685); early stopping on validation nDCG@10.
+Label smoothing 0.3 on the catalogue softmax (nineteenth session; RecBole's SASRec has none):
+validation over 3 seeds nDCG@10 0.0724 against 0.0704 (+2.8%, each seed higher), Recall@50
++2.1%, nDCG@50 +2.0%; 0.1 and 0.5 were lower than 0.3 on seed 0 (0.0726 and 0.0694 against
+0.0730). `loss.label_smoothing=0` is RecBole's loss.
 Figures and wall time: docs/results.md.
 """
 
@@ -23,7 +27,7 @@ def get_config() -> Config:
       data=DataConfig(path='data/ml100k', max_len=50, window='all', stride=25),
       model=ModelConfig(name='sasrec', d_k=64, d_f=64, heads=2, n1=1, n2=1, ffn_mult=4,
                         dropout=0.5),
-      loss=LossConfig(negatives='all', scoring='dot', tau=1.0),
+      loss=LossConfig(negatives='all', scoring='dot', tau=1.0, label_smoothing=0.3),
       optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule='constant', clip_norm=0.0, b2=0.999),
       train=TrainConfig(steps=4000, batch_size=64, eval_every=100, patience=5,
                         checkpoint_every=100, log_every=20),

@@ -111,7 +111,8 @@ def make(cfg: Config, model: RetrievalModel, item_tokens: np.ndarray,
     token_columns = tuple(model.token_kinds)
     token_cfg = None
     if loss_cfg.token_negatives not in ('', loss_cfg.negatives) and token_columns:
-      token_cfg = dataclasses.replace(loss_cfg, negatives=loss_cfg.token_negatives, log_q=False)
+      token_cfg = dataclasses.replace(loss_cfg, negatives=loss_cfg.token_negatives, log_q=False,
+                                      label_smoothing=0.0)  # the token level is not smoothed
     # The token level over the whole catalogue runs over each kind's distinct tokens.
     vocab = None
     if (token_cfg or loss_cfg).negatives == 'all' and token_columns:

@@ -204,6 +204,23 @@ def test_vector_decay_pulls_only_the_free_vector_table(tiny):
       np.testing.assert_array_equal(decayed[key], plain[key], err_msg=key)
 
 
+def test_label_smoothing_with_a_token_level_source_of_its_own(tiny):
+  """configs/toys.py's case: the item level over the whole catalogue smoothed, the token
+  level on 'uniform' (never smoothed): the loss builds, steps, and differs from eps = 0 by
+  the item level alone."""
+  cfg, dataset = tiny
+  cfg = apply_overrides(cfg, ['model.dropout=0.0', 'loss.negatives=all',
+                              'loss.token_negatives=uniform', 'loss.w_tok=0.5'])
+  mesh1 = sharding.make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+  batch_np = next(train_lib.train_iterator(cfg, run_lib.build_run(cfg, dataset, mesh1)))
+  _, plain = _step_state(cfg, dataset, mesh1, 1, batch_np)
+  _, smooth = _step_state(apply_overrides(cfg, ['loss.label_smoothing=0.2']), dataset, mesh1,
+                          1, batch_np)
+  assert np.isfinite(smooth['loss'])
+  np.testing.assert_allclose(smooth['token_loss'], plain['token_loss'], rtol=1e-6)
+  assert abs(float(smooth['item_loss'] - plain['item_loss'])) > 1e-3
+
+
 def test_vector_lr_scale_speeds_only_the_free_vector_table(tiny):
   """optim.vector_lr_scale=3: one step from the same state with it and without; the free
   per-item vectors' Adam step is 3x (the decoupled weight decay is not scaled), every other
