@@ -21,4 +21,4 @@ def get_config() -> Config:
   return dataclasses.replace(
       cfg, model=dataclasses.replace(cfg.model, name='pinnerformer', d_f=32, dropout=0.2),
       loss=dataclasses.replace(cfg.loss, negatives='mixed', log_q=True, scoring='cosine',
-                               tau=0.05, n_step=3))
+                               tau=0.05, n_step=3, label_smoothing=0.0))

@@ -236,7 +236,8 @@ class LossConfig:
     if self.label_smoothing and self.negatives != 'all':
       raise ConfigError(f'loss.label_smoothing={self.label_smoothing} spreads the target over '
                         "the whole catalogue; it needs loss.negatives='all', not "
-                        f'{self.negatives!r}')
+                        f'{self.negatives!r} (add loss.label_smoothing=0 to train on that '
+                        'source)')
 
 
 @dataclasses.dataclass(frozen=True)
