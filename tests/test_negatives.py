@@ -42,9 +42,11 @@ def _example(seed):
   return outputs, batch, catalogue
 
 
-def _ref_level(q, tgt, keys, mask, cfg, cands, pos_lq=None):
+def _ref_level(q, tgt, keys, mask, cfg, cands, pos_lq=None, eps=0.0):
   """Step losses of one level; `cands` = [(vector, keys tuple, log_q)] shared by every query;
-  `keys[j][b, w]` the positive's keys. Same-key candidates are masked (accidental hits)."""
+  `keys[j][b, w]` the positive's keys. Same-key candidates are masked (accidental hits). With
+  label smoothing `eps` (whole catalogue: `cands` are its items), the positive's logit in the
+  numerator is (1 - eps) s+ + eps mean_c s_c."""
   e = lambda s: math.exp(s)
   out = []
   for i in range(1, N + 1):
@@ -65,6 +67,9 @@ def _ref_level(q, tgt, keys, mask, cfg, cands, pos_lq=None):
                  for ck, k in zip(ckeys, keys)):
             continue
           den += e(q[i - 1, b, t] @ vec / cfg.tau - lq)
+        if eps:
+          mean = np.mean([q[i - 1, b, t] @ vec / cfg.tau for vec, _, _ in cands])
+          sp = (1 - eps) * sp + eps * mean
         total += math.log(den) - sp
         counted += 1
     out.append(total / counted if counted else 0.0)
@@ -280,27 +285,11 @@ def test_lmp_all_with_label_smoothing_matches_reference():
   cat = {'vectors': catalogue['vectors'], 'slots': catalogue['slots'], 'tokens': ITEM_TOKENS[1:]}
   loss, _ = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, negatives, cat)
   q, tgt, mask = outputs['queries'], outputs['targets'], batch['mask']
-  item = []
-  for i in range(1, N + 1):
-    total, counted = 0.0, 0
-    for b in range(B):
-      for t in range(T):
-        if not (mask[b, t] and mask[b, t + i]):
-          continue
-        sp = q[i - 1, b, t] @ tgt[b, t + i] / cfg.tau
-        if i > 1:
-          prev = q[i - 2, b, t] @ tgt[b, t + i - 1] / cfg.tau
-          if not math.exp(prev) > math.exp(sp) + cfg.lambda_m:
-            continue
-        all_s = catalogue['vectors'] @ q[i - 1, b, t] / cfg.tau
-        den = cfg.null_logit_c + np.exp(all_s).sum()
-        total += math.log(den) - (1 - eps) * sp - eps * all_s.mean()
-        counted += 1
-    item.append(total / counted if counted else 0.0)
   plain_cfg = LossConfig(negatives='all', tau=0.2, n_step=N, w_tok=0.5, lambda_m=0.5)
+  cands = _ref_candidates(outputs, batch, catalogue, negatives, -1)
+  item = _ref_level(q, tgt, (batch['items'],), mask, plain_cfg, cands, eps=eps)
   token_only = (_lmp_ref(outputs, batch, catalogue, negatives, plain_cfg)
-                - sum(_ref_level(q, tgt, (batch['items'],), mask, plain_cfg,
-                                 _ref_candidates(outputs, batch, catalogue, negatives, -1))))
+                - sum(_ref_level(q, tgt, (batch['items'],), mask, plain_cfg, cands)))
   np.testing.assert_allclose(float(loss), sum(item) + token_only, rtol=2e-5)
 
 

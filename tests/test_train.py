@@ -177,9 +177,10 @@ def test_microbatches_must_divide_the_batch_per_device(tiny):
     run_lib.check_batch_sizes(cfg, sharding.make_mesh(MeshConfig(data=4, model=2)))
 
 
-def test_vector_decay_pulls_only_the_free_vector_table(tiny):
-  """optim.vector_decay: one step from the same state with it and without; only the free
-  per-item vectors differ, by exactly -lr * vector_decay * their value before the step."""
+def _free_vector_step(tiny, override):
+  """One step of the tiny run with a free per-item vector (weight decay 0.01), from the same
+  state and batch, without and with `override`: (cfg, before, plain, changed), each a
+  {parameter path: float64 array} of the floating parameters, and the free table's keys."""
   from flax import nnx
   cfg, dataset = tiny
   cfg = apply_overrides(cfg, ['model.dropout=0.0', 'model.item_id_vector=true',
@@ -188,14 +189,20 @@ def test_vector_decay_pulls_only_the_free_vector_table(tiny):
   batch_np = next(train_lib.train_iterator(cfg, run_lib.build_run(cfg, dataset, mesh1)))
   before = jax.device_get(run_lib.build_run(cfg, dataset, mesh1).state[0])
   plain, _ = _step_state(cfg, dataset, mesh1, 1, batch_np)
-  decayed, _ = _step_state(apply_overrides(cfg, ['optim.vector_decay=0.5']), dataset, mesh1, 1,
-                           batch_np)
-  flat = lambda state: {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+  changed, _ = _step_state(apply_overrides(cfg, [override]), dataset, mesh1, 1, batch_np)
+  flat = lambda state: {jax.tree_util.keystr(p): np.asarray(v, np.float64) for p, v in
                         jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
                         if jax.numpy.issubdtype(v.dtype, jax.numpy.floating)}
-  before, plain, decayed = flat(before), flat(plain[0]), flat(decayed[0])
+  before, plain, changed = flat(before), flat(plain[0]), flat(changed[0])
   vector_keys = [k for k in plain if 'item_vectors' in k]
   assert vector_keys
+  return cfg, before, plain, changed, vector_keys
+
+
+def test_vector_decay_pulls_only_the_free_vector_table(tiny):
+  """optim.vector_decay: one step from the same state with it and without; only the free
+  per-item vectors differ, by exactly -lr * vector_decay * their value before the step."""
+  cfg, before, plain, decayed, vector_keys = _free_vector_step(tiny, 'optim.vector_decay=0.5')
   for key in plain:
     if key in vector_keys:
       np.testing.assert_allclose(decayed[key] - plain[key], -cfg.optim.lr * 0.5 * before[key],
@@ -225,23 +232,8 @@ def test_vector_lr_scale_speeds_only_the_free_vector_table(tiny):
   """optim.vector_lr_scale=3: one step from the same state with it and without; the free
   per-item vectors' Adam step is 3x (the decoupled weight decay is not scaled), every other
   parameter steps exactly as without."""
-  from flax import nnx
-  cfg, dataset = tiny
-  cfg = apply_overrides(cfg, ['model.dropout=0.0', 'model.item_id_vector=true',
-                              'optim.warmup_steps=0', 'optim.weight_decay=0.01'])
-  mesh1 = sharding.make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
-  batch_np = next(train_lib.train_iterator(cfg, run_lib.build_run(cfg, dataset, mesh1)))
-  before = jax.device_get(run_lib.build_run(cfg, dataset, mesh1).state[0])
-  plain, _ = _step_state(cfg, dataset, mesh1, 1, batch_np)
-  fast, _ = _step_state(apply_overrides(cfg, ['optim.vector_lr_scale=3']), dataset, mesh1, 1,
-                        batch_np)
-  flat = lambda state: {jax.tree_util.keystr(p): np.asarray(v, np.float64) for p, v in
-                        jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
-                        if jax.numpy.issubdtype(v.dtype, jax.numpy.floating)}
-  before, plain, fast = flat(before), flat(plain[0]), flat(fast[0])
+  cfg, before, plain, fast, vector_keys = _free_vector_step(tiny, 'optim.vector_lr_scale=3')
   lr, wd = cfg.optim.lr, cfg.optim.weight_decay
-  vector_keys = [k for k in plain if 'item_vectors' in k]
-  assert vector_keys
   for key in plain:
     if key in vector_keys:
       adam_step = (plain[key] - before[key]) / -lr - wd * before[key]
