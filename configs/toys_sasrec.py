@@ -10,7 +10,9 @@ weight decay 0.1, as configs/toys.py (two seeds, each higher on Toys validation 
 Recall@50: 0.0523 / 0.2041 against 0.0517 / 0.1997; "Tenth session" in docs/results.md). At
 most 6,000 steps, as configs/toys.py (fifteenth session): early stopping ended seed 0 at 3,400
 (best step 2,900, as under the old 3,000-step cap) and seed 1 at 4,100 (best step 3,600,
-validation nDCG@10 0.0531 against 0.0517 at the cap).
+validation nDCG@10 0.0531 against 0.0517 at the cap). Label smoothing 0.3 comes from
+configs/ml100k_sasrec.py (nineteenth session) and was measured on Toys before it was kept: two
+seeds, each higher at validation nDCG@10 (0.0539 against 0.0530 mean), Recall@50 +1.7%.
 """
 
 import dataclasses
