@@ -293,6 +293,9 @@ class Trainer:
       return
     step, self.run.state, record = restored
     self.record = Progress(**record)
+    # train.patience may change on resume: a run early stopping ended goes on under a larger one
+    patience = self.cfg.train.patience
+    self.record.stopped_early = bool(patience and self.record.bad_evals >= patience)
     if self.progress:
       print(f'resumed from {self.latest.directory}/{step}', file=sys.stderr)
 

@@ -278,6 +278,25 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in lines if r['split'] == 'train'}
 
 
+def test_resume_with_a_larger_patience_goes_on_after_an_early_stop(tiny, tmp_path):
+  """train.patience is a resumable change: a run that early stopping ended continues when
+  resumed with patience off (to train.steps), and stays ended when resumed as it was."""
+  cfg, _ = tiny
+  cfg = apply_overrides(cfg, ['train.steps=12', 'train.eval_every=1', 'train.patience=1',
+                              'train.checkpoint_every=100', 'optim.lr=0.5'])
+  first = train_lib.train(cfg, tmp_path / 'run', progress=False)
+  assert first['status'] == 'done'
+  record = json.loads((tmp_path / 'run' / 'results.json').read_text())['training']
+  assert record['stopped_early'] and record['steps'] < 12, record
+  again = train_lib.train(cfg, tmp_path / 'run', progress=False)
+  assert again['step'] == record['steps']
+  longer = train_lib.train(apply_overrides(cfg, ['train.patience=0']), tmp_path / 'run',
+                           progress=False)
+  assert longer['step'] == 12
+  record = json.loads((tmp_path / 'run' / 'results.json').read_text())['training']
+  assert not record['stopped_early'] and record['steps'] == 12
+
+
 def test_resume_equals_uninterrupted(tiny, tmp_path):
   cfg, _ = tiny
   cfg = apply_overrides(cfg, ['train.steps=6', 'train.checkpoint_every=100',
