@@ -395,6 +395,10 @@ class Config:
                         'vector, which only HeterRec with model.item_id_vector=true (or '
                         f'item_id_input) has; this config has model.name={m.name!r}, '
                         f'item_id_vector={m.item_id_vector}, item_id_input={m.item_id_input}')
+    if self.loss.label_smoothing and m.name == 'bert4rec' and self.loss.name != 'default':
+      raise ConfigError(f'loss.label_smoothing={self.loss.label_smoothing} smooths BERT4Rec\'s '
+                        "full Cloze softmax (loss.name='default'); its in-batch loss "
+                        f"(loss.name={self.loss.name!r}) is not smoothed")
     if self.optim.vector_lr_scale != 1.0 and not (m.name == 'heterrec'
                                                   and (m.item_id_vector or m.item_id_input)):
       raise ConfigError(f'optim.vector_lr_scale={self.optim.vector_lr_scale} scales the rate of '

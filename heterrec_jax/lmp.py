@@ -40,6 +40,10 @@ Choices where SPEC is silent:
     skipped and the positive counted once; reduced in chunks like the item level. Called
     without the vocabulary, `lmp_loss` takes the item-by-item form (`[N, B, T, C]` logits
     and hit masks), the reference it is tested against.
+  * Label smoothing (`loss.label_smoothing` eps, item level under 'all' only): the counted
+    term is lse - ((1 - eps) s+ + eps mean_c s_c) / tau, the cross-entropy against a target
+    with eps spread evenly over the catalogue; mean_c s_c is the query against the mean item
+    vector. The margin gate reads the unsmoothed s+.
   * A step with no counted position contributes 0 (never NaN). Masked logits are the finite
     `layers.NEG_INF`.
   * aux 'token_loss' (and 'token_loss_step{i}') is the UNWEIGHTED sum over kinds and steps;

@@ -90,6 +90,10 @@ def test_bad_overrides_name_the_field(override, fragment):
 def test_label_smoothing_needs_the_whole_catalogue():
   with pytest.raises(ConfigError, match=re.escape("it needs loss.negatives='all', not 'uniform'")):
     apply_overrides(Config(), ['loss.negatives=uniform', 'loss.label_smoothing=0.1'])
+  with pytest.raises(ConfigError, match=re.escape("its in-batch loss (loss.name='sampled_softmax')")):
+    apply_overrides(Config(), ['model.name=bert4rec', 'loss.name=sampled_softmax',
+                               'loss.label_smoothing=0.1'])
+  apply_overrides(Config(), ['model.name=bert4rec', 'loss.label_smoothing=0.1'])  # Cloze: fine
 
 
 @pytest.mark.parametrize('name', sorted(p.stem for p in (ROOT / 'configs').glob('*.py')))
