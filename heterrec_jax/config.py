@@ -389,23 +389,19 @@ class Config:
 
   def __post_init__(self):
     m = self.model
-    if self.optim.vector_decay and not (m.name == 'heterrec'
-                                        and (m.item_id_vector or m.item_id_input)):
-      raise ConfigError(f'optim.vector_decay={self.optim.vector_decay} decays the free per-item '
-                        'vector, which only HeterRec with model.item_id_vector=true (or '
-                        f'item_id_input) has; this config has model.name={m.name!r}, '
-                        f'item_id_vector={m.item_id_vector}, item_id_input={m.item_id_input}')
+    has_vector = m.name == 'heterrec' and (m.item_id_vector or m.item_id_input)
+    o = self.optim
+    for field, set_, what in (('vector_decay', o.vector_decay != 0.0, 'decays'),
+                              ('vector_lr_scale', o.vector_lr_scale != 1.0, 'scales the rate of')):
+      if set_ and not has_vector:
+        raise ConfigError(f'optim.{field}={getattr(o, field)} {what} the free per-item vector, '
+                          'which only HeterRec with model.item_id_vector=true (or item_id_input) '
+                          f'has; this config has model.name={m.name!r}, item_id_vector='
+                          f'{m.item_id_vector}, item_id_input={m.item_id_input}')
     if self.loss.label_smoothing and m.name == 'bert4rec' and self.loss.name != 'default':
       raise ConfigError(f'loss.label_smoothing={self.loss.label_smoothing} smooths BERT4Rec\'s '
                         "full Cloze softmax (loss.name='default'); its in-batch loss "
                         f"(loss.name={self.loss.name!r}) is not smoothed")
-    if self.optim.vector_lr_scale != 1.0 and not (m.name == 'heterrec'
-                                                  and (m.item_id_vector or m.item_id_input)):
-      raise ConfigError(f'optim.vector_lr_scale={self.optim.vector_lr_scale} scales the rate of '
-                        'the free per-item vector, which only HeterRec with '
-                        'model.item_id_vector=true (or item_id_input) has; this config has '
-                        f'model.name={m.name!r}, item_id_vector={m.item_id_vector}, '
-                        f'item_id_input={m.item_id_input}')
 
 
 def horizon(model_name: str, loss: LossConfig) -> int:

@@ -368,7 +368,7 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
                                          _shifted(shared.query_key_BxW, n, t))
       lse_NxBxT = jnp.logaddexp(others_NxBxT, pos_NxBxT / cfg.tau)
     target_NxBxT = pos_NxBxT
-    if cfg.label_smoothing and shared.key is None:  # the item level: eps on the mean logit
+    if cfg.label_smoothing:  # eps on the mean logit (lmp_loss gives it to the item level only)
       mean_NxBxT = jnp.einsum('nbtd,d->nbt', queries_NxBxTxD, jnp.mean(shared.vectors, axis=0))
       target_NxBxT = (1.0 - cfg.label_smoothing) * pos_NxBxT + cfg.label_smoothing * mean_NxBxT
     losses_N = catalogue_step_loss(target_NxBxT, lse_NxBxT, counted_NxBxT, cfg.tau,
@@ -441,6 +441,7 @@ def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_c
   queries_NxSxBxTxD, targets_SxBxWxD = f32('token_queries'), f32('token_targets')
   if token_draw is not None:
     negatives, catalogue = token_draw
+  token_cfg = dataclasses.replace(cfg, label_smoothing=0.0)  # the token level is not smoothed
   for s, (_, k, offset, n_sub) in enumerate(token_columns):
     keys = (item_key_BxWx1, batch['tokens'][..., offset:offset + n_sub])
     level = None
@@ -456,7 +457,7 @@ def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_c
         cat_vectors = catalogue['slots'][:, k]
       level = shared_level(negatives, targets_SxBxWxD[s], keys, cat_vectors, cat_keys)
     steps, _ = lmp_level_losses(queries_NxSxBxTxD[:, s], targets_SxBxWxD[s], keys, mask_BxW,
-                                cfg, level, count_from_B=count_from_B)
+                                token_cfg, level, count_from_B=count_from_B)
     token_steps = token_steps + steps
   return _total(item_steps, token_steps, fractions, cfg.w_tok)
 

@@ -217,6 +217,12 @@ class Progress:
   bad_evals: int = 0
   stopped_early: bool = False
 
+  def check_patience(self, patience: int) -> bool:
+    """Sets and returns `stopped_early`: `patience` validations (0: never) without a new best.
+    Run after each validation and on resume (train.patience may change there)."""
+    self.stopped_early = bool(patience and self.bad_evals >= patience)
+    return self.stopped_early
+
 
 class _Preemption:
   """Turns SIGTERM into a flag the loop checks between steps."""
@@ -293,9 +299,7 @@ class Trainer:
       return
     step, self.run.state, record = restored
     self.record = Progress(**record)
-    # train.patience may change on resume: a run early stopping ended goes on under a larger one
-    patience = self.cfg.train.patience
-    self.record.stopped_early = bool(patience and self.record.bad_evals >= patience)
+    self.record.check_patience(self.cfg.train.patience)  # a larger one goes on after a stop
     if self.progress:
       print(f'resumed from {self.latest.directory}/{step}', file=sys.stderr)
 
@@ -313,8 +317,7 @@ class Trainer:
       self.best.save(rec.step, self.run.state, dataclasses.asdict(rec))
     else:
       rec.bad_evals += 1
-    rec.stopped_early = bool(cfg.patience and rec.bad_evals >= cfg.patience)
-    return rec.stopped_early
+    return rec.check_patience(cfg.patience)
 
   def _next_batch(self) -> dict[str, jax.Array]:
     return sharding.global_batch(next(self.data_iter), self.run.mesh)

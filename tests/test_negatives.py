@@ -291,6 +291,10 @@ def test_lmp_all_with_label_smoothing_matches_reference():
   token_only = (_lmp_ref(outputs, batch, catalogue, negatives, plain_cfg)
                 - sum(_ref_level(q, tgt, (batch['items'],), mask, plain_cfg, cands)))
   np.testing.assert_allclose(float(loss), sum(item) + token_only, rtol=2e-5)
+  # The token level over the whole catalogue in chunks (per-item vocabulary): unsmoothed too.
+  vocab = (lmp.token_vocab(ITEM_TOKENS, 1, 1, reads_items=True),)
+  chunked, _ = lmp.lmp_loss(outputs, batch, COLUMNS, cfg, negatives, cat, token_vocab=vocab)
+  np.testing.assert_allclose(float(chunked), sum(item) + token_only, rtol=2e-5)
 
 
 def test_next_item_in_batch_equals_the_in_batch_softmax():
