@@ -13,6 +13,11 @@ seed. That setting stays one override away:
 
     python -m heterrec_jax.train --config configs/ml100k_hstu.py --workdir runs/ml100k_hstu_ref \\
         loss.negatives=uniform loss.n_uniform=128 loss.scoring=cosine loss.tau=0.05
+
+No label smoothing (twentieth session, patience 10 as SASRec's file; 3-seed validation means):
+0.3 gave 0.0697 / 0.4284 / 0.1281 against 0.0694 / 0.4245 / 0.1282 without (lower on seed 1
+and at nDCG@50), 0.1 was below both at nDCG@10 on seed 0. Patience 10 moved none of HSTU's three best
+checkpoints.
 """
 
 import dataclasses
@@ -27,6 +32,6 @@ def sasrec_config() -> Config:
 
 def get_config() -> Config:
   cfg = sasrec_config()
-  # SASRec's label smoothing was chosen for SASRec; HSTU's row was measured without it.
+  # SASRec's label smoothing was chosen for SASRec; HSTU's grid kept 0 (docstring).
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name='hstu', dropout=0.2),
                              loss=dataclasses.replace(cfg.loss, label_smoothing=0.0))
