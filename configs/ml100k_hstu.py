@@ -16,8 +16,8 @@ seed. That setting stays one override away:
 
 No label smoothing (twentieth session, patience 10 as SASRec's file; 3-seed validation means):
 0.3 gave 0.0697 / 0.4284 / 0.1281 against 0.0694 / 0.4245 / 0.1282 without (lower on seed 1
-and at nDCG@50), 0.1 was below both at nDCG@10 on seed 0. Patience 10 moved none of HSTU's three best
-checkpoints.
+and at nDCG@50), 0.1 was below both at nDCG@10 on seed 0. Patience 10 moved none of HSTU's
+three best checkpoints.
 """
 
 import dataclasses
