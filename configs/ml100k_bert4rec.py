@@ -4,6 +4,10 @@ items with raw dot products, Adam 1e-3. Windows of T events cover every training
 per epoch ('all', horizon 0).
 
     python -m heterrec_jax.train --config configs/ml100k_bert4rec.py --workdir runs/ml100k_bert4rec
+
+No label smoothing on the Cloze softmax (twentieth session, patience 10 as SASRec's file; seed
+0, validation nDCG@10 / Recall@50 / nDCG@50): 0.0678 / 0.4274 / 0.1292 without, 0.0680 /
+0.4221 / 0.1286 at 0.1, 0.0699 / 0.3977 / 0.1255 at 0.3 (Recall@50 -7%).
 """
 
 import dataclasses
@@ -18,7 +22,7 @@ def sasrec_config() -> Config:
 
 def get_config() -> Config:
   cfg = sasrec_config()
-  # SASRec's label smoothing was chosen for SASRec; BERT4Rec's row was measured without it.
+  # SASRec's label smoothing was chosen for SASRec; BERT4Rec's grid kept 0 (docstring).
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name='bert4rec',
                                                             dropout=0.2),
                              loss=dataclasses.replace(cfg.loss, label_smoothing=0.0))
