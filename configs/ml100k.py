@@ -42,6 +42,10 @@ Chosen on validation (seed 0, best nDCG@10 / Recall@50; docs/results.md):
   * Label smoothing 0.1 on the item level's catalogue softmax (nineteenth session, 3 seeds):
     validation nDCG@10 0.0730 against 0.0698 (+4.6%, each seed higher), Recall@50 level
     (0.4440 against 0.4436), nDCG@50 +1.4%; 0.3 was lower on seed 0 (0.0701 against 0.0707).
+  * Dot products at tau 1 stay (twenty-first session, seed 0): cosine scores at tau 0.05, with
+    the catalogue softmax or with PinnerFormer's item-level loss (mixed + log-Q), were lower at
+    validation nDCG@10, Recall@50 and nDCG@50; early stopping on nDCG@50 picked the same
+    checkpoint as on nDCG@10.
 At most 2,000 steps (36 epochs), early stopping ends it sooner; the 15-minute budget of a
 2-core CPU holds it (docs/results.md has the wall times). On an accelerator raise train.steps
 and let early stopping end the run. The baselines: use their own files
