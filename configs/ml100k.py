@@ -30,6 +30,9 @@ Chosen on validation (seed 0, best nDCG@10 / Recall@50; docs/results.md):
   * N1 x N2 (fourteenth session, 3 seeds, Figure 3 in docs/results.md): 1x1, 1x2, 2x2 and 3x3
     are level on validation (Recall@50 0.436 / 0.441 / 0.444 / 0.443, nDCG@10 0.0705 / 0.0685
     / 0.0680 / 0.0678, each within one standard error of 1x2), so 1x2 stays.
+    On the file now (twenty-first session, 3 seeds): 1x1 / 1x2 / 2x2 at validation nDCG@10
+    0.0727 / 0.0734 / 0.0730, Recall@50 0.4450 / 0.4493 / 0.4560: 1x2 stays (2x2 lower at
+    nDCG@10, twice the wall time).
   * (fifth session) the free per-item vector starts at N(0, 0.02), not 0.125 (a model change,
     not a field): ml-100k validation nDCG@10 over 3 seeds 0.0693 against 0.0694, Amazon Toys
     +31% at step 1,500. optim.ema=0.995 was measured and is not used (docs/results.md).
