@@ -8,7 +8,8 @@ The input is the 0-based rank of each user's held-out target among all candidate
   MRR      = 1 / (rank + 1) over the full ranking (no cutoff)
 
 `metrics_from_ranks` returns SUMS over the valid rows plus their 'count', so that batches (and
-processes) are combined by adding; `finalize` turns the totals into means.
+processes) are combined by adding; `finalize` turns the totals into means. `per_row` gives each
+user's own values (the paired comparison of `experiments paired` resamples them).
 """
 
 from __future__ import annotations
@@ -23,9 +24,23 @@ from heterrec_jax.config import CUTOFFS
 COUNT = 'count'
 
 
+def per_row(rank_B: jax.Array, cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, jax.Array]:
+  """Every metric of each row (one user) from its target's 0-based rank: float32 arrays of
+  `rank_B`'s shape (any), keyed `recall@k`, `ndcg@k` (for each k) and `mrr`."""
+  rank_B = jnp.asarray(rank_B).astype(jnp.float32)
+  gain_B = 1.0 / jnp.log2(rank_B + 2.0)
+  values = {}
+  for k in cutoffs:
+    hit_B = (rank_B < k).astype(jnp.float32)
+    values[f'recall@{k}'] = hit_B
+    values[f'ndcg@{k}'] = hit_B * gain_B
+  values['mrr'] = 1.0 / (rank_B + 1.0)
+  return values
+
+
 def metrics_from_ranks(rank_B: jax.Array, valid_B: jax.Array,
                        cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, jax.Array]:
-  """Sums of every metric over the rows where `valid_B` is true, plus 'count' (their number).
+  """Sums of every metric (`per_row`) over the rows where `valid_B` is true, plus 'count'.
 
   Args:
     rank_B: 0-based rank of the target among the candidates (integer or float).
@@ -38,13 +53,7 @@ def metrics_from_ranks(rank_B: jax.Array, valid_B: jax.Array,
   # Invalid rows may hold anything (even negative ranks): replace them before any log.
   rank_B = jnp.where(valid_B, jnp.asarray(rank_B).astype(jnp.float32), 0.0)
   weight_B = valid_B.astype(jnp.float32)
-  gain_B = 1.0 / jnp.log2(rank_B + 2.0)
-  sums = {}
-  for k in cutoffs:
-    hit_B = (rank_B < k).astype(jnp.float32) * weight_B
-    sums[f'recall@{k}'] = jnp.sum(hit_B)
-    sums[f'ndcg@{k}'] = jnp.sum(hit_B * gain_B)
-  sums['mrr'] = jnp.sum(weight_B / (rank_B + 1.0))
+  sums = {name: jnp.sum(value_B * weight_B) for name, value_B in per_row(rank_B, cutoffs).items()}
   sums[COUNT] = jnp.sum(weight_B)
   return sums
 

@@ -54,6 +54,17 @@ class MetricsTest(chex.TestCase, parameterized.TestCase):
     for name, value in expect.items():
       np.testing.assert_allclose(float(sums[name]), value, rtol=1e-5, err_msg=name)
 
+  def test_per_row_matches_the_loop_reference_row_by_row(self):
+    rank_B, _ = random_batch(1)
+    rank_B = np.abs(rank_B).reshape(1, -1).repeat(2, axis=0)  # any shape: [runs, users] here
+    values = metrics.per_row(rank_B, (10, 50))
+    self.assertEqual(tuple(values), names((10, 50)))
+    for r in range(2):
+      for u in range(rank_B.shape[1]):
+        expect = reference_sums([rank_B[r, u]], [True], (10, 50))
+        for name, value in values.items():
+          np.testing.assert_allclose(float(value[r, u]), expect[name], rtol=1e-6, err_msg=name)
+
   def test_default_keys_are_config_metric_names(self):
     sums = metrics.metrics_from_ranks(np.zeros(3, np.int32), np.ones(3, bool))
     self.assertEqual(tuple(sums), METRIC_NAMES + ('count',))

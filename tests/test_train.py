@@ -13,6 +13,7 @@ from heterrec_jax import averaging, run as run_lib, sharding, train as train_lib
 from heterrec_jax import evaluate as evaluate_lib, export as export_lib
 from heterrec_jax.config import ConfigError, MeshConfig, apply_overrides, load_config
 from heterrec_jax.data import pipeline
+from heterrec_jax.experiments import cli as experiments_cli
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -368,6 +369,13 @@ def test_train_end_to_end_writes_results_and_exports(tiny, tmp_path, capsys):
                             '--by-popularity', '3']) == 0
   out = capsys.readouterr().out
   assert 'test, by the target' in out and out.count('popularity, targets with') >= 1
+  # `experiments paired` of the run against itself: the run's own figures, no difference.
+  assert experiments_cli.main(['paired', '--a', str(tmp_path / 'run'), '--b',
+                               str(tmp_path / 'run'), '--resamples', '20', '--quiet',
+                               '--out', str(tmp_path / 'paired.json')]) == 0
+  for name, row in json.loads((tmp_path / 'paired.json').read_text())['metrics'].items():
+    np.testing.assert_allclose(row['a'], results['test'][name], rtol=1e-5, err_msg=name)
+    assert row['relative'] in (0.0, None) and row['a_ahead'] == 0.0
   manifest = export_lib.export_run(tmp_path / 'run', tmp_path / 'export')
   items = np.load(tmp_path / 'export' / 'item_embeddings.npy')
   assert items.shape == (manifest['n_items'], manifest['d_k'])

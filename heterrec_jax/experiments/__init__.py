@@ -6,6 +6,7 @@ the layer-scaling study (Figure 3), made only of `train.train` runs and their re
     gather.py   what the finished runs say: metrics (mean ± std), wall times, the budget
     tables.py   Table 1 / Table 2: table.json and table.md
     scaling.py  Figure 3: scaling.json and scaling.png
+    paired.py   two models on the same users: differences with a bootstrap interval over users
     cli.py      the command line, `python -m heterrec_jax.experiments` (see docs/experiments.md)
 """
 

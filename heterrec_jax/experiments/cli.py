@@ -6,13 +6,16 @@ the layer-scaling study (Figure 3), made only of `train.train` runs and their re
     python -m heterrec_jax.experiments compare --data DIR --out OUT \\
         --variants full,no_htfl,no_mfk,no_hct,no_lmp,no_tlmp --seeds 3
     python -m heterrec_jax.experiments scaling --data DIR --out OUT --grid 1x1,1x2,2x2,3x3
+    python -m heterrec_jax.experiments paired --a RUN [RUN ...] --b RUN [RUN ...]
 
 Every run of a sweep gets the same config file and the same overrides (so the same train.steps,
 batch size, validation schedule and early stopping); only the model, variant, layers and seed
 differ. Runs go to OUT/runs/NAME; a run whose results.json exists is skipped, so running the
 same command again resumes a sweep. `--plan-only` writes OUT/plan.txt (one train command per run,
 for `launch/sweep.py`) and nothing else; `--gather` only builds the tables or the plot from the
-finished runs. See docs/experiments.md.
+finished runs. `paired` trains nothing: it ranks the users with two sets of finished runs and
+gives each metric's difference with a bootstrap interval over the users (paired.py). See
+docs/experiments.md.
 
 `--tune loss.tau=0.05,0.1,0.2,0.5` (compare and ablation) gives every row its own value of one
 field, chosen on validation: first the seed-0 run of each row at every value (OUT/runs/ROW-tauV-
@@ -28,7 +31,7 @@ import pathlib
 import sys
 
 from heterrec_jax.config import METRIC_NAMES, MODEL_NAMES, VARIANTS, ConfigError
-from heterrec_jax.experiments import runner, scaling as scaling_lib, tables
+from heterrec_jax.experiments import paired as paired_lib, runner, scaling as scaling_lib, tables
 from heterrec_jax.experiments.gather import Reference, parse_references
 from heterrec_jax.experiments.sweep import (COMMAND_CONFIG, DEFAULT_MODELS, POPULARITY, TUNABLE,
                                             Sweep, Tuning, ablation_runs, check_configs,
@@ -91,6 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
   scaling.add_argument('--metrics', default='recall@50,ndcg@50',
                        help='metrics plotted (default: recall@50,ndcg@50)')
   _common_flags(scaling, seeds=1)
+  paired = sub.add_parser('paired', help='two models on the same users: each metric\'s '
+                          'difference with a paired bootstrap interval over the users')
+  paired.add_argument('--a', nargs='+', required=True, metavar='WORKDIR',
+                      help='side A: one or more finished runs (e.g. its seeds)')
+  paired.add_argument('--b', nargs='+', required=True, metavar='WORKDIR',
+                      help='side B: one or more finished runs, on the same prepared dataset')
+  paired.add_argument('--labels', default=None, metavar='A,B',
+                      help='names of the two sides in the table (default: A,B)')
+  paired.add_argument('--split', default='test', choices=('test', 'valid'),
+                      help='the split ranked (default: test)')
+  paired.add_argument('--resamples', type=int, default=10000,
+                      help='bootstrap resamples of the users (default: 10000)')
+  paired.add_argument('--level', type=float, default=0.95,
+                      help='coverage of the interval (default: 0.95)')
+  paired.add_argument('--seed', type=int, default=0, help='seed of the resampling (default: 0)')
+  paired.add_argument('--out', default=None, metavar='FILE',
+                      help='also write the figures to this JSON file')
+  paired.add_argument('--quiet', action='store_true', help='no progress bars')
   return parser
 
 
@@ -172,12 +193,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   unknown = [x for x in rest if x.startswith('-')]
   if unknown:
     parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+  if args.command == 'paired':
+    if rest:
+      parser.error(f'paired takes no overrides (it trains nothing); got {" ".join(rest)}')
+    return args
   args.overrides = list(args.overrides) + rest
   return args
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.command == 'paired':
+    return paired_lib.run_command(args)
   try:
     sweep = make_sweep(args)
     # Read before any training, so that a bad --reference fails in a second, not after the runs.
