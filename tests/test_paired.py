@@ -138,3 +138,9 @@ def test_paired_takes_no_overrides(capsys):
   with pytest.raises(SystemExit):
     cli.main(['paired', 'model.d_f=8', '--a', 'x', '--b', 'y'])
   assert 'takes no overrides' in capsys.readouterr().err
+
+
+def test_more_than_one_process_is_refused(fake_runs, monkeypatch, capsys):
+  monkeypatch.setattr(paired.jax, 'process_count', lambda: 2)
+  assert cli.main(['paired', '--a', 'good0', '--b', 'bad0']) == 2
+  assert 'run it in one process (this job has 2)' in capsys.readouterr().err

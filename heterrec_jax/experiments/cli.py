@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help='side A: one or more finished runs (e.g. its seeds)')
   paired.add_argument('--b', nargs='+', required=True, metavar='WORKDIR',
                       help='side B: one or more finished runs, on the same prepared dataset')
-  paired.add_argument('--labels', default=None, metavar='A,B',
+  paired.add_argument('--labels', default='A,B', metavar='A,B',
                       help='names of the two sides in the table (default: A,B)')
   paired.add_argument('--split', default='test', choices=('test', 'valid'),
                       help='the split ranked (default: test)')

@@ -22,6 +22,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -137,22 +138,27 @@ def markdown(diffs: dict[str, PairedDiff], labels: tuple[str, str], level: float
   return '\n'.join(lines)
 
 
+def _bad_flags(args) -> str | None:
+  """What is wrong with the command's flags, or None."""
+  if not args.labels or len(args.labels.split(',')) != 2 or not all(args.labels.split(',')):
+    return f'--labels takes two names, A,B; got {args.labels!r}'
+  if args.resamples < 1:
+    return f'--resamples={args.resamples} must be >= 1'
+  if not 0.0 < args.level < 1.0:
+    return f'--level={args.level} must be in (0, 1)'
+  if args.out and pathlib.Path(args.out).is_dir():
+    return f'--out {args.out} is a folder; name a file (e.g. {args.out}/paired.json)'
+  if jax.process_count() > 1:
+    return (f'paired gathers every user\'s rank on one host; run it in one process (this job '
+            f'has {jax.process_count()})')
+  return None
+
+
 def run_command(args) -> int:
   """`experiments paired`: ranks both sides, prints the table, writes --out when given."""
-  labels = tuple(args.labels.split(',')) if args.labels else ('A', 'B')
-  if len(labels) != 2 or not all(labels):
-    print(f'error: --labels takes two names, A,B; got {args.labels!r}', file=sys.stderr)
-    return 2
-  if args.resamples < 1:
-    print(f'error: --resamples={args.resamples} must be >= 1', file=sys.stderr)
-    return 2
-  if not 0.0 < args.level < 1.0:
-    print(f'error: --level={args.level} must be in (0, 1)', file=sys.stderr)
-    return 2
-  out = pathlib.Path(args.out) if args.out else None
-  if out is not None and out.is_dir():
-    print(f'error: --out {out} is a folder; name a file (e.g. {out}/paired.json)',
-          file=sys.stderr)
+  problem = _bad_flags(args)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
     return 2
   try:
     rank_a, target_a = side_ranks([pathlib.Path(w) for w in args.a], args.split,
@@ -167,19 +173,24 @@ def run_command(args) -> int:
           WorkdirError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  labels = tuple(args.labels.split(','))
   diffs = compare_sides(rank_a, rank_b, args.resamples, args.seed, args.level)
   print(f'{args.split}, {target_a.size} users; {labels[0]}: {len(args.a)} run(s), '
         f'{labels[1]}: {len(args.b)} run(s), each user\'s metric averaged over its side\'s runs; '
         f'{args.resamples} paired resamples of the users (seed {args.seed})')
   print(markdown(diffs, labels, args.level))
-  if out is not None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        'split': args.split, 'users': int(target_a.size), 'labels': list(labels),
-        'a': list(args.a), 'b': list(args.b), 'resamples': args.resamples, 'seed': args.seed,
-        'level': args.level,
-        'metrics': {name: {k: None if math.isnan(v) else v
-                           for k, v in dataclasses.asdict(d).items()}
-                    for name, d in diffs.items()}}, indent=2))
-    print(f'wrote {out}', file=sys.stderr)
+  if args.out:
+    write_json(pathlib.Path(args.out), args, labels, int(target_a.size), diffs)
+    print(f'wrote {args.out}', file=sys.stderr)
   return 0
+
+
+def write_json(out: pathlib.Path, args, labels: tuple[str, str], users: int,
+               diffs: dict[str, PairedDiff]) -> None:
+  """The command's figures as JSON (null where a ratio is undefined)."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({
+      'split': args.split, 'users': users, 'labels': list(labels), 'a': list(args.a),
+      'b': list(args.b), 'resamples': args.resamples, 'seed': args.seed, 'level': args.level,
+      'metrics': {name: {k: None if math.isnan(v) else v for k, v in dataclasses.asdict(d).items()}
+                  for name, d in diffs.items()}}, indent=2))
