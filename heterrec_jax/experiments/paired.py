@@ -71,10 +71,9 @@ def paired_bootstrap(a_U: np.ndarray, b_U: np.ndarray, resamples: int, seed: int
   if a_U.shape != b_U.shape or a_U.ndim != 1 or a_U.size == 0:
     raise ValueError(f'a and b must be the same users\' values, [U >= 1]; got {a_U.shape} and '
                      f'{b_U.shape}')
-  if resamples < 1:
-    raise ValueError(f'resamples={resamples} must be >= 1')
-  if not 0.0 < level < 1.0:
-    raise ValueError(f'level={level} must be in (0, 1)')
+  problem = resampling_problem(resamples, level)
+  if problem:
+    raise ValueError(problem)
   rng = np.random.default_rng(seed)
   users = a_U.size
   relative_R, ahead_R = [], []
@@ -94,6 +93,15 @@ def paired_bootstrap(a_U: np.ndarray, b_U: np.ndarray, resamples: int, seed: int
                     a_ahead=float(np.concatenate(ahead_R).mean()))
 
 
+def resampling_problem(resamples: int, level: float) -> str | None:
+  """What is wrong with a bootstrap's resample count or interval level, or None."""
+  if resamples < 1:
+    return f'resamples={resamples} must be >= 1'
+  if not 0.0 < level < 1.0:
+    return f'level={level} must be in (0, 1)'
+  return None
+
+
 def _relative(a, b):
   with np.errstate(divide='ignore', invalid='ignore'):
     return np.where(b > 0, np.asarray(a) / np.where(b > 0, b, 1.0) - 1.0, np.nan)
@@ -108,7 +116,7 @@ def compare_sides(rank_a_RU: np.ndarray, rank_b_RU: np.ndarray, resamples: int, 
           for name in metrics.ordered(a)}
 
 
-def side_ranks(workdirs: Sequence[pathlib.Path], split: str,
+def ranks_of_runs(workdirs: Sequence[pathlib.Path], split: str,
                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """(ranks `[R, U]`, targets `[U]`) of the runs' best checkpoints on `split`; raises
   MismatchedRuns when two runs do not rank the same targets in the same order."""
@@ -142,10 +150,9 @@ def _bad_flags(args) -> str | None:
   """What is wrong with the command's flags, or None."""
   if not args.labels or len(args.labels.split(',')) != 2 or not all(args.labels.split(',')):
     return f'--labels takes two names, A,B; got {args.labels!r}'
-  if args.resamples < 1:
-    return f'--resamples={args.resamples} must be >= 1'
-  if not 0.0 < args.level < 1.0:
-    return f'--level={args.level} must be in (0, 1)'
+  problem = resampling_problem(args.resamples, args.level)
+  if problem:
+    return f'--{problem}'
   if args.out and pathlib.Path(args.out).is_dir():
     return f'--out {args.out} is a folder; name a file (e.g. {args.out}/paired.json)'
   if jax.process_count() > 1:
@@ -161,26 +168,22 @@ def run_command(args) -> int:
     print(f'error: {problem}', file=sys.stderr)
     return 2
   try:
-    rank_a, target_a = side_ranks([pathlib.Path(w) for w in args.a], args.split,
-                                  progress=not args.quiet)
-    rank_b, target_b = side_ranks([pathlib.Path(w) for w in args.b], args.split,
-                                  progress=not args.quiet)
-    if not np.array_equal(target_a, target_b):
-      raise MismatchedRuns(f'{args.a[0]} and {args.b[0]} rank other {args.split} targets: '
-                           'compare runs trained on the same prepared dataset with the same '
-                           'eval.max_users')
+    # Both sides in one pass: every run must rank the first run's targets.
+    rank_RU, target_U = ranks_of_runs([pathlib.Path(w) for w in args.a + args.b], args.split,
+                                   progress=not args.quiet)
   except (MismatchedRuns, evaluate.NonFiniteScores, ConfigError, DatasetError, CheckpointError,
           WorkdirError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   labels = tuple(args.labels.split(','))
-  diffs = compare_sides(rank_a, rank_b, args.resamples, args.seed, args.level)
-  print(f'{args.split}, {target_a.size} users; {labels[0]}: {len(args.a)} run(s), '
+  sides = len(args.a)
+  diffs = compare_sides(rank_RU[:sides], rank_RU[sides:], args.resamples, args.seed, args.level)
+  print(f'{args.split}, {target_U.size} users; {labels[0]}: {len(args.a)} run(s), '
         f'{labels[1]}: {len(args.b)} run(s), each user\'s metric averaged over its side\'s runs; '
         f'{args.resamples} paired resamples of the users (seed {args.seed})')
   print(markdown(diffs, labels, args.level))
   if args.out:
-    write_json(pathlib.Path(args.out), args, labels, int(target_a.size), diffs)
+    write_json(pathlib.Path(args.out), args, labels, int(target_U.size), diffs)
     print(f'wrote {args.out}', file=sys.stderr)
   return 0
 
