@@ -118,6 +118,12 @@ class ModelConfig:
   # and an 'item_id' feature.
   item_id_row_in_v: bool = False
   item_positions: bool = False
+  # HeterRec option (True = the paper): the item tower's feature MLP output in V. False: V is the
+  # free per-item vector alone (needs item_id_vector), as SASRec's output table, while the user
+  # tower still reads every feature token and the token-level loss still predicts the next
+  # item's tokens from the item tower's per-slot embeddings. For catalogues whose items all
+  # have training events; an item never seen in training keeps its random vector.
+  v_features: bool = True
   # Initial std of the HTFL feature tables (categorical, multi-valued, multimodal): 0 means
   # 1/sqrt(d_f) (variance scaling over the row width); > 0 means N(0, table_std), e.g. 0.02 as
   # RecBole's item table and this model's free per-item vector.
@@ -160,6 +166,9 @@ class ModelConfig:
     if self.item_id_row_in_v and self.d_f != self.d_k:
       raise ConfigError(f'model.item_id_row_in_v needs model.d_f == model.d_k (got d_f='
                         f'{self.d_f}, d_k={self.d_k})')
+    if not self.v_features and not (self.item_id_vector or self.item_id_row_in_v):
+      raise ConfigError('model.v_features=False leaves V empty: it needs model.item_id_vector=True '
+                        '(or model.item_id_row_in_v=True) to give V a per-item vector')
 
 
 NEGATIVES = ('all', 'uniform', 'in_batch', 'mixed', 'same_position', 'batch_pool')

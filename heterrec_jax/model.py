@@ -303,6 +303,7 @@ class HeterRec(nnx.Module):
                                    embedding_init=table_init(0.02))
                          if cfg.item_id_vector or cfg.item_id_input else None)
     self.vector_in_v, self.vector_at_input = cfg.item_id_vector, cfg.item_id_input
+    self.v_features = cfg.v_features
     self.id_row_kind = None
     if cfg.item_id_row_in_v:
       names = [f.name for f in schema.features]
@@ -372,6 +373,8 @@ class HeterRec(nnx.Module):
     """
     tok_NxKxDf = self.htfl(items_N, tokens_NxS)
     item_NxDk, slots_NxKxDf = self.item_tower(tok_NxKxDf)
+    if not self.v_features:  # V from the per-item parts below alone (config checks one is on)
+      item_NxDk = jnp.zeros_like(item_NxDk)
     if self.vector_in_v:
       item_NxDk = item_NxDk + self.item_vectors(items_N)
     if self.id_row_kind is not None:

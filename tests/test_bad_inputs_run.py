@@ -107,6 +107,7 @@ TRAIN_OVERRIDES = [
     ('eval.batch_size=6', 'eval.batch_size=6 must divide'),
     ('mesh.data=3', 'mesh.data=3'),
     ('data.path=/nonexistent/heterrec', 'not a prepared dataset folder'),
+    ('model.v_features=false', 'model.v_features=False leaves V empty'),
 ]
 
 

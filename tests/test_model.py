@@ -271,6 +271,25 @@ def test_item_id_vector_adds_a_free_row_to_v():
   np.testing.assert_allclose(v_free - v_plain, rows, atol=1e-5)
 
 
+def test_v_without_features_is_the_free_row_alone():
+  """`v_features=False`: V is exactly the item's free row (the feature MLP left out of V), while
+  the per-slot token embeddings, which the token-level loss reads, are the paper's."""
+  plain, ids_only = _paper_and_option(item_id_vector=True, v_features=False)
+  items = jnp.array([1, 4, 7])
+  tokens = jnp.asarray(_batch()['tokens'][0, :3])
+  v_plain, slots_plain = plain.encode_items(items, tokens)
+  v_ids, slots_ids = ids_only.encode_items(items, tokens)
+  rows = np.asarray(ids_only.item_vectors.embedding[...])[[1, 4, 7]]
+  np.testing.assert_allclose(v_ids, rows, atol=1e-6)
+  assert not np.allclose(v_plain, rows, atol=1e-3)  # the paper's V is not the row alone
+  np.testing.assert_allclose(slots_ids, slots_plain, atol=1e-6)
+
+
+def test_v_without_features_needs_a_per_item_vector():
+  with pytest.raises(ConfigError, match='model.v_features=False leaves V empty'):
+    ModelConfig(v_features=False)
+
+
 def test_item_id_vector_starts_small_beside_the_feature_path():
   """The free rows start at N(0, 0.02), RecBole's item-table init (not the unit-scale init of
   the feature tables): at the start V is the feature path's, and the rows grow as they learn."""
