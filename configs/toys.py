@@ -40,11 +40,12 @@ session: one item-level block on Toys"):
     distinct attribute sets was mixed on validation (two seeds: nDCG@10 +0.9%, 0.0562 against
     0.0557; Recall@50 -1.8%, 0.1808 against 0.1840; nDCG@50 +0.2%).
   * Label smoothing 0.3 (twenty-third session, two seeds; "Twenty-third session" in
-    docs/results.md), as configs/toys_sasrec.py has; ml-100k keeps 0.1 (0.2 and 0.3 were lower
-    there). Against 0.1 (nineteenth session, which had lifted Toys validation nDCG@10 by 6.2%
-    over none): validation nDCG@10 0.0599 against 0.0591 (+1.4%), Recall@50 0.1898 against
-    0.1839 (+3.2%), nDCG@50 0.0801 against 0.0785 (+2.0%); seed 0 higher on all three, seed 1
-    level (-0.5%, +1.3%, +0.6%). The breadth is where HeterRec trails SASRec on Toys.
+    docs/results.md), as configs/toys_sasrec.py has; ml-100k keeps 0.1 (0.3 on one seed and
+    0.2 on two were lower there). Against 0.1 (nineteenth session, which had lifted Toys
+    validation nDCG@10 by 6.2% over none): validation nDCG@10 0.0599 against 0.0591 (+1.4%),
+    Recall@50 0.1898 against 0.1839 (+3.2%), nDCG@50 0.0801 against 0.0785 (+2.0%); seed 0
+    higher on all three, seed 1 level (-0.5%, +1.3%, +0.6%). The breadth is where HeterRec
+    trails SASRec on Toys.
 Width and dropout are SPEC section 10's defaults (d_f = d_k = 64, dropout 0.2): start a new
 sparse dataset here, a dense one at configs/ml100k.py, and choose on its validation split. At
 most 6,000 steps (18 epochs); both seeds of the file now run to 6,000 or near it (best steps

@@ -119,10 +119,11 @@ class ModelConfig:
   item_id_row_in_v: bool = False
   item_positions: bool = False
   # HeterRec option (True = the paper): the item tower's feature MLP output in V. False: V is the
-  # free per-item vector alone (needs item_id_vector), as SASRec's output table, while the user
-  # tower still reads every feature token and the token-level loss still predicts the next
-  # item's tokens from the item tower's per-slot embeddings. For catalogues whose items all
-  # have training events; an item never seen in training keeps its random vector.
+  # per-item part alone (the free vector of item_id_vector, as SASRec's output table, or the id
+  # token's row of item_id_row_in_v; one of the two is needed), while the user tower still
+  # reads every feature token and the token-level loss still predicts the next item's tokens
+  # from the item tower's per-slot embeddings. For catalogues whose items all have training
+  # events: an item never seen in training keeps its random vector.
   v_features: bool = True
   # Initial std of the HTFL feature tables (categorical, multi-valued, multimodal): 0 means
   # 1/sqrt(d_f) (variance scaling over the row width); > 0 means N(0, table_std), e.g. 0.02 as
