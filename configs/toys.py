@@ -44,7 +44,8 @@ session: one item-level block on Toys"):
     0.2 on two were lower there). Against 0.1 (nineteenth session, which had lifted Toys
     validation nDCG@10 by 6.2% over none): validation nDCG@10 0.0599 against 0.0591 (+1.4%),
     Recall@50 0.1898 against 0.1839 (+3.2%), nDCG@50 0.0801 against 0.0785 (+2.0%); seed 0
-    higher on all three, seed 1 level (-0.5%, +1.3%, +0.6%). The breadth is where HeterRec
+    higher on all three, seed 1 level (-0.5%, +1.3%, +0.6%); a third seed, run after the
+    choice, level too (three-seed means +0.7%, +2.7%, +1.4%). The breadth is where HeterRec
     trails SASRec on Toys.
 Width and dropout are SPEC section 10's defaults (d_f = d_k = 64, dropout 0.2): start a new
 sparse dataset here, a dense one at configs/ml100k.py, and choose on its validation split. At
