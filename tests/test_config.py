@@ -112,7 +112,7 @@ def test_paper_config_is_the_papers_setting():
     ('toys', 'ml100k', {'data': ('path', 'max_len', 'stride'),
                         'model': ('d_f', 'n2', 'dropout', 'input_dropout',
                                   'attention_dropout'),
-                        'loss': ('token_negatives',),
+                        'loss': ('token_negatives', 'label_smoothing'),
                         'optim': ('weight_decay',),
                         'train': ('steps',)}),
     ('toys_sasrec', 'ml100k_sasrec', {'data': ('path', 'max_len', 'stride'),
