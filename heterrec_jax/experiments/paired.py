@@ -117,7 +117,7 @@ def compare_sides(rank_a_RU: np.ndarray, rank_b_RU: np.ndarray, resamples: int, 
 
 
 def ranks_of_runs(workdirs: Sequence[pathlib.Path], split: str,
-               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """(ranks `[R, U]`, targets `[U]`) of the runs' best checkpoints on `split`; raises
   MismatchedRuns when two runs do not rank the same targets in the same order."""
   ranks, first = [], None
@@ -170,15 +170,15 @@ def run_command(args) -> int:
   try:
     # Both sides in one pass: every run must rank the first run's targets.
     rank_RU, target_U = ranks_of_runs([pathlib.Path(w) for w in args.a + args.b], args.split,
-                                   progress=not args.quiet)
+                                      progress=not args.quiet)
   except (MismatchedRuns, evaluate.NonFiniteScores, ConfigError, DatasetError, CheckpointError,
           WorkdirError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   labels = tuple(args.labels.split(','))
-  sides = len(args.a)
-  diffs = compare_sides(rank_RU[:sides], rank_RU[sides:], args.resamples, args.seed, args.level)
-  print(f'{args.split}, {target_U.size} users; {labels[0]}: {len(args.a)} run(s), '
+  runs_a = len(args.a)  # the first runs_a rows of rank_RU are side A's
+  diffs = compare_sides(rank_RU[:runs_a], rank_RU[runs_a:], args.resamples, args.seed, args.level)
+  print(f'{args.split}, {target_U.size} users; {labels[0]}: {runs_a} run(s), '
         f'{labels[1]}: {len(args.b)} run(s), each user\'s metric averaged over its side\'s runs; '
         f'{args.resamples} paired resamples of the users (seed {args.seed})')
   print(markdown(diffs, labels, args.level))
