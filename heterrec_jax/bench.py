@@ -66,7 +66,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from heterrec_jax import layers, profile as profile_lib, run as run_lib, sharding
+from heterrec_jax import host_allocator, layers, profile as profile_lib, run as run_lib, sharding
 from heterrec_jax import train as train_lib
 from heterrec_jax.config import DEFAULT_CONFIG, Config, ConfigError, apply_overrides, load_config
 from heterrec_jax.data import pipeline
@@ -213,6 +213,7 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
   block_items = layers.BLOCK_ITEMS if block_items is None else block_items
   if block_items < 1:
     raise ConfigError(f'--block-items={block_items} must be >= 1')
+  allocator = host_allocator.configure(cfg.train.host_allocator)  # before JAX's backend starts
   dataset = run_lib.load_dataset(cfg, workdir, progress=False)
   tstate = run_lib.build_run(cfg, dataset, sharding.make_mesh(cfg.mesh))
   data_iter = train_lib.train_iterator(cfg, tstate)
@@ -247,7 +248,7 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
       'peak_memory_bytes': peak, **timed, 'attention': attention, 'block_items': block_items,
       'compute_dtype': cfg.model.compute_dtype, 'microbatches': cfg.train.microbatches,
       'xla_flops_per_step': xla_flops,
-      'dense_peak_memory_bytes': dense_peak}
+      'dense_peak_memory_bytes': dense_peak, 'host_allocator': allocator}
   if trace_dir is not None:
     result['trace_dir'] = str(trace_dir)
   if profile:

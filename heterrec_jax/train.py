@@ -31,7 +31,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from heterrec_jax import evaluate as evaluate_lib
-from heterrec_jax import lmp, losses, metrics, negatives, sharding
+from heterrec_jax import host_allocator, lmp, losses, metrics, negatives, sharding
 from heterrec_jax import run as run_lib
 from heterrec_jax import workdir as workdir_lib
 from heterrec_jax.checkpoint import CheckpointError, Checkpointer
@@ -260,6 +260,7 @@ class Trainer:
 
   def __init__(self, cfg: Config, workdir: pathlib.Path, progress: bool = True):
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
+    host_allocator.configure(cfg.train.host_allocator)  # before anything starts JAX's backend
     workdir_lib.check_is_folder(workdir)
     created = not workdir.exists()
     self.preemption = _Preemption()  # from here on SIGTERM only sets a flag

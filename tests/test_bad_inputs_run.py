@@ -108,6 +108,8 @@ TRAIN_OVERRIDES = [
     ('mesh.data=3', 'mesh.data=3'),
     ('data.path=/nonexistent/heterrec', 'not a prepared dataset folder'),
     ('model.v_features=false', 'model.v_features=False leaves V empty'),
+    ('train.host_allocator=jemalloc',
+     "train.host_allocator='jemalloc' is not allowed; use one of ('system', 'reuse')"),
 ]
 
 

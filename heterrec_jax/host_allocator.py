@@ -1,0 +1,78 @@
+"""The host's memory allocator under XLA's CPU runtime: keep the memory one step frees for the next.
+
+XLA's CPU runtime allocates a step's temporary buffer (the whole forward and backward: tens of
+megabytes on ml-100k, about a gigabyte at the paper's widths) afresh every step with `malloc`,
+from one of its worker threads. glibc serves a worker thread from a per-thread arena whose heaps
+hold at most 64 MiB, so a larger request becomes its own `mmap`, unmapped again at `free`; the
+kernel then zeroes and faults in every page of it on the next step (a third of the CPU time of a
+small step, docs/benchmarks.md). `reuse` sets three of glibc's `mallopt` parameters so that the
+pages stay with the process: one arena (M_ARENA_MAX = 1: every thread allocates from the main
+heap, which can grow without bound), no per-allocation mappings (M_MMAP_MAX = 0) and no
+trimming of the heap's top (M_TRIM_THRESHOLD at its maximum). The cost is resident memory: the
+heap keeps its high-water mark, with some fragmentation on top (measured in
+docs/benchmarks.md). Nothing numerical changes.
+
+glibc fixes a thread's arena at its first allocation, so the parameters count only when set
+before JAX starts its backend (the first `jax.devices()` or computation of the process):
+`train`, `bench` and `experiments` set them as the run starts, before building the mesh. Later
+in a process that already ran JAX they cannot take effect: a warning says so and nothing is
+changed. Linux with glibc only; elsewhere a warning too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_INT_MAX = 2**31 - 1
+
+# What this process runs with: mallopt's parameters are the process's, set at most once.
+_in_effect = 'system'
+
+
+def in_effect() -> str:
+  """The allocator setting this process runs with: 'system' or 'reuse'."""
+  return _in_effect
+
+
+def configure(setting: str) -> str:
+  """Applies `setting` ('system': leave glibc's defaults; 'reuse': see the module docstring)
+  to this process and returns the setting in effect afterwards. 'reuse' after JAX's backend
+  has started, or without glibc, warns and leaves the allocator as it is."""
+  global _in_effect
+  if setting == 'system' or setting == _in_effect:
+    return _in_effect
+  reason = _why_not()
+  if reason:
+    print(f'warning: train.host_allocator=reuse not applied: {reason}; the allocator stays '
+          f'as it is ({_in_effect})', file=sys.stderr)
+    return _in_effect
+  libc = ctypes.CDLL('libc.so.6')
+  for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)):
+    if libc.mallopt(param, value) != 1:  # mallopt returns 1 on success
+      print(f'warning: train.host_allocator=reuse: mallopt({param}, {value}) refused',
+            file=sys.stderr)
+  _in_effect = 'reuse'
+  return _in_effect
+
+
+def _why_not() -> str:
+  """Why 'reuse' cannot be applied now ('' when it can)."""
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+    libc.gnu_get_libc_version  # glibc's own symbol: present in glibc, absent in musl
+  except (OSError, AttributeError):
+    return 'it needs Linux with glibc'
+  if _backend_started():
+    return ("JAX's backend already started in this process (it must be set before the "
+            'first JAX computation or jax.devices())')
+  return ''
+
+
+def _backend_started() -> bool:
+  if 'jax' not in sys.modules:
+    return False
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
