@@ -30,8 +30,9 @@ allocator hands the step's large buffers back to the kernel and faults them in a
 It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `block_items`
 (the blockwise attention's items per block, `--block-items`; `layers.BLOCK_ITEMS` by default),
 `compute_dtype`, `xla_flops_per_step` (XLA's count of the timed program),
-`dense_peak_memory_bytes` (the step compiled with the dense attention) and `microbatches`
-(`train.microbatches`: the step's batch taken in that many parts, one after the other). XLA
+`dense_peak_memory_bytes` (the step compiled with the dense attention), `microbatches`
+(`train.microbatches`: the step's batch taken in that many parts, one after the other) and
+`host_allocator` (`train.host_allocator` in effect: 'reuse' keeps the freed pages). XLA
 counts a loop body once, so `flops_per_step` and `fraction_of_ceiling` are always those of the
 dense, whole-batch program: comparable across attentions, block sizes and microbatches.
 

@@ -354,9 +354,10 @@ class TrainConfig:
   # The host allocator under XLA's CPU runtime (host_allocator.py): 'system' leaves glibc's
   # defaults; 'reuse' keeps the memory a step frees for the next one (one malloc arena, no
   # per-allocation mappings, no trimming), so a CPU step stops faulting its temporaries in
-  # afresh: faster steps, more resident memory (docs/benchmarks.md). Set as the run starts,
-  # before JAX's backend; Linux with glibc only. No effect on the numbers.
-  host_allocator: str = 'system'
+  # afresh: faster steps, more resident memory (docs/benchmarks.md); 'auto' is 'reuse' where
+  # JAX can only run on the CPU, else 'system'. Set as the run starts, before JAX's backend;
+  # Linux with glibc only. No effect on the numbers.
+  host_allocator: str = 'auto'
 
   def __post_init__(self):
     _check_positive('train.steps', self.steps)
@@ -373,7 +374,7 @@ class TrainConfig:
     _check_in('train.host_allocator', self.host_allocator, HOST_ALLOCATORS)
 
 
-HOST_ALLOCATORS = ('system', 'reuse')
+HOST_ALLOCATORS = ('auto', 'system', 'reuse')
 CUTOFFS = (10, 50, 100, 200)
 METRIC_NAMES = tuple(f'{m}@{k}' for k in CUTOFFS for m in ('recall', 'ndcg')) + ('mrr',)
 

@@ -14,14 +14,22 @@ docs/benchmarks.md). Nothing numerical changes.
 
 glibc fixes a thread's arena at its first allocation, so the parameters count only when set
 before JAX starts its backend (the first `jax.devices()` or computation of the process):
-`train`, `bench` and `experiments` set them as the run starts, before building the mesh. Later
-in a process that already ran JAX they cannot take effect: a warning says so and nothing is
-changed. Linux with glibc only; elsewhere a warning too.
+`train`, `bench` and `experiments` set them as the run starts. Later in a process that already
+ran JAX they cannot take effect: 'reuse' then warns and changes nothing. Linux with glibc only
+('reuse' warns elsewhere too).
+
+'auto' (the default) is 'reuse' where JAX can only run on the CPU (`JAX_PLATFORMS` names the
+CPU alone, or no accelerator plugin is installed: no `jax_plugins` package or entry point, no
+`libtpu`), and where it can apply; otherwise it silently stays 'system'. Accelerator hosts keep
+glibc's defaults: their step's buffers live in the device's own memory pool.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
+import os
 import sys
 
 # glibc's mallopt parameter numbers (malloc.h).
@@ -38,14 +46,18 @@ def in_effect() -> str:
 
 
 def configure(setting: str) -> str:
-  """Applies `setting` ('system': leave glibc's defaults; 'reuse': see the module docstring)
-  to this process and returns the setting in effect afterwards. 'reuse' after JAX's backend
-  has started, or without glibc, warns and leaves the allocator as it is."""
+  """Applies `setting` ('system': leave glibc's defaults; 'reuse': see the module docstring;
+  'auto': 'reuse' on a CPU-only JAX where it can apply) to this process and returns the
+  setting in effect afterwards. 'reuse' after JAX's backend has started, or without glibc,
+  warns and leaves the allocator as it is."""
   global _in_effect
-  if setting == 'system' or setting == _in_effect:
+  if setting == 'system' or _in_effect == 'reuse':
     return _in_effect
   reason = _why_not()
-  if reason:
+  if setting == 'auto':
+    if reason or not cpu_only():
+      return _in_effect
+  elif reason:
     print(f'warning: train.host_allocator=reuse not applied: {reason}; the allocator stays '
           f'as it is ({_in_effect})', file=sys.stderr)
     return _in_effect
@@ -56,6 +68,27 @@ def configure(setting: str) -> str:
             file=sys.stderr)
   _in_effect = 'reuse'
   return _in_effect
+
+
+def cpu_only(platforms: str | None = None, plugins: bool | None = None) -> bool:
+  """Whether JAX can only run on the CPU: `platforms` (comma-separated; default: JAX's
+  `jax_platforms`, i.e. `JAX_PLATFORMS`) names the CPU alone, or, when it is unset, no accelerator plugin is installed (`plugins`,
+  default: looked up)."""
+  if platforms is None:
+    jax = sys.modules.get('jax')  # jax.config.update('jax_platforms', ...) too, once imported
+    platforms = (jax.config.jax_platforms if jax else os.environ.get('JAX_PLATFORMS')) or ''
+  names = {p.strip().lower() for p in platforms.split(',') if p.strip()}
+  if names:
+    return names == {'cpu'}
+  return not (_accelerator_plugins() if plugins is None else plugins)
+
+
+def _accelerator_plugins() -> bool:
+  """Whether an accelerator backend is installed: a JAX PJRT plugin (the `jax_plugins`
+  namespace or entry points: CUDA, ROCm, ...) or libtpu."""
+  return bool(importlib.metadata.entry_points(group='jax_plugins')
+              or importlib.util.find_spec('jax_plugins')
+              or importlib.util.find_spec('libtpu'))
 
 
 def _why_not() -> str:

@@ -109,7 +109,7 @@ TRAIN_OVERRIDES = [
     ('data.path=/nonexistent/heterrec', 'not a prepared dataset folder'),
     ('model.v_features=false', 'model.v_features=False leaves V empty'),
     ('train.host_allocator=jemalloc',
-     "train.host_allocator='jemalloc' is not allowed; use one of ('system', 'reuse')"),
+     "train.host_allocator='jemalloc' is not allowed; use one of ('auto', 'system', 'reuse')"),
 ]
 
 

@@ -32,8 +32,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
-def faults_per_call(setting: str) -> tuple[str, float]:
-  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu'}
+def faults_per_call(setting: str, platforms: str = 'cpu') -> tuple[str, float]:
+  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': platforms}
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   out = subprocess.run([sys.executable, '-c', PROGRAM, setting], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=300, check=True).stdout.split()
@@ -49,14 +49,37 @@ def test_reuse_stops_the_per_call_page_faults():
   assert reuse[1] < 800, reuse
 
 
-def test_reuse_refused_after_the_backend_started(capsys):
+def test_auto_reuses_on_a_cpu_only_jax():
+  setting, faults = faults_per_call('auto')
+  assert setting == 'reuse' and faults < 800, (setting, faults)
+  # JAX_PLATFORMS naming an accelerator: 'auto' keeps glibc's defaults (the program still
+  # runs, on the CPU fallback of JAX_PLATFORMS=cuda,cpu when no GPU is there).
+  setting, faults = faults_per_call('auto', platforms='cuda,cpu')
+  assert setting == 'system' and faults > 8000
+
+
+def test_cpu_only():
+  assert host_allocator.cpu_only('cpu', plugins=True)
+  assert host_allocator.cpu_only(' CPU ', plugins=True)
+  assert not host_allocator.cpu_only('cuda,cpu', plugins=False)
+  assert not host_allocator.cpu_only('tpu', plugins=False)
+  assert host_allocator.cpu_only('', plugins=False)
+  assert not host_allocator.cpu_only('', plugins=True)
+
+
+def test_reuse_refused_after_the_backend_started(capsys, monkeypatch):
+  # (a run earlier in this process may have applied 'auto' before the backend started)
+  monkeypatch.setattr(host_allocator, '_in_effect', 'system')
   jax.devices()  # this process's backend has started (conftest's fake devices)
   assert host_allocator.configure('reuse') == 'system'
   assert host_allocator.in_effect() == 'system'
   err = capsys.readouterr().err
   assert "train.host_allocator=reuse not applied: JAX's backend already started" in err
+  assert host_allocator.configure('auto') == 'system'  # 'auto' stays quiet
+  assert capsys.readouterr().err == ''
 
 
-def test_system_changes_nothing(capsys):
+def test_system_changes_nothing(capsys, monkeypatch):
+  monkeypatch.setattr(host_allocator, '_in_effect', 'system')
   assert host_allocator.configure('system') == 'system'
   assert capsys.readouterr().err == ''
