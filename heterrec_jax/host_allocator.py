@@ -72,8 +72,8 @@ def configure(setting: str) -> str:
 
 def cpu_only(platforms: str | None = None, plugins: bool | None = None) -> bool:
   """Whether JAX can only run on the CPU: `platforms` (comma-separated; default: JAX's
-  `jax_platforms`, i.e. `JAX_PLATFORMS`) names the CPU alone, or, when it is unset, no accelerator plugin is installed (`plugins`,
-  default: looked up)."""
+  `jax_platforms`, i.e. `JAX_PLATFORMS`) names the CPU alone, or, when it is unset, no
+  accelerator plugin is installed (`plugins`; default: looked up)."""
   if platforms is None:
     jax = sys.modules.get('jax')  # jax.config.update('jax_platforms', ...) too, once imported
     platforms = (jax.config.jax_platforms if jax else os.environ.get('JAX_PLATFORMS')) or ''
