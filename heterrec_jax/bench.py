@@ -31,8 +31,10 @@ It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `bl
 (the blockwise attention's items per block, `--block-items`; `layers.BLOCK_ITEMS` by default),
 `compute_dtype`, `xla_flops_per_step` (XLA's count of the timed program),
 `dense_peak_memory_bytes` (the step compiled with the dense attention), `microbatches`
-(`train.microbatches`: the step's batch taken in that many parts, one after the other) and
-`host_allocator` (`train.host_allocator` in effect: 'reuse' keeps the freed pages). XLA
+(`train.microbatches`: the step's batch taken in that many parts, one after the other),
+`host_allocator` (`train.host_allocator` in effect: 'reuse' keeps the freed pages) and
+`peak_resident_bytes` (the process's peak resident memory after the timed steps, compilation
+included; in a sweep, of every run so far: what 'reuse' trades for its speed). XLA
 counts a loop body once, so `flops_per_step` and `fraction_of_ceiling` are always those of the
 dense, whole-batch program: comparable across attentions, block sizes and microbatches.
 
@@ -262,7 +264,8 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
 
 def _time_steps(step, state, batches, steps: int, warmup: int) -> dict[str, Any]:
   """`warmup` untimed then `steps` timed steps: the mean step time and the process's page faults
-  and kernel CPU share over the timed steps; 'state' is the final (donated-into) state."""
+  and kernel CPU share over the timed steps, its peak resident memory so far; 'state' is the
+  final (donated-into) state."""
   state, _ = _steps(step, state, batches, warmup)
   jax.block_until_ready(state)
   usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -271,10 +274,11 @@ def _time_steps(step, state, batches, steps: int, warmup: int) -> dict[str, Any]
   step_time = (time.perf_counter() - t0) / steps
   usage1 = resource.getrusage(resource.RUSAGE_SELF)
   cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+  rss_unit = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
   return {'step_time_s': step_time,
           'minor_page_faults_per_step': (usage1.ru_minflt - usage0.ru_minflt) / steps,
           'system_cpu_fraction': (usage1.ru_stime - usage0.ru_stime) / cpu if cpu else None,
-          'state': state}
+          'peak_resident_bytes': usage1.ru_maxrss * rss_unit, 'state': state}
 
 
 def _steps(step, state, batches, n: int):

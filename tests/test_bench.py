@@ -37,6 +37,9 @@ def test_bench_train_reports_cost_memory_and_host_overhead(tiny_data, capsys):
   assert result['system_cpu_fraction'] is None or 0.0 <= result['system_cpu_fraction'] <= 1.0
   assert result['attention'] == 'auto' and result['compute_dtype'] == 'float32'
   assert result['dense_peak_memory_bytes'] > 0 and result['xla_flops_per_step'] > 0
+  # a Python process with JAX holds 100s of MB: KiB read as bytes (or the reverse) is 1024x off
+  assert 50e6 < result['peak_resident_bytes'] < 64e9
+  assert result['host_allocator'] in ('system', 'reuse')
 
 
 def test_bench_train_sweep(tiny_data, capsys, tmp_path):
