@@ -53,7 +53,8 @@ def configure(setting: str) -> str:
   global _in_effect
   if setting == 'system' or _in_effect == 'reuse':
     return _in_effect
-  reason = _why_not()
+  libc = _glibc()
+  reason = _why_not(libc)
   if setting == 'auto':
     if reason or not cpu_only():
       return _in_effect
@@ -61,7 +62,6 @@ def configure(setting: str) -> str:
     print(f'warning: train.host_allocator=reuse not applied: {reason}; the allocator stays '
           f'as it is ({_in_effect})', file=sys.stderr)
     return _in_effect
-  libc = ctypes.CDLL('libc.so.6')
   for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)):
     if libc.mallopt(param, value) != 1:  # mallopt returns 1 on success
       print(f'warning: train.host_allocator=reuse: mallopt({param}, {value}) refused',
@@ -91,12 +91,19 @@ def _accelerator_plugins() -> bool:
               or importlib.util.find_spec('libtpu'))
 
 
-def _why_not() -> str:
-  """Why 'reuse' cannot be applied now ('' when it can)."""
+def _glibc() -> ctypes.CDLL | None:
+  """This process's glibc, or None (not Linux, or another C library)."""
   try:
     libc = ctypes.CDLL('libc.so.6')
     libc.gnu_get_libc_version  # glibc's own symbol: present in glibc, absent in musl
   except (OSError, AttributeError):
+    return None
+  return libc
+
+
+def _why_not(libc: ctypes.CDLL | None) -> str:
+  """Why 'reuse' cannot be applied now ('' when it can)."""
+  if libc is None:
     return 'it needs Linux with glibc'
   if _backend_started():
     return ("JAX's backend already started in this process (it must be set before the "
