@@ -15,9 +15,10 @@ from heterrec_jax import host_allocator
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Runs one jitted program with a 64 MiB temporary (a 4096 x 4096 float32 product) after
-# configuring the allocator, and prints the setting in effect and the minor page faults per call.
+# configuring the allocator, and prints the setting in effect and the median of the minor page
+# faults of ten calls after ten warm-up calls.
 PROGRAM = """
-import resource, sys
+import resource, statistics, sys
 from heterrec_jax import host_allocator
 print(host_allocator.configure(sys.argv[1]))
 import jax, jax.numpy as jnp
@@ -25,10 +26,12 @@ f = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w.T)
 x, w = jnp.ones((4096, 64)), jnp.ones((64, 4096))
 for _ in range(10):
   f(x, w).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x, w).block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults))
 """
 
 
@@ -44,8 +47,9 @@ def test_reuse_stops_the_per_call_page_faults():
   system, reuse = faults_per_call('system'), faults_per_call('reuse')
   assert system[0] == 'system' and reuse[0] == 'reuse'
   # 64 MiB / 4 KiB = 16,384 pages mapped and faulted in afresh per call with glibc's defaults
-  # (the premise: XLA frees the temporary at the end of each call). With 'reuse' the heap
-  # still grows now and then while it fragments (a call in ten: 1,638 a call), usually never.
+  # (the premise: XLA frees the temporary at the end of each call). With 'reuse' a call
+  # faults none, except the odd call where the fragmenting heap grows (a mean over ten calls
+  # reached 5,546 once in twelve runs under the suite's XLA flags): hence the median.
   assert system[1] > 8000, system
   assert reuse[1] < 4000, reuse
 
