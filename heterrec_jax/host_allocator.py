@@ -8,7 +8,9 @@ kernel then zeroes and faults in every page of it on the next step (a third of t
 small step, docs/benchmarks.md). `reuse` sets three of glibc's `mallopt` parameters so that the
 pages stay with the process: one arena (M_ARENA_MAX = 1: every thread allocates from the main
 heap, which can grow without bound), no per-allocation mappings (M_MMAP_MAX = 0) and no
-trimming of the heap's top (M_TRIM_THRESHOLD at its maximum). The cost is resident memory: the
+trimming of the heap's top ever (M_TRIM_THRESHOLD -1, which glibc stores as the largest size:
+INT_MAX, 2 GiB, let it trim at the paper's widths, where two steps in flight hold more than
+that, and every step faulted the trimmed pages in again). The cost is resident memory: the
 heap keeps its high-water mark, with some fragmentation on top (measured in
 docs/benchmarks.md). Nothing numerical changes.
 
@@ -34,7 +36,8 @@ import sys
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_INT_MAX = 2**31 - 1
+# mallopt takes an int; glibc keeps the trim threshold as a size_t, so -1 is "never trim".
+_NEVER_TRIM = -1
 
 # What this process runs with: mallopt's parameters are the process's, set at most once.
 _in_effect = 'system'
@@ -62,7 +65,7 @@ def configure(setting: str) -> str:
     print(f'warning: train.host_allocator=reuse not applied: {reason}; the allocator stays '
           f'as it is ({_in_effect})', file=sys.stderr)
     return _in_effect
-  for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)):
+  for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)):
     if libc.mallopt(param, value) != 1:  # mallopt returns 1 on success
       print(f'warning: train.host_allocator=reuse: mallopt({param}, {value}) refused',
             file=sys.stderr)

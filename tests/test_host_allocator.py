@@ -54,6 +54,41 @@ def test_reuse_stops_the_per_call_page_faults():
   assert reuse[1] < 4000, reuse
 
 
+# Frees a 3 GiB block from the top of the heap (never touched, so it costs address space, not
+# memory) after configuring the allocator ('int_max': 'reuse' as it was, with the trim
+# threshold at INT_MAX), and prints whether the heap's end moved back.
+TRIM_PROGRAM = """
+import ctypes, sys
+from heterrec_jax import host_allocator
+libc = ctypes.CDLL('libc.so.6')
+if sys.argv[1] == 'int_max':
+  for param, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1)):
+    assert libc.mallopt(param, value) == 1
+else:
+  host_allocator.configure(sys.argv[1])
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+block = libc.malloc(3 << 30)
+assert block, 'malloc failed'
+end = libc.sbrk(0)
+libc.free(block)
+print('trimmed' if libc.sbrk(0) < end else 'kept')
+"""
+
+
+def heap_after_freeing_3_gib(setting: str) -> str:
+  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
+  return subprocess.run([sys.executable, '-c', TRIM_PROGRAM, setting], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+
+
+def test_reuse_never_trims_the_heap_even_above_2_gib():
+  # At the paper's widths two steps in flight hold more than 2 GiB: a trim threshold of INT_MAX
+  # let glibc hand that top back after every step, and the next step faulted it in again.
+  assert heap_after_freeing_3_gib('int_max') == 'trimmed'
+  assert heap_after_freeing_3_gib('reuse') == 'kept'
+
+
 def test_auto_reuses_on_a_cpu_only_jax():
   setting, faults = faults_per_call('auto')
   assert setting == 'reuse' and faults < 4000, (setting, faults)
