@@ -9,6 +9,10 @@ per (query block, key block) pair from the item grid. The backward pass is a cus
 recomputes each block's probabilities from the saved log-sum-exp (FlashAttention-2), so the
 memory of both passes is linear in T for a fixed block size (plus the item-grid bias and mask,
 T x T, which the caller holds anyway and which are K^2 times smaller than the logits).
+The 1/sqrt(d_head) scale is applied once to Q and to the bias, and an item-grid mask (every
+mask but 'w/o HCT''s token-causal one) is folded into the bias as `NEG_INF`, so a block pair's
+logits are one matmul plus one broadcast add, with no mask or scale pass over them (1.18x on
+the paper's token-level attention, forward and backward; docs/benchmarks.md).
 Attention dropout, when asked for, is drawn per block pair from one key and drawn again in the
 backward pass, so it keeps that bound (`dropout_keep`).
 
@@ -62,20 +66,29 @@ def blockwise_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKx
     return x.reshape(b, n, bt, k, h, d).transpose(1, 0, 4, 2, 3, 5)
 
   key = dropout_key if dropout_rate else None
-  out_NxBxHxtxKxD = _flash(to_blocks(q_BxTxKxHxD), to_blocks(k_BxTxKxHxD),
+  scale = 1.0 / math.sqrt(d)
+  q_scaled = (q_BxTxKxHxD.astype(jnp.float32) * scale).astype(q_BxTxKxHxD.dtype)
+  bias_BxHxTpxTp = bias_BxHxTpxTp * scale
+  if allowed.shape[2] == 1 and allowed.shape[4] == 1:  # an item-grid mask goes into the bias
+    bias_BxHxTpxTp = jnp.where(allowed[:, None, :, 0, :, 0], bias_BxHxTpxTp, NEG_INF)
+    allowed = None
+  out_NxBxHxtxKxD = _flash(to_blocks(q_scaled), to_blocks(k_BxTxKxHxD),
                            to_blocks(v_BxTxKxHxD), bias_BxHxTpxTp, allowed, key, dropout_rate)
   out_BxTxKxHxD = out_NxBxHxtxKxD.transpose(1, 0, 3, 4, 2, 5).reshape(b, n * bt, k, h, d)
   return out_BxTxKxHxD[:, :t]
 
 
 def _block_logits(q_BxHxtxKxD, k_BxHxtxKxD, bias_BxHxTxT, allowed, i, j):
-  """Masked, scaled float32 logits of query block i against key block j, `[B, H, t, K, t, K]`,
-  and the mask block `[B, 1, t, A, t, C]`."""
-  b, h, bt, _, d = q_BxHxtxKxD.shape
+  """Float32 logits of query block i against key block j, `[B, H, t, K, t, K]`, and the mask
+  block `[B, 1, t, A, t, C]`. Q and the bias arrive scaled; with `allowed` None the bias
+  already holds the mask (`NEG_INF`) and the mask block is None."""
+  b, h, bt = q_BxHxtxKxD.shape[:3]
   logits = jnp.einsum('bhtkd,bhsjd->bhtksj', q_BxHxtxKxD, k_BxHxtxKxD,
                       preferred_element_type=jnp.float32)
   bias_BxHxtxt = lax.dynamic_slice(bias_BxHxTxT, (0, 0, i * bt, j * bt), (b, h, bt, bt))
-  logits = (logits + bias_BxHxtxt[:, :, :, None, :, None]) / math.sqrt(d)
+  logits = logits + bias_BxHxtxt[:, :, :, None, :, None]
+  if allowed is None:
+    return logits, None
   a, c = allowed.shape[2], allowed.shape[4]
   ok = lax.dynamic_slice(allowed, (0, i * bt, 0, j * bt, 0), (b, bt, a, bt, c))[:, None]
   return jnp.where(ok, logits, NEG_INF), ok
@@ -147,7 +160,9 @@ def _backward_pair(q_i, do_i, lse_i, delta_i, k_j, v_j, bias, allowed, i, j, key
   dp = jnp.einsum('bhtkd,bhsjd->bhtksj', do_i, v_j, preferred_element_type=f32)
   if z is not None:
     dp = dp * z
-  ds = jnp.where(ok, p * (dp - delta_i[..., None, None]), 0.0) / math.sqrt(q_i.shape[-1])
+  ds = p * (dp - delta_i[..., None, None])
+  if ok is not None:
+    ds = jnp.where(ok, ds, 0.0)
   dq_i = jnp.einsum('bhtksj,bhsjd->bhtkd', ds.astype(k_j.dtype), k_j, preferred_element_type=f32)
   dk_j = jnp.einsum('bhtksj,bhtkd->bhsjd', ds.astype(q_i.dtype), q_i, preferred_element_type=f32)
   return dq_i, dk_j, dv_j, ds.sum(axis=(3, 5))
