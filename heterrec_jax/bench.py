@@ -28,7 +28,8 @@ from the process's resource usage over the timed steps, `minor_page_faults_per_s
 `system_cpu_fraction` (kernel CPU time / all CPU time): on a CPU host, high values mean the
 allocator hands the step's large buffers back to the kernel and faults them in again every step.
 It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `block_items`
-(the blockwise attention's items per block, `--block-items`; `layers.BLOCK_ITEMS` by default),
+(the blockwise attention's items per block, `--block-items`; null by default: each level's
+`layers.block_items_for`, 32 items at the token level, 128 at a K = 1 item level),
 `compute_dtype`, `xla_flops_per_step` (XLA's count of the timed program),
 `dense_peak_memory_bytes` (the step compiled with the dense attention), `microbatches`
 (`train.microbatches`: the step's batch taken in that many parts, one after the other),
@@ -207,14 +208,13 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
                 trace_dir: pathlib.Path | None = None) -> dict[str, Any]:
   """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps,
   the causal blocks' attention traced as `attention` (`layers.ATTENTION_IMPLS`; the blockwise
-  one over blocks of `block_items` items, None: `layers.BLOCK_ITEMS`). With `trace_dir`, two
+  one over blocks of `block_items` items, None: `layers.block_items_for`). With `trace_dir`, two
   more steps run under `jax.profiler.trace(trace_dir)` after the timed ones."""
   if steps < 1 or warmup < 1:
     raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
   if attention not in layers.ATTENTION_IMPLS:
     raise ConfigError(f'--attention={attention!r} must be one of {layers.ATTENTION_IMPLS}')
-  block_items = layers.BLOCK_ITEMS if block_items is None else block_items
-  if block_items < 1:
+  if block_items is not None and block_items < 1:
     raise ConfigError(f'--block-items={block_items} must be >= 1')
   allocator = host_allocator.configure(cfg.train.host_allocator)  # before JAX's backend starts
   dataset = run_lib.load_dataset(cfg, workdir, progress=False)
@@ -356,7 +356,8 @@ def _sweep_table(results: list[dict[str, Any]]) -> str:
     growth = (f'{r["peak_memory_bytes"] / previous[key]:.2f}' if key in previous else '')
     previous[key] = r['peak_memory_bytes']
     fmt = lambda key, spec: '' if r[key] is None else format(r[key], spec)
-    lines.append(f'| {r["attention"]} | {r["block_items"]} | {r["compute_dtype"]} | '
+    block = 'default' if r['block_items'] is None else r['block_items']
+    lines.append(f'| {r["attention"]} | {block} | {r["compute_dtype"]} | '
                  f'{r["microbatches"]} | '
                  f'{r["max_len"]} | {r["step_time_s"]:.3f} | {r["peak_memory_bytes"] / 1e9:.3f} | '
                  f'{growth} | {r["dense_peak_memory_bytes"] / 1e9:.3f} | '
@@ -373,9 +374,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument('--attention', type=_csv(str), default=['auto'],
                  help='attention of the causal blocks, comma-separated to compare in one run: '
                       + ', '.join(layers.ATTENTION_IMPLS))
-  p.add_argument('--block-items', type=_csv(int), default=[layers.BLOCK_ITEMS],
-                 help='items per block of the blockwise attention, comma-separated to compare '
-                      f'(default {layers.BLOCK_ITEMS})')
+  p.add_argument('--block-items', type=_csv(int), default=[None],
+                 help='items per block of the blockwise attention at every level, '
+                      'comma-separated to compare (default: each level\'s, '
+                      f'{layers.BLOCK_ITEMS} items and at least {layers.BLOCK_TOKENS} tokens)')
   p.add_argument('--max-len', type=_csv(int), default=None,
                  help='comma-separated data.max_len values to sweep (e.g. 128,256,512)')
   p.add_argument('--dtypes', type=_csv(str), default=None,

@@ -32,8 +32,12 @@ from heterrec_jax import attention as attention_lib
 LOG_STEP = 0.301
 # A finite "minus infinity" for masked logits (finite so that no row can become NaN).
 NEG_INF = attention_lib.NEG_INF
-# Items per block of the blockwise attention (`attention.blockwise_attention`).
+# Items per block of the blockwise attention (`attention.blockwise_attention`): at least
+# BLOCK_ITEMS items and at least BLOCK_TOKENS tokens (`block_items_for`), so that a K = 1 item
+# level runs 128-item blocks (1.8x faster than 32-item ones at the paper's T = 256, forward and
+# backward; docs/benchmarks.md) while the K = 6 token level keeps 32.
 BLOCK_ITEMS = 32
+BLOCK_TOKENS = 128
 # 'auto' runs a causal attention over more items than this blockwise, over at most this many
 # dense: at two blocks or fewer, blockwise skips little and costs its loop (a whole train step
 # of configs/ml100k.py, T = 50: 0.70 s blockwise against 0.65 s dense; at the paper's T = 256
@@ -43,9 +47,14 @@ DENSE_MAX_ITEMS = 2 * BLOCK_ITEMS
 # or 'blockwise'; set by `attention_impl` (benchmarks compare the two in one process).
 ATTENTION_IMPLS = ('auto', 'dense', 'blockwise')
 _attention_impl = 'auto'
-_block_items: int | None = None  # None: BLOCK_ITEMS, read when a function is traced
+_block_items: int | None = None  # None: `block_items_for`, read when a function is traced
 
 default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def block_items_for(kinds: int) -> int:
+  """The blockwise attention's default items per block for items of `kinds` tokens."""
+  return max(BLOCK_ITEMS, BLOCK_TOKENS // kinds)
 
 
 def kernel_init(std: float = 0.0):
@@ -129,8 +138,8 @@ def block_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD:
 @contextlib.contextmanager
 def attention_impl(name: str, block_items: int | None = None) -> Iterator[None]:
   """Within the context, causal blocks TRACED use attention `name` (one of ATTENTION_IMPLS),
-  the blockwise one over blocks of `block_items` items (None: BLOCK_ITEMS; where 'auto'
-  switches stays DENSE_MAX_ITEMS).
+  the blockwise one over blocks of `block_items` items at every level (None: each level's
+  `block_items_for`; where 'auto' switches stays DENSE_MAX_ITEMS).
 
   The choice is made when a function is traced: wrap the first call (or the `lower`) of a
   jitted function, not later calls.
@@ -152,8 +161,8 @@ def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD
                      bias_BxHxTxT: jax.Array, allowed: jax.Array,
                      probs_dropout: nnx.Dropout | None = None) -> jax.Array:
   """`block_attention` for item-causal masks (`allowed[b, t, :, s, :]` False for s > t):
-  blockwise over blocks of BLOCK_ITEMS items (or `attention_impl`'s; no L x L logits, memory
-  linear in T, key blocks after the query block skipped) when the sequence has more than
+  blockwise over blocks of `block_items_for(K)` items (or `attention_impl`'s; no L x L logits,
+  memory linear in T, key blocks after the query block skipped) when the sequence has more than
   DENSE_MAX_ITEMS items, else dense (faster at that length). `probs_dropout` drops attention
   probabilities on either path (blockwise: per block pair, from one key of its stream)."""
   n_items = q_BxTxKxHxD.shape[1]
@@ -165,8 +174,9 @@ def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD
   rate, key = 0.0, None
   if probs_dropout is not None and probs_dropout.rate and not probs_dropout.deterministic:
     rate, key = probs_dropout.rate, probs_dropout.rngs()
+  block_items = _block_items or block_items_for(q_BxTxKxHxD.shape[2])
   return attention_lib.blockwise_attention(q_BxTxKxHxD, k_BxTxKxHxD, v_BxTxKxHxD, bias_BxHxTxT,
-                                           allowed, block_items=_block_items or BLOCK_ITEMS,
+                                           allowed, block_items=block_items,
                                            dropout_rate=rate, dropout_key=key)
 
 

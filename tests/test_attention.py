@@ -138,14 +138,22 @@ def test_causal_attention_dispatch(monkeypatch):
 def test_model_causality_by_gradients_with_blockwise_attention(test, monkeypatch):
   """The model tests' T = 4 items in blocks of 3: two blocks, the second one padded."""
   monkeypatch.setattr(layers, 'BLOCK_ITEMS', 3)
+  monkeypatch.setattr(layers, 'BLOCK_TOKENS', 1)  # the K = 1 item level in 3-item blocks too
   with layers.attention_impl('blockwise'):
     test()
+
+
+def test_default_block_holds_block_items_and_block_tokens():
+  assert layers.block_items_for(6) == layers.BLOCK_ITEMS == 32  # the token level: 192 tokens
+  assert layers.block_items_for(1) == layers.BLOCK_TOKENS == 128  # a K = 1 item level
+  assert layers.block_items_for(2) == 64
 
 
 def test_causal_stack_blockwise_equals_dense_with_parameter_gradients(monkeypatch):
   """A whole CausalStack (projections, bias table, LayerNorms): output and every parameter
   gradient, blockwise (blocks of 2 of the 5 items) against dense."""
   monkeypatch.setattr(layers, 'BLOCK_ITEMS', 2)
+  monkeypatch.setattr(layers, 'BLOCK_TOKENS', 1)
   with nnx.use_eager_sharding(False):
     stack = layers.CausalStack(8, 2, heads=2, ffn_mult=2, dropout=0.0, time_buckets=16,
                                dtype=jnp.float32, rngs=nnx.Rngs(0))

@@ -56,7 +56,7 @@ def test_bench_train_sweep(tiny_data, capsys, tmp_path):
           for r in result['runs']]
   assert runs == [(4, 'bfloat16', 'dense', 2), (8, 'bfloat16', 'dense', 2)]
   assert all(r['flops_per_step'] > 1.2 * r['xla_flops_per_step'] for r in result['runs'])
-  assert '| dense | 32 | bfloat16 | 2 | 8 |' in out
+  assert '| dense | default | bfloat16 | 2 | 8 |' in out
   for i, r in enumerate(result['runs']):
     assert r['trace_dir'] == str(tmp_path / 'trace' / f'run{i}')
     assert list(pathlib.Path(r['trace_dir']).rglob('*.xplane.pb')), r['trace_dir']
