@@ -34,8 +34,8 @@ LOG_STEP = 0.301
 NEG_INF = attention_lib.NEG_INF
 # Items per block of the blockwise attention (`attention.blockwise_attention`): at least
 # BLOCK_ITEMS items and at least BLOCK_TOKENS tokens (`block_items_for`), so that a K = 1 item
-# level runs 128-item blocks (1.8x faster than 32-item ones at the paper's T = 256, forward and
-# backward; docs/benchmarks.md) while the K = 6 token level keeps 32.
+# level runs 128-item blocks (its attention 1.5x faster than in 32-item ones at the paper's
+# T = 256, forward and backward; docs/benchmarks.md) while the K = 6 token level keeps 32.
 BLOCK_ITEMS = 32
 BLOCK_TOKENS = 128
 # 'auto' runs a causal attention over more items than this blockwise, over at most this many
