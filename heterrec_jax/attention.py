@@ -14,9 +14,9 @@ mask but 'w/o HCT''s token-causal one) is folded into the bias as `NEG_INF`, so 
 logits are one matmul plus one broadcast add, with no mask or scale pass over them. Blocks are
 held as `[G, L, D]` (G = B * H, L = block tokens) so that every product is a 3-d batched matmul,
 and the backward pass produces dK and dV transposed (`[G, D, L]`): XLA's CPU dot runs the 6-d
-einsums of the item grid and the contractions over a matrix's leading axis at a third to a half
-of that rate. Together 1.4x on the paper's token-level attention, forward and backward
-(docs/benchmarks.md).
+einsums of the item grid and the contractions over a matrix's leading axis markedly slower.
+Together 1.5x on the paper's token-level attention, forward and backward (`bench train
+--profile`, docs/benchmarks.md).
 Attention dropout, when asked for, is drawn per block pair from one key and drawn again in the
 backward pass, so it keeps that bound (`dropout_keep`).
 
@@ -164,8 +164,8 @@ def _flash_fwd(q, k, v, bias, allowed, key, rate, kinds):
 def _backward_pair(q_i, do_i, lse_i, delta_i, k_j, v_j, bias, allowed, i, j, key, rate, n,
                    kinds):
   """Gradients of one (query block i, key block j) pair: (dq_i, dk_j^T, dv_j^T, dbias_ij), dk
-  and dv transposed (`[G, D, L]`: XLA's CPU dot runs that form about twice as fast as
-  `[G, L, D]`, which contracts over the matrices' leading axis).
+  and dv transposed (`[G, D, L]`: XLA's CPU dot runs that form faster than `[G, L, D]`, which
+  contracts over the matrices' leading axis).
 
   With dropout (multipliers z): out = (p z) v, so dv = (p z)^T do, dp = (do v^T) z, and the
   softmax's `delta = rowsum(do * out)` is the same expression on the dropped output."""
