@@ -35,11 +35,16 @@ print(statistics.median(faults))
 """
 
 
-def faults_per_call(setting: str, platforms: str = 'cpu') -> tuple[str, float]:
-  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': platforms}
+def run_program(program: str, setting: str, timeout: int, **env: str) -> str:
+  """`program` in a fresh Python (its allocator not yet set) with `setting` as argv[1]; stdout."""
+  env = {**os.environ, 'PYTHONPATH': str(ROOT), **env}
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
-  out = subprocess.run([sys.executable, '-c', PROGRAM, setting], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, check=True).stdout.split()
+  return subprocess.run([sys.executable, '-c', program, setting], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+def faults_per_call(setting: str, platforms: str = 'cpu') -> tuple[str, float]:
+  out = run_program(PROGRAM, setting, 300, JAX_PLATFORMS=platforms).split()
   return out[0], float(out[1])
 
 
@@ -62,7 +67,8 @@ import ctypes, sys
 from heterrec_jax import host_allocator
 libc = ctypes.CDLL('libc.so.6')
 if sys.argv[1] == 'int_max':
-  for param, value in ((-8, 1), (-4, 0), (-1, 2**31 - 1)):
+  for param, value in ((host_allocator._M_ARENA_MAX, 1), (host_allocator._M_MMAP_MAX, 0),
+                       (host_allocator._M_TRIM_THRESHOLD, 2**31 - 1)):
     assert libc.mallopt(param, value) == 1
 else:
   host_allocator.configure(sys.argv[1])
@@ -77,9 +83,7 @@ print('trimmed' if libc.sbrk(0) < end else 'kept')
 
 
 def heap_after_freeing_3_gib(setting: str) -> str:
-  env = {**os.environ, 'PYTHONPATH': str(ROOT)}
-  return subprocess.run([sys.executable, '-c', TRIM_PROGRAM, setting], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+  return run_program(TRIM_PROGRAM, setting, 60).strip()
 
 
 def test_reuse_never_trims_the_heap_even_above_2_gib():
