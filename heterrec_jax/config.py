@@ -250,16 +250,24 @@ class LossConfig:
                         'source)')
 
 
+SCHEDULES = ('constant', 'cosine', 'plateau')
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   # Peak learning rate of AdamW.
   lr: float = 1e-3
   # Linear warm-up steps, then the schedule: 'constant' (the peak until training stops, as
-  # RecBole; pairs with early stopping) or 'cosine' (decay to lr * final_lr_fraction at
-  # train.steps).
+  # RecBole; pairs with early stopping), 'cosine' (decay to lr * final_lr_fraction at
+  # train.steps) or 'plateau' (the peak, multiplied by plateau_factor each time plateau_patience
+  # validations in a row bring no new best, at most plateau_cuts times: Keras' and PyTorch's
+  # ReduceLROnPlateau; early stopping's count is not reset by a cut).
   warmup_steps: int = 100
   schedule: str = 'constant'
   final_lr_fraction: float = 0.0
+  plateau_patience: int = 3
+  plateau_factor: float = 0.3
+  plateau_cuts: int = 2
   # AdamW weight decay.
   weight_decay: float = 0.0
   # Decoupled decay of the free per-item vector table alone (model.item_id_vector /
@@ -282,7 +290,12 @@ class OptimConfig:
 
   def __post_init__(self):
     _check_positive('optim.lr', self.lr)
-    _check_in('optim.schedule', self.schedule, ('constant', 'cosine'))
+    _check_in('optim.schedule', self.schedule, SCHEDULES)
+    _check_positive('optim.plateau_patience', self.plateau_patience)
+    if not 0.0 < self.plateau_factor < 1.0:
+      raise ConfigError(f'optim.plateau_factor={self.plateau_factor!r} is not allowed; it must '
+                        'be in (0, 1)')
+    _check_positive('optim.plateau_cuts', self.plateau_cuts, allow_zero=True)
     _check_positive('optim.warmup_steps', self.warmup_steps, allow_zero=True)
     _check_positive('optim.weight_decay', self.weight_decay, allow_zero=True)
     _check_positive('optim.vector_decay', self.vector_decay, allow_zero=True)

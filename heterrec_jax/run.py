@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -53,11 +54,12 @@ def build_model(cfg: Config, dataset: Dataset, seed: int) -> RetrievalModel:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-  """AdamW with linear warm-up, then a constant rate or cosine decay, after global-norm
-  clipping; with `optim.ema`, followed by the parameter average (averaging.py)."""
+  """AdamW with linear warm-up, then a constant rate, cosine decay or the constant rate times a
+  multiplier the trainer cuts on a plateau (`set_lr_scale`), after global-norm clipping; with
+  `optim.ema`, followed by the parameter average (averaging.py)."""
   o = cfg.optim
   warmup = min(o.warmup_steps, max(cfg.train.steps - 1, 0))
-  if o.schedule == 'constant':
+  if o.schedule in ('constant', 'plateau'):
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)], [warmup])
   else:
@@ -74,7 +76,28 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
   else:
     adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
   tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+  if o.schedule == 'plateau':  # the cuts' multiplier, in the state: set by `set_lr_scale`
+    tx = optax.chain(tx, optax.inject_hyperparams(optax.scale)(step_size=1.0))
   return averaging.with_ema(tx, o.ema)
+
+
+def set_lr_scale(state: Any, scale: float) -> Any:
+  """`state` with the learning-rate multiplier of `optim.schedule='plateau'` set to `scale`
+  (the optimiser's `step_size` hyperparameter; its dtype and sharding kept)."""
+  found = []
+
+  def put(path, leaf):
+    if any(getattr(key, 'key', None) == 'step_size' for key in path):
+      found.append(path)
+      value = np.asarray(scale, leaf.dtype)  # every process holds the same value
+      return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda _: value)
+    return leaf
+
+  state = jax.tree_util.tree_map_with_path(put, state)
+  if len(found) != 1:
+    raise ValueError(f'expected one learning-rate multiplier in the optimiser state, found '
+                     f"{len(found)}: set_lr_scale needs optim.schedule='plateau'")
+  return state
 
 
 def _free_vector_mask(params: Any) -> Any:

@@ -216,6 +216,10 @@ class Progress:
   best_step: int = -1
   bad_evals: int = 0
   stopped_early: bool = False
+  # optim.schedule='plateau': validations without a new best since the last best or cut, and
+  # the cuts made (the multiplier itself is in the optimiser state).
+  plateau_evals: int = 0
+  lr_cuts: int = 0
 
   def check_patience(self, patience: int) -> bool:
     """Sets and returns `stopped_early`: `patience` validations (0: never) without a new best.
@@ -315,10 +319,31 @@ class Trainer:
     self.writer.write(rec.step, 'valid', results)
     if results[cfg.early_stop_metric] > rec.best_metric:
       rec.best_metric, rec.best_step, rec.bad_evals = results[cfg.early_stop_metric], rec.step, 0
+      rec.plateau_evals = 0
       self.best.save(rec.step, self.run.state, dataclasses.asdict(rec))
     else:
       rec.bad_evals += 1
+      rec.plateau_evals += 1
+      self._maybe_cut_lr()
     return rec.check_patience(cfg.patience)
+
+  def _maybe_cut_lr(self) -> None:
+    """`optim.schedule='plateau'`: after `plateau_patience` validations without a new best
+    (counted from the last best or cut), the learning rate is multiplied by `plateau_factor`,
+    at most `plateau_cuts` times."""
+    o, rec = self.cfg.optim, self.record
+    if o.schedule != 'plateau' or rec.plateau_evals < o.plateau_patience:
+      return
+    if rec.lr_cuts >= o.plateau_cuts:
+      return
+    rec.lr_cuts += 1
+    rec.plateau_evals = 0
+    scale = o.plateau_factor ** rec.lr_cuts
+    self.run.state = run_lib.set_lr_scale(self.run.state, scale)
+    self.writer.write(rec.step, 'schedule', {'lr_scale': scale, 'lr': o.lr * scale})
+    if self.progress:
+      print(f'step {rec.step}: no new best in {o.plateau_patience} validations; learning rate '
+            f'cut to {o.lr * scale:.3g} (cut {rec.lr_cuts} of {o.plateau_cuts})', file=sys.stderr)
 
   def _next_batch(self) -> dict[str, jax.Array]:
     return sharding.global_batch(next(self.data_iter), self.run.mesh)
