@@ -466,7 +466,7 @@ def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
 def training_summary(cfg: Config, trainer: Trainer, seconds: float) -> dict[str, Any]:
   """Steps, epochs (global batches x batch size / training examples per epoch), the best
   validated step, whether early stopping ended the run, this process's wall time (a resumed
-  run: its last attempt only) and the host allocator it ran with (host_allocator.py)."""
+  run: its last attempt only), the learning-rate cuts of `optim.schedule='plateau'` and the host allocator it ran with (host_allocator.py)."""
   d, rec = cfg.data, trainer.record
   per_epoch = pipeline.windows_per_epoch(trainer.run.dataset, d.max_len,
                                          horizon(cfg.model.name, cfg.loss), d.window, d.stride)
@@ -474,7 +474,7 @@ def training_summary(cfg: Config, trainer: Trainer, seconds: float) -> dict[str,
   return {'steps': rec.step, 'epochs': epochs(rec.step), 'best_step': rec.best_step,
           'best_epoch': epochs(max(rec.best_step, 0)), 'stopped_early': rec.stopped_early,
           'examples_per_epoch': per_epoch, 'wall_seconds': round(seconds, 1),
-          'host_allocator': host_allocator.in_effect()}
+          'lr_cuts': rec.lr_cuts, 'host_allocator': host_allocator.in_effect()}
 
 
 def results_table(cfg: Config, out: dict[str, Any]) -> str:

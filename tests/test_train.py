@@ -403,3 +403,88 @@ def test_export_of_a_dot_scoring_run_keeps_the_scored_vectors(tiny, tmp_path):
                                      cfg.eval.item_batch_size)
   np.testing.assert_allclose(items, np.asarray(scored)[1:], rtol=1e-5, atol=1e-6)
   assert np.abs(np.linalg.norm(items, axis=1) - 1.0).max() > 1e-2
+
+
+def _plateau_reference(scores, patience, cuts, factor):
+  """The learning-rate multiplier after each validation, by the rule written out longhand."""
+  best, since, made, out = -np.inf, 0, 0, []
+  for score in scores:
+    if score > best:
+      best, since = score, 0
+    else:
+      since += 1
+      if since >= patience and made < cuts:
+        made, since = made + 1, 0
+    out.append(factor ** made)
+  return out
+
+
+def test_plateau_schedule_cuts_the_rate_as_the_longhand_rule_does(tiny, tmp_path, monkeypatch):
+  """Validation scores are scripted (random, with repeats, so plateaus of every length occur):
+  after each, the optimiser state's multiplier is the longhand rule's; the cuts are logged and
+  counted; a resumed trainer keeps the multiplier and the counts."""
+  cfg, _ = tiny
+  cfg = apply_overrides(cfg, ['optim.schedule=plateau', 'optim.plateau_patience=2',
+                              'optim.plateau_cuts=3', 'optim.plateau_factor=0.5',
+                              'train.patience=0'])
+  scores = list(np.random.default_rng(0).integers(0, 6, size=24) / 10.0)
+  expected = _plateau_reference(scores, 2, 3, 0.5)
+  assert 1.0 in expected and 0.125 in expected  # the script reaches every cut
+  feed = iter(scores)
+  monkeypatch.setattr(train_lib.evaluate_lib, 'evaluate',
+                      lambda run, split, *a, **k: {cfg.train.early_stop_metric: next(feed)})
+  trainer = train_lib.Trainer(cfg, tmp_path / 'run', progress=False)
+  try:
+    for want in expected:
+      trainer.record.step += 1
+      trainer.validate()
+      assert float(_lr_scale(trainer.run.state)) == pytest.approx(want)
+    trainer.save()
+    record = dataclasses.asdict(trainer.record)
+  finally:
+    trainer.close()
+  assert record['lr_cuts'] == 3
+  rows = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['lr_scale'] for r in rows if r['split'] == 'schedule'] == [0.5, 0.25, 0.125]
+  again = train_lib.Trainer(cfg, tmp_path / 'run', progress=False)
+  try:
+    assert dataclasses.asdict(again.record) == record
+    assert float(_lr_scale(again.run.state)) == 0.125
+  finally:
+    again.close()
+
+
+def _lr_scale(state):
+  (leaf,) = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+             if 'step_size' in jax.tree_util.keystr(path)]
+  return leaf
+
+
+def test_the_multiplier_scales_the_step(tiny):
+  """From one state and batch, a step at multiplier 0.3 moves every parameter 0.3x as far as
+  one at 1 (the multiplier scales AdamW's whole update, decay included)."""
+  cfg, dataset = tiny
+  cfg = apply_overrides(cfg, ['optim.schedule=plateau', 'optim.weight_decay=0.1',
+                              'optim.warmup_steps=0'])
+  mesh = sharding.make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+  run = run_lib.build_run(cfg, dataset, mesh)
+  batch = sharding.global_batch(next(train_lib.train_iterator(cfg, run)), mesh)
+  step = train_lib.make_train_step(run, batch)
+  before = jax.device_get(nnx_params(run.model()))
+  moved = {}
+  for scale in (1.0, 0.3):
+    state = run_lib.set_lr_scale(jax.tree.map(lambda x: x.copy(), run.state), scale)
+    state, _ = step(state, batch)
+    after = jax.device_get(nnx_params(run.model(state)))
+    moved[scale] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), after, before)
+  for full, cut in zip(jax.tree.leaves(moved[1.0]), jax.tree.leaves(moved[0.3])):
+    np.testing.assert_allclose(cut, 0.3 * full, rtol=1e-4, atol=1e-7)
+  assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(moved[1.0]))
+
+
+def test_set_lr_scale_needs_the_plateau_schedule(tiny):
+  cfg, dataset = tiny
+  mesh = sharding.make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1])
+  run = run_lib.build_run(cfg, dataset, mesh)
+  with pytest.raises(ValueError, match="optim.schedule='plateau'"):
+    run_lib.set_lr_scale(run.state, 0.5)
