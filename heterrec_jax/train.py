@@ -342,8 +342,9 @@ class Trainer:
     self.run.state = run_lib.set_lr_scale(self.run.state, scale)
     self.writer.write(rec.step, 'schedule', {'lr_scale': scale, 'lr': o.lr * scale})
     if self.progress:
-      print(f'step {rec.step}: no new best in {o.plateau_patience} validations; learning rate '
-            f'cut to {o.lr * scale:.3g} (cut {rec.lr_cuts} of {o.plateau_cuts})', file=sys.stderr)
+      tqdm.write(f'step {rec.step}: no new best in {o.plateau_patience} validations; learning '
+                 f'rate cut to {o.lr * scale:.3g} (cut {rec.lr_cuts} of {o.plateau_cuts})',
+                 file=sys.stderr)  # above the progress bar, not inside its line
 
   def _next_batch(self) -> dict[str, jax.Array]:
     return sharding.global_batch(next(self.data_iter), self.run.mesh)
