@@ -216,9 +216,7 @@ class Progress:
   best_step: int = -1
   bad_evals: int = 0
   stopped_early: bool = False
-  # optim.schedule='plateau': validations without a new best since the last best or cut, and
-  # the cuts made (the multiplier itself is in the optimiser state).
-  plateau_evals: int = 0
+  # optim.schedule='plateau': the cuts made (the multiplier itself is in the optimiser state).
   lr_cuts: int = 0
 
   def check_patience(self, patience: int) -> bool:
@@ -319,25 +317,22 @@ class Trainer:
     self.writer.write(rec.step, 'valid', results)
     if results[cfg.early_stop_metric] > rec.best_metric:
       rec.best_metric, rec.best_step, rec.bad_evals = results[cfg.early_stop_metric], rec.step, 0
-      rec.plateau_evals = 0
       self.best.save(rec.step, self.run.state, dataclasses.asdict(rec))
     else:
       rec.bad_evals += 1
-      rec.plateau_evals += 1
       self._maybe_cut_lr()
     return rec.check_patience(cfg.patience)
 
   def _maybe_cut_lr(self) -> None:
     """`optim.schedule='plateau'`: after `plateau_patience` validations without a new best
-    (counted from the last best or cut), the learning rate is multiplied by `plateau_factor`,
-    at most `plateau_cuts` times."""
+    (counted from the last best or cut: early stopping's count reaching a multiple of
+    `plateau_patience`), the learning rate is multiplied by `plateau_factor`, at most
+    `plateau_cuts` times."""
     o, rec = self.cfg.optim, self.record
-    if o.schedule != 'plateau' or rec.plateau_evals < o.plateau_patience:
-      return
-    if rec.lr_cuts >= o.plateau_cuts:
+    if (o.schedule != 'plateau' or rec.bad_evals % o.plateau_patience
+        or rec.lr_cuts >= o.plateau_cuts):
       return
     rec.lr_cuts += 1
-    rec.plateau_evals = 0
     scale = o.plateau_factor ** rec.lr_cuts
     self.run.state = run_lib.set_lr_scale(self.run.state, scale)
     self.writer.write(rec.step, 'schedule', {'lr_scale': scale, 'lr': o.lr * scale})
@@ -467,7 +462,8 @@ def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
 def training_summary(cfg: Config, trainer: Trainer, seconds: float) -> dict[str, Any]:
   """Steps, epochs (global batches x batch size / training examples per epoch), the best
   validated step, whether early stopping ended the run, this process's wall time (a resumed
-  run: its last attempt only), the learning-rate cuts of `optim.schedule='plateau'` and the host allocator it ran with (host_allocator.py)."""
+  run: its last attempt only), the learning-rate cuts of `optim.schedule='plateau'` and the
+  host allocator it ran with (host_allocator.py)."""
   d, rec = cfg.data, trainer.record
   per_epoch = pipeline.windows_per_epoch(trainer.run.dataset, d.max_len,
                                          horizon(cfg.model.name, cfg.loss), d.window, d.stride)
