@@ -104,6 +104,45 @@ def test_ablation_plan_sets_the_variant(tmp_path):
   assert _plan(tmp_path) == expected
 
 
+def test_option_ablation_rows_switch_one_option_of_the_config_off(tmp_path):
+  rc = ex.main(['compare', '--config', 'configs/ml100k.py', '--variants',
+                'full,no_id_vector,no_positions,no_smoothing', '--seeds', '1',
+                '--out', str(tmp_path), '--plan-only', 'train.steps=7'])
+  assert rc == 0
+  off = {'full': [], 'no_id_vector': ['model.item_id_vector=false'],
+         'no_positions': ['model.item_positions=false'],
+         'no_smoothing': ['loss.label_smoothing=0']}
+  expected = [_train_command('configs/ml100k.py', tmp_path / 'runs' / f'heterrec-{v}-seed0',
+                             ['model.name=heterrec', 'model.variant=full', *o, 'train.seed=0',
+                              'train.steps=7'])
+              for v, o in off.items()]
+  assert _plan(tmp_path) == expected
+  base = load_config(str(ROOT / 'configs' / 'ml100k.py'))
+  assert base.model.item_id_vector and base.model.item_positions and base.loss.label_smoothing
+  configs = {v: apply_overrides(base, _overrides_of(line)) for v, line in zip(off, expected)}
+  for v, cfg in configs.items():  # each row differs from the full model in its option alone
+    changed = {f'{group}.{name}'
+               for group in ('data', 'model', 'loss', 'optim', 'train', 'eval')
+               for name, value in dataclasses.asdict(getattr(cfg, group)).items()
+               if value != dataclasses.asdict(getattr(configs['full'], group))[name]}
+    assert changed == ({sweep.OPTION_ABLATIONS[v][0]} if v != 'full' else set())
+
+
+@pytest.mark.parametrize('argv,match', [
+    # the default config has no free vector: the row would be the full model again
+    (['--variants', 'full,no_id_vector'], 'model.item_id_vector=False already'),
+    (['--config', 'configs/ml100k.py', '--variants', 'full,no_positions',
+      'model.item_positions=true'], 'the sweep sets model.item_positions itself'),
+    (['--config', 'configs/ml100k.py', '--variants', 'full,no_smoothing',
+      '--tune', 'loss.label_smoothing=0.1,0.2'], 'switches loss.label_smoothing off itself'),
+    (['--variants', 'full,no_dropout'], "'no_dropout' is not allowed"),
+])
+def test_bad_option_ablation_rows_fail_before_anything_is_written(tmp_path, capsys, argv, match):
+  assert ex.main(['compare', '--out', str(tmp_path / 'o'), '--plan-only', *argv]) == 2
+  assert match in capsys.readouterr().err
+  assert not (tmp_path / 'o').exists()
+
+
 def test_scaling_plan_covers_the_grid_for_both_variants(tmp_path):
   rc = ex.main(['scaling', '--data', 'D', '--grid', '1x1,2x3', '--out', str(tmp_path),
                 '--plan-only'])
@@ -356,6 +395,20 @@ def test_ablation_table_rows_and_gain_of_full(tmp_path):
   order = [text.index(f'| {name} |') for name in ('w/o HTFL', '— w/o MFK', 'HeterRec',
                                                    'Best variant', 'Improvement')]
   assert order == sorted(order)
+
+
+def test_option_ablation_rows_are_gathered_under_their_names(tmp_path):
+  out = tmp_path / 'abl'
+  for row, value in (('full', 0.3), ('no_positions', 0.2), ('no_smoothing', 0.25)):
+    _write_run(out, f'heterrec-{row}-seed0', {k: value for k in METRIC_NAMES})
+  assert ex.main(['compare', '--config', 'configs/ml100k.py', '--out', str(out), '--variants',
+                  'full,no_positions,no_smoothing', '--seeds', '1', '--gather']) == 0
+  table = json.loads((out / 'table.json').read_text())
+  assert table['gain_over_percent']['no_positions']['ndcg@50'] == pytest.approx(50.0)
+  assert table['gain_over_percent']['no_smoothing']['ndcg@50'] == pytest.approx(20.0)
+  text = (out / 'table.md').read_text()
+  assert '| w/o item positions | 0.2000 |' in text  # the best other row is in italics
+  assert '| w/o label smoothing | _0.2500_ |' in text
 
 
 def test_a_row_of_one_run_shows_no_spread(tmp_path):

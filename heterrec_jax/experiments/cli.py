@@ -33,8 +33,9 @@ import sys
 from heterrec_jax.config import METRIC_NAMES, MODEL_NAMES, VARIANTS, ConfigError
 from heterrec_jax.experiments import paired as paired_lib, runner, scaling as scaling_lib, tables
 from heterrec_jax.experiments.gather import Reference, parse_references
-from heterrec_jax.experiments.sweep import (COMMAND_CONFIG, DEFAULT_MODELS, POPULARITY, TUNABLE,
-                                            Sweep, Tuning, ablation_runs, check_configs,
+from heterrec_jax.experiments.sweep import (COMMAND_CONFIG, DEFAULT_MODELS, OPTION_ABLATIONS,
+                                            POPULARITY, TUNABLE, Sweep, Tuning, ablation_runs,
+                                            check_configs, check_options_on,
                                             common_overrides, compare_runs, load_with, parse_grid,
                                             parse_list, parse_model_configs, parse_tune,
                                             scaling_runs, write_plan)
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f'rows of the comparison (default: {DEFAULT_MODELS})')
   compare.add_argument('--variants', default=None,
                        help='HeterRec variants: the ablation table instead (e.g. '
-                            f'{",".join(VARIANTS)})')
+                            f'{",".join(VARIANTS)}; and the full model with one option '
+                            f'of the config off: {",".join(OPTION_ABLATIONS)})')
   compare.add_argument('--tune', default=None, metavar='FIELD=V1,V2,...',
                        help='choose one config field per row on validation, e.g. '
                             'loss.tau=0.05,0.1,0.2,0.5 (seed-0 runs at every value, then the '
@@ -147,7 +149,13 @@ def _compare_sweep(args: argparse.Namespace) -> Sweep:
     if args.models is not None:
       raise ConfigError('give --models (the baseline table) or --variants (the ablation), '
                         'not both')
-    variants = parse_list('--variants', args.variants, VARIANTS)
+    variants = parse_list('--variants', args.variants, VARIANTS + tuple(OPTION_ABLATIONS))
+    # The option rows set their fields per run: no shared override or tuning may set them too.
+    options = tuple(OPTION_ABLATIONS[v][0] for v in variants if v in OPTION_ABLATIONS)
+    if field in options:
+      raise ConfigError(f'--tune {field}: a row of --variants switches {field} off itself')
+    common_overrides(args.data, args.steps, args.overrides, RESERVED + options)
+    check_options_on(load_with(args.config, list(common)), variants)
     return Sweep('ablation', args.config, out, common, tuple(ablation_runs(variants, args.seeds)),
                  tuple(variants), 'full', tuning)
   models = parse_list('--models', args.models or DEFAULT_MODELS, MODEL_NAMES + (POPULARITY,))

@@ -21,7 +21,14 @@ DEFAULT_MODELS = 'heterrec,sasrec,bert4rec,pinnerformer,hstu,popularity'
 DISPLAY = {'heterrec': 'HeterRec (ours)', 'sasrec': 'SASRec', 'bert4rec': 'BERT4Rec',
            'pinnerformer': 'PinnerFormer', 'hstu': 'HSTU', POPULARITY: 'Popularity',
            'full': 'HeterRec', 'no_htfl': 'w/o HTFL', 'no_mfk': '— w/o MFK',
-           'no_hct': 'w/o HCT', 'no_lmp': 'w/o LMP', 'no_tlmp': 'w/o t-LMP'}
+           'no_hct': 'w/o HCT', 'no_lmp': 'w/o LMP', 'no_tlmp': 'w/o t-LMP',
+           'no_id_vector': 'w/o free vector', 'no_positions': 'w/o item positions',
+           'no_smoothing': 'w/o label smoothing'}
+# Ablation rows beside the paper's variants: the full model with one option that the config turns
+# on switched off (issue 11: every kept change has its own row). Row -> (field, value when off).
+OPTION_ABLATIONS = {'no_id_vector': ('model.item_id_vector', 'false'),
+                    'no_positions': ('model.item_positions', 'false'),
+                    'no_smoothing': ('loss.label_smoothing', '0')}
 # Config groups --tune may choose per row (not the data, budget or selection metric).
 TUNABLE = ('model.', 'loss.', 'optim.')
 
@@ -166,10 +173,32 @@ def parse_model_configs(items: list[str], models: list[str]) -> dict[str, str]:
   return out
 
 
+def _ablation_overrides(row: str) -> tuple[str, ...]:
+  """A paper variant, or the full model with the option of an OPTION_ABLATIONS row off."""
+  if row in OPTION_ABLATIONS:
+    field, off = OPTION_ABLATIONS[row]
+    return ('model.variant=full', f'{field}={off}')
+  return (f'model.variant={row}',)
+
+
 def ablation_runs(variants: list[str], seeds: int) -> list[Run]:
   return [Run(f'heterrec-{v}-seed{s}', v, s,
-              ('model.name=heterrec', f'model.variant={v}', f'train.seed={s}'))
+              ('model.name=heterrec', *_ablation_overrides(v), f'train.seed={s}'))
           for v in variants for s in range(seeds)]
+
+
+def check_options_on(config: Config, rows: list[str]) -> None:
+  """Every OPTION_ABLATIONS row among `rows` must switch off an option `config` has on: a row
+  whose option is already off would train the full model again under another name."""
+  for row in rows:
+    if row not in OPTION_ABLATIONS:
+      continue
+    field, off = OPTION_ABLATIONS[row]
+    group, name = field.split('.')
+    value = getattr(getattr(config, group), name)
+    if not value:
+      raise ConfigError(f'--variants {row}: the config has {field}={value!r} already (off), so '
+                        f'the row would repeat the full model; drop the row or turn {field} on')
 
 
 def point_name(variant: str, n1: int, n2: int) -> str:
