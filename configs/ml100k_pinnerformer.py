@@ -21,7 +21,9 @@ def sasrec_config() -> Config:
 
 def get_config() -> Config:
   cfg = sasrec_config()
+  # 2 layers (n1 + n2): SASRec's third layer was chosen for SASRec.
   return dataclasses.replace(
-      cfg, model=dataclasses.replace(cfg.model, name='pinnerformer', d_f=32, dropout=0.2),
+      cfg, model=dataclasses.replace(cfg.model, name='pinnerformer', d_f=32, dropout=0.2, n1=1,
+                                     n2=1),
       loss=dataclasses.replace(cfg.loss, negatives='mixed', log_q=True, scoring='cosine',
                                tau=0.05, n_step=3, label_smoothing=0.0))

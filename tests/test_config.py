@@ -120,7 +120,7 @@ def test_paper_config_is_the_papers_setting():
                         'optim': ('weight_decay',),
                         'train': ('steps',)}),
     ('toys_sasrec', 'ml100k_sasrec', {'data': ('path', 'max_len', 'stride'),
-                                      'model': ('dropout',), 'optim': ('weight_decay',),
+                                      'model': ('dropout', 'n2'), 'optim': ('weight_decay',),
                                       'train': ('steps',)}),
 ])
 def test_toys_files_change_only_what_their_docstrings_say(toys, base, changed):
