@@ -4,13 +4,14 @@
         --embedding title=../shared/data/ml-100k/ml-100k.title_minilm384.npy --output data/ml100k
     python -m heterrec_jax.train --config configs/ml100k_sasrec.py --workdir runs/ml100k_sasrec
 
-RecBole's settings: d = 64, 2 layers, 2 heads, GELU FFN 4x, dropout 0.5 (hidden and
-attention), T = 50, cross-entropy over all items with raw dot products, Adam lr 1e-3 (no decay,
-no clipping); this file has 3 layers (below). Ours differs where windows make it cheaper: every training target once per epoch
-in windows of T + 1 ('all') 25 apart, each counting the targets of its last 25 inputs (so every
-target has >= 25 events of context; stride 25 beat stride 50 on validation nDCG@10, 0.0685 vs
-0.0671, one seed each), batches of 64 windows (validation nDCG@10 at the best checkpoint, seed 0:
-batch 32 0.0644, 64 0.0715, 128 0.0685); early stopping on validation nDCG@10.
+RecBole's settings: d = 64, 2 layers, 2 heads, GELU FFN 4x, dropout 0.5 (hidden and attention),
+T = 50, cross-entropy over all items with raw dot products, Adam lr 1e-3 (no decay, no
+clipping); this file has 3 layers (below). Ours differs where windows make it cheaper: every
+training target once per epoch in windows of T + 1 ('all') 25 apart, each counting the targets
+of its last 25 inputs (so every target has >= 25 events of context; stride 25 beat stride 50 on
+validation nDCG@10, 0.0685 vs 0.0671, one seed each), batches of 64 windows (validation nDCG@10
+at the best checkpoint, seed 0: batch 32 0.0644, 64 0.0715, 128 0.0685); early stopping on
+validation nDCG@10.
 Label smoothing 0.3 on the catalogue softmax (nineteenth session; RecBole's SASRec has none):
 validation over 3 seeds nDCG@10 0.0724 against 0.0704 (+2.8%, each seed higher), Recall@50
 +2.1%, nDCG@50 +2.0%; 0.1 and 0.5 were lower than 0.3 on seed 0 (0.0726 and 0.0694 against
