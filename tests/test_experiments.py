@@ -130,7 +130,7 @@ def test_option_ablation_rows_switch_one_option_of_the_config_off(tmp_path):
 
 @pytest.mark.parametrize('argv,match', [
     # the default config has no free vector: the row would be the full model again
-    (['--variants', 'full,no_id_vector'], 'model.item_id_vector=False already'),
+    (['--variants', 'full,no_id_vector'], 'model.item_id_vector=false already'),
     (['--config', 'configs/ml100k.py', '--variants', 'full,no_positions',
       'model.item_positions=true'], 'the sweep sets model.item_positions itself'),
     (['--config', 'configs/ml100k.py', '--variants', 'full,no_smoothing',

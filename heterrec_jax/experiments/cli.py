@@ -130,32 +130,36 @@ def _scaling_sweep(args: argparse.Namespace) -> Sweep:
                'full')
 
 
+def _ablation_rows(args: argparse.Namespace) -> list[str]:
+  """The rows of --variants (empty for the baseline table), checked against the other flags."""
+  if args.variants is None:
+    return []
+  if args.model_config:
+    raise ConfigError('--model-config names rows of --models; the ablation has one config')
+  if args.models is not None:
+    raise ConfigError('give --models (the baseline table) or --variants (the ablation), '
+                      'not both')
+  return parse_list('--variants', args.variants, VARIANTS + tuple(OPTION_ABLATIONS))
+
+
 def _compare_sweep(args: argparse.Namespace) -> Sweep:
   """The baseline comparison (--models) or the ablation (--variants), tuned with --tune."""
   field, values = parse_tune(args.tune) if args.tune is not None else (None, ())
   if field is not None and not field.startswith(TUNABLE):
     raise ConfigError(f'--tune {field}: the data, budget and selection metric are the same for '
                       f'every row; tune a field of {", ".join(TUNABLE)}')
+  variants = _ablation_rows(args)
+  # The option rows set their fields per run: no shared override or tuning may set them too.
+  options = tuple(OPTION_ABLATIONS[v][0] for v in variants if v in OPTION_ABLATIONS)
+  if field in options:
+    raise ConfigError(f'--tune {field}: a row of --variants switches {field} off itself')
   common = common_overrides(args.data, args.steps, args.overrides,
-                            RESERVED + ((field,) if field else ()))
-  tuning = None
-  if field is not None:
-    metric = load_with(args.config, list(common)).train.early_stop_metric
-    tuning = Tuning(field, values, metric)
+                            RESERVED + options + ((field,) if field else ()))
+  base = load_with(args.config, list(common))
+  tuning = Tuning(field, values, base.train.early_stop_metric) if field is not None else None
   out = pathlib.Path(args.out)
-  if args.variants is not None:
-    if args.model_config:
-      raise ConfigError('--model-config names rows of --models; the ablation has one config')
-    if args.models is not None:
-      raise ConfigError('give --models (the baseline table) or --variants (the ablation), '
-                        'not both')
-    variants = parse_list('--variants', args.variants, VARIANTS + tuple(OPTION_ABLATIONS))
-    # The option rows set their fields per run: no shared override or tuning may set them too.
-    options = tuple(OPTION_ABLATIONS[v][0] for v in variants if v in OPTION_ABLATIONS)
-    if field in options:
-      raise ConfigError(f'--tune {field}: a row of --variants switches {field} off itself')
-    common_overrides(args.data, args.steps, args.overrides, RESERVED + options)
-    check_options_on(load_with(args.config, list(common)), variants)
+  if variants:
+    check_options_on(base, variants)
     return Sweep('ablation', args.config, out, common, tuple(ablation_runs(variants, args.seeds)),
                  tuple(variants), 'full', tuning)
   models = parse_list('--models', args.models or DEFAULT_MODELS, MODEL_NAMES + (POPULARITY,))

@@ -173,11 +173,16 @@ def parse_model_configs(items: list[str], models: list[str]) -> dict[str, str]:
   return out
 
 
+def _option_off(row: str) -> str:
+  """The override of an OPTION_ABLATIONS row, e.g. 'model.item_positions=false'."""
+  field, off = OPTION_ABLATIONS[row]
+  return f'{field}={off}'
+
+
 def _ablation_overrides(row: str) -> tuple[str, ...]:
   """A paper variant, or the full model with the option of an OPTION_ABLATIONS row off."""
   if row in OPTION_ABLATIONS:
-    field, off = OPTION_ABLATIONS[row]
-    return ('model.variant=full', f'{field}={off}')
+    return ('model.variant=full', _option_off(row))
   return (f'model.variant={row}',)
 
 
@@ -191,14 +196,10 @@ def check_options_on(config: Config, rows: list[str]) -> None:
   """Every OPTION_ABLATIONS row among `rows` must switch off an option `config` has on: a row
   whose option is already off would train the full model again under another name."""
   for row in rows:
-    if row not in OPTION_ABLATIONS:
-      continue
-    field, off = OPTION_ABLATIONS[row]
-    group, name = field.split('.')
-    value = getattr(getattr(config, group), name)
-    if not value:
-      raise ConfigError(f'--variants {row}: the config has {field}={value!r} already (off), so '
-                        f'the row would repeat the full model; drop the row or turn {field} on')
+    if row in OPTION_ABLATIONS and apply_overrides(config, [_option_off(row)]) == config:
+      field, off = OPTION_ABLATIONS[row]
+      raise ConfigError(f'--variants {row}: the config has {field}={off} already (off), so the '
+                        f'row would repeat the full model; drop the row or turn {field} on')
 
 
 def point_name(variant: str, n1: int, n2: int) -> str:
