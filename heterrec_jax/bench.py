@@ -3,7 +3,7 @@
     python -m heterrec_jax.bench data --input DIR [--max-len 200] [--n-step 3] \\
         [--batch-size 128] [--batches 200] [--warmup 10] [--window last|random] [--workers 0]
 
-    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] \\
+    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] [--settle 3] \\
         [--attention auto[,dense,blockwise]] [--block-items 32[,64]] [--max-len 128,256,512] \\
         [--dtypes float32,bfloat16] [--microbatches 1,4] [--profile] [--trace DIR] [key=value ...]
 
@@ -17,7 +17,11 @@ with `taskset -c 0` to measure the per-core rate.
 
 `train` times the jitted, sharded train step of a config (its data: `data.path`, or the built-in
 synthetic data prepared into a temporary folder) on two fixed batches, after compiling it and
-`--warmup` untimed steps. It prints, last, one JSON object with `compile_s` (lowering and
+`--warmup` untimed steps, in rounds of `--steps` steps until the step's host memory has reached
+its steady size: the first round that takes no page faults, or not 10% fewer a step than the
+round before (a heap that stays put, or an allocator that faults the same pages every step),
+at most 1 + `--settle` rounds; the figures are the last round's, and `warmup_steps` in the JSON
+counts the steps run before it. It prints, last, one JSON object with `compile_s` (lowering and
 compiling the train step; served from JAX's persistent cache when `JAX_COMPILATION_CACHE_DIR`
 is set and holds it, named in `compilation_cache`), `step_time_s`,
 `sequences_per_s`, `tokens_per_s` (B x T x K tokens of the token level), `flops_per_step` (XLA's
@@ -205,13 +209,16 @@ def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
 def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int = 2,
                 attention: str = 'auto', profile: bool = False,
                 block_items: int | None = None,
-                trace_dir: pathlib.Path | None = None) -> dict[str, Any]:
-  """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps,
-  the causal blocks' attention traced as `attention` (`layers.ATTENTION_IMPLS`; the blockwise
-  one over blocks of `block_items` items, None: `layers.block_items_for`). With `trace_dir`, two
-  more steps run under `jax.profiler.trace(trace_dir)` after the timed ones."""
-  if steps < 1 or warmup < 1:
-    raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1')
+                trace_dir: pathlib.Path | None = None, settle_rounds: int = 3) -> dict[str, Any]:
+  """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps, in
+  rounds until the page faults a step stop falling (`settle`: at most 1 + `settle_rounds`
+  rounds, the last one reported), the causal blocks' attention traced as `attention`
+  (`layers.ATTENTION_IMPLS`; the blockwise one over blocks of `block_items` items, None:
+  `layers.block_items_for`). With `trace_dir`, two more steps run under
+  `jax.profiler.trace(trace_dir)` after the timed ones."""
+  if steps < 1 or warmup < 1 or settle_rounds < 0:
+    raise ConfigError(f'--steps={steps} and --warmup={warmup} must be >= 1 and '
+                      f'--settle={settle_rounds} >= 0')
   if attention not in layers.ATTENTION_IMPLS:
     raise ConfigError(f'--attention={attention!r} must be one of {layers.ATTENTION_IMPLS}')
   if block_items is not None and block_items < 1:
@@ -235,7 +242,7 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
       dense_flops, dense_peak = compiled_costs(train_lib.make_train_step(whole, batches[0]),
                                                tstate.state, batches[0])
   with layers.attention_impl(attention, block_items):
-    timed = _time_steps(step, tstate.state, batches, steps, warmup)
+    timed = _time_steps(step, tstate.state, batches, steps, warmup, settle_rounds)
     if trace_dir is not None:
       timed['state'] = _trace_steps(step, timed['state'], batches, trace_dir)
   ceiling = matmul_ceiling()
@@ -262,23 +269,52 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
   return result
 
 
-def _time_steps(step, state, batches, steps: int, warmup: int) -> dict[str, Any]:
-  """`warmup` untimed then `steps` timed steps: the mean step time and the process's page faults
-  and kernel CPU share over the timed steps, its peak resident memory so far; 'state' is the
-  final (donated-into) state."""
+def settle(run_round: Callable[[], float], first_faults: float, max_more: int) -> int:
+  """How many rounds `run_round` (which times one and returns its page faults a step) is called
+  for after a warm-up that took `first_faults` a step: until a round takes none, or not 10% fewer
+  than the round (or warm-up) before it, i.e. until the process's heap has reached its steady
+  size, whether that faults nothing a step ('reuse') or the same every step ('system'); at most
+  1 + `max_more` rounds."""
+  previous, rounds = first_faults, 0
+  while True:
+    faults = run_round()
+    rounds += 1
+    if rounds > max_more or faults == 0 or faults >= 0.9 * previous:
+      return rounds
+    previous = faults
+
+
+def _time_steps(step, state, batches, steps: int, warmup: int,
+                settle_rounds: int = 0) -> dict[str, Any]:
+  """`warmup` untimed steps, then rounds of `steps` timed steps until the page faults a step
+  stop falling (`settle`, at most 1 + `settle_rounds` rounds). Of the last round: the mean step
+  time and the process's page faults and kernel CPU share; the peak resident memory so far and
+  `warmup_steps` (the steps run before the last round); 'state' is the final (donated-into)
+  state."""
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   state, _ = _steps(step, state, batches, warmup)
   jax.block_until_ready(state)
-  usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  state, aux = _steps(step, state, batches, steps)
-  jax.block_until_ready((state, aux))
-  step_time = (time.perf_counter() - t0) / steps
-  usage1 = resource.getrusage(resource.RUSAGE_SELF)
-  cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+  warmup_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / warmup
   rss_unit = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-  return {'step_time_s': step_time,
-          'minor_page_faults_per_step': (usage1.ru_minflt - usage0.ru_minflt) / steps,
-          'system_cpu_fraction': (usage1.ru_stime - usage0.ru_stime) / cpu if cpu else None,
-          'peak_resident_bytes': usage1.ru_maxrss * rss_unit, 'state': state}
+  last: dict[str, Any] = {}
+
+  def run_round() -> float:
+    nonlocal state
+    usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    state, aux = _steps(step, state, batches, steps)
+    jax.block_until_ready((state, aux))
+    step_time = (time.perf_counter() - t0) / steps
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    last.update({
+        'step_time_s': step_time,
+        'minor_page_faults_per_step': (usage1.ru_minflt - usage0.ru_minflt) / steps,
+        'system_cpu_fraction': (usage1.ru_stime - usage0.ru_stime) / cpu if cpu else None,
+        'peak_resident_bytes': usage1.ru_maxrss * rss_unit})
+    return last['minor_page_faults_per_step']
+
+  rounds = settle(run_round, warmup_faults, settle_rounds)
+  return {**last, 'warmup_steps': warmup + (rounds - 1) * steps, 'state': state}
 
 
 def _steps(step, state, batches, n: int):
@@ -322,7 +358,7 @@ def _run_train(args: argparse.Namespace) -> dict[str, Any]:
       trace_dir = trace / f'run{index}' if trace and len(settings) > 1 else trace
       result = bench_train(cfg, pathlib.Path(tmp), steps=args.steps, warmup=args.warmup,
                            attention=attention, profile=args.profile, block_items=block_items,
-                           trace_dir=trace_dir)
+                           trace_dir=trace_dir, settle_rounds=args.settle)
       results.append({'config': args.config, 'overrides': args.overrides + extra, **result})
       _print_train(results[-1])
       if len(settings) > 1:
@@ -371,6 +407,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument('--config', default=DEFAULT_CONFIG, help='a config file')
   p.add_argument('--steps', type=int, default=10, help='steps timed')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after the compilation')
+  p.add_argument('--settle', type=int, default=3, metavar='ROUNDS',
+                 help='time at most this many more rounds of --steps steps while the page faults '
+                      'a step keep falling (by 10%% or more: the heap still growing), and report '
+                      'the last round; 0: one round (default: 3)'),
   p.add_argument('--attention', type=_csv(str), default=['auto'],
                  help='attention of the causal blocks, comma-separated to compare in one run: '
                       + ', '.join(layers.ATTENTION_IMPLS))

@@ -40,6 +40,27 @@ def test_bench_train_reports_cost_memory_and_host_overhead(tiny_data, capsys):
   # a Python process with JAX holds 100s of MB: KiB read as bytes (or the reverse) is 1024x off
   assert 50e6 < result['peak_resident_bytes'] < 64e9
   assert result['host_allocator'] in ('system', 'reuse')
+  # one warm-up step, then rounds of 2 until the page faults stop falling (at most 1 + 3)
+  assert result['warmup_steps'] in (1, 3, 5, 7)
+
+
+def test_bench_train_settle_zero_times_one_round(tiny_data, capsys):
+  assert bench.main(['train', '--config', TINY, '--steps', '1', '--warmup', '2', '--settle', '0',
+                     f'data.path={tiny_data}']) == 0
+  assert _last_json(capsys)['warmup_steps'] == 2
+
+
+@pytest.mark.parametrize('faults,first,max_more,rounds', [
+    ([18_000, 0, 0], 400_000, 3, 2),            # 'reuse': the heap grows, then stays put
+    ([180_000, 184_000, 0], 900_000, 3, 2),     # 'system': the same pages every step
+    ([0, 0], 900_000, 3, 1),                    # settled during the warm-up
+    ([1e5, 1e4, 1e3, 1e2, 10, 1], 1e6, 3, 4),   # still falling: the cap, 1 + 3 rounds
+    ([1e5, 1e4], 1e6, 0, 1),                    # --settle 0: one round
+    ([5.0, 4.6, 4.0, 0.0], 10.0, 5, 2),         # 4.6 >= 0.9 x 5: not 10% fewer
+])
+def test_settle_stops_when_the_page_faults_stop_falling(faults, first, max_more, rounds):
+  calls = iter(faults)
+  assert bench.settle(lambda: next(calls), first, max_more) == rounds
 
 
 def test_bench_train_sweep(tiny_data, capsys, tmp_path):
@@ -118,6 +139,7 @@ def test_bench_data_reports_windows_per_second(tiny_data, capsys):
     ['train', '--config', TINY, 'model.heads=3'],
     ['train', '--config', TINY, '--attention', 'flash'],
     ['train', '--config', TINY, '--block-items', '0'],
+    ['train', '--config', TINY, '--settle', '-1'],
     ['ceiling', '--dtypes', 'float33'],
     ['ceiling', '--precisions', 'exact'],
     ['ceiling', '--repeats', '0'],
