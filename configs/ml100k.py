@@ -32,7 +32,8 @@ Chosen on validation (seed 0, best nDCG@10 / Recall@50; docs/results.md):
     / 0.0680 / 0.0678, each within one standard error of 1x2), so 1x2 stays.
     On the file now (twenty-first session, 3 seeds): 1x1 / 1x2 / 2x2 at validation nDCG@10
     0.0727 / 0.0734 / 0.0730, Recall@50 0.4450 / 0.4493 / 0.4560: 1x2 stays (2x2 lower at
-    nDCG@10, twice the wall time).
+    nDCG@10, twice the wall time). 1x3, the analogue of SASRec's third layer (twenty-eighth
+    session, 3 seeds): 0.0694 / 0.4415, lower on every column than 1x2's 0.0734 / 0.4493.
   * (fifth session) the free per-item vector starts at N(0, 0.02), not 0.125 (a model change,
     not a field): ml-100k validation nDCG@10 over 3 seeds 0.0693 against 0.0694, Amazon Toys
     +31% at step 1,500. optim.ema=0.995 was measured and is not used (docs/results.md).

@@ -24,8 +24,9 @@ against 0.1358 (two seeds stop at the same best step; seed 2's best moves from s
 Three layers (n1 + n2 = 1 + 2; RecBole's SASRec has 2; twenty-seventh session): on validation
 over 3 seeds nDCG@10 0.0746 against 0.0726 (+2.8%), Recall@50 0.4592 against 0.4577 (+0.3%),
 nDCG@50 0.1385 against 0.1372 (+1.0%); the third layer learns later (two seeds reach the 4,000-step
-cap, best at steps 3,900 and 4,000). Not measured on Toys (configs/toys_sasrec.py keeps 2), and
-the baselines built on this file (configs/ml100k_{hstu,bert4rec,pinnerformer}.py) keep 2.
+cap, best at steps 3,900 and 4,000). On Toys it was not higher (one seed, twenty-eighth
+session; configs/toys_sasrec.py keeps 2), and the baselines built on this file
+(configs/ml100k_{hstu,bert4rec,pinnerformer}.py) keep 2.
 `model.n2=1` is RecBole's architecture.
 Figures and wall time: docs/results.md.
 """

@@ -137,6 +137,12 @@ class ModelConfig:
   # tokens H0 and on the item-level input (after the fusion, the free vector and the positions),
   # as SASRec drops its input embeddings; the blocks keep `dropout`.
   input_dropout: float = 0.0
+  # HeterRec option: the token-level blocks' own dropout rate (the item-level blocks keep
+  # `dropout`); negative, the default, is `dropout` at both levels, as the paper.
+  token_dropout: float = -1.0
+  # HeterRec option (off = the paper): a LayerNorm on the item-level input (after the fusion, the
+  # free vector and the positions, before input dropout), as SASRec normalises E + P.
+  item_input_norm: bool = False
   # HeterRec option (off = the paper): dropout on the attention probabilities of every block, as
   # RecBole's SASRec; the blockwise attention of long sequences draws it per block pair, so its
   # memory stays linear in T.
@@ -162,6 +168,9 @@ class ModelConfig:
     for name in ('dropout', 'input_dropout', 'attention_dropout'):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise ConfigError(f'model.{name}={getattr(self, name)} must be in [0, 1)')
+    if not (self.token_dropout < 0 or 0.0 <= self.token_dropout < 1.0):
+      raise ConfigError(f'model.token_dropout={self.token_dropout} must be in [0, 1), or '
+                        'negative for model.dropout')
     _check_positive('model.table_std', self.table_std, allow_zero=True)
     _check_positive('model.linear_std', self.linear_std, allow_zero=True)
     if self.item_id_row_in_v and self.d_f != self.d_k:

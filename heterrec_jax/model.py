@@ -237,10 +237,13 @@ def resolve_token_kinds(schema: Schema, model_cfg: ModelConfig,
                for n in chosen)
 
 
-def _stack(cfg: ModelConfig, d: int, n_blocks: int, dtype, rngs: nnx.Rngs) -> layers.CausalStack:
+def _stack(cfg: ModelConfig, d: int, n_blocks: int, dtype, rngs: nnx.Rngs,
+           dropout: float | None = None) -> layers.CausalStack:
+  """`n_blocks` causal blocks of width `d` at `dropout` (None: `cfg.dropout`)."""
   return layers.CausalStack(d, n_blocks, heads=cfg.heads, ffn_mult=cfg.ffn_mult,
-                            dropout=cfg.dropout, time_buckets=cfg.time_buckets, dtype=dtype,
-                            rngs=rngs, std=cfg.linear_std,
+                            dropout=cfg.dropout if dropout is None else dropout,
+                            time_buckets=cfg.time_buckets, dtype=dtype, rngs=rngs,
+                            std=cfg.linear_std,
                             attention_dropout=cfg.attention_dropout)
 
 
@@ -272,7 +275,9 @@ class HeterRec(nnx.Module):
                                    std=cfg.linear_std)
     else:
       self.token_stage = (None if cfg.variant == 'no_htfl'
-                          else _stack(cfg, cfg.d_f, cfg.n1, dtype, rngs))
+                          else _stack(cfg, cfg.d_f, cfg.n1, dtype, rngs,
+                                      dropout=cfg.token_dropout if cfg.token_dropout >= 0
+                                      else None))
       self.fusion = layers.Mlp(k * cfg.d_f, cfg.d_k, cfg.d_k, dtype=dtype, rngs=rngs,
                                std=cfg.linear_std)
       self.item_stage = _stack(cfg, cfg.d_k, cfg.n2, dtype, rngs)
@@ -293,9 +298,10 @@ class HeterRec(nnx.Module):
 
   def _build_options(self, schema: Schema, cfg: ModelConfig, rngs: nnx.Rngs, max_len: int):
     """The optional free per-item vector (in V, at the item-level input, or both: one table),
-    item-level positions and input dropout (ModelConfig). The vector starts at N(0, 0.02), as
-    RecBole's item table: beside the feature path it starts as a small correction (at the 0.125
-    of the feature tables it slowed learning on a sparse 12k-item catalogue; docs/results.md)."""
+    item-level positions, the item-level input's LayerNorm and input dropout (ModelConfig). The
+    vector starts at N(0, 0.02), as RecBole's item table: beside the feature path it starts as a
+    small correction (at the 0.125 of the feature tables it slowed learning on a sparse 12k-item
+    catalogue; docs/results.md)."""
     if cfg.item_positions and max_len < 1:
       raise ConfigError('model.item_positions needs the learned positions of data.max_len')
     self.item_vectors = (nnx.Embed(table_rows(schema.n_items + 1), cfg.d_k, rngs=rngs,
@@ -316,6 +322,8 @@ class HeterRec(nnx.Module):
     # Only when on: a model without it keeps the state (and checkpoints) it always had.
     self.input_drop = (nnx.Dropout(cfg.input_dropout, rngs=rngs) if cfg.input_dropout
                        else None)
+    self.item_input_norm = (layers.layer_norm(cfg.d_k, jnp.dtype(cfg.compute_dtype), rngs)
+                            if cfg.item_input_norm else None)
 
   # ---- user tower -------------------------------------------------------------------------
 
@@ -348,6 +356,8 @@ class HeterRec(nnx.Module):
         raise ValueError(f'sequences of {t} positions are longer than the '
                          f'{self.positions.shape[0]} learned positions (data.max_len)')
       item_BxTxDk = item_BxTxDk + self.positions[...][-t:].astype(item_BxTxDk.dtype)
+    if self.item_input_norm is not None:
+      item_BxTxDk = self.item_input_norm(item_BxTxDk)
     if self.input_drop is not None:
       item_BxTxDk = self.input_drop(item_BxTxDk)
     return self.encode_item_level(item_BxTxDk, timestamps_BxT, mask_BxT), tok_BxTxKxDf

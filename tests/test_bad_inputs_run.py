@@ -99,6 +99,7 @@ TRAIN_OVERRIDES = [
     ('model.input_dropout=1', 'model.input_dropout=1.0 must be in [0, 1)'),
     ('model.linear_std=-0.02', 'model.linear_std=-0.02 is not allowed; it must be >= 0'),
     ('model.attention_dropout=1', 'model.attention_dropout=1.0 must be in [0, 1)'),
+    ('model.token_dropout=1', 'model.token_dropout=1.0 must be in [0, 1), or negative'),
     ('model.head_init=zero', "model.head_init='zero'"),
     ('model.nope=1', "unknown config field 'model.nope'"),
     ('train.steps', 'field.name=value'),

@@ -460,6 +460,44 @@ def test_identity_heads_start_as_the_identity_map():
     dataclasses.replace(cfg, head_init='zeros')
 
 
+def test_token_dropout_sets_the_token_level_rate_alone():
+  """model.token_dropout: the token-level blocks drop at it, the item-level blocks at `dropout`;
+  negative (the default) is `dropout` at both; the parameters are the paper's model's; a rate
+  outside [0, 1) that is not negative is a config error naming the field."""
+  plain, split = _paper_and_option(dropout=0.5, token_dropout=0.2)
+  rates = lambda stage: {d.rate for b in stage.blocks for d in (b.drop1, b.drop2)}
+  assert rates(split.token_stage) == {0.2} and rates(split.item_stage) == {0.5}
+  assert rates(plain.token_stage) == {0.0} == rates(plain.item_stage)
+  _, same = _paper_and_option(dropout=0.5)
+  assert rates(same.token_stage) == {0.5} == rates(same.item_stage)
+  chex.assert_trees_all_equal(nnx.state(plain, nnx.Param), nnx.state(split, nnx.Param))
+  with pytest.raises(ConfigError, match=r'model.token_dropout=1.0 must be in \[0, 1\), or neg'):
+    ModelConfig(token_dropout=1.0)
+
+
+def test_item_input_norm_normalises_the_item_level_input():
+  """model.item_input_norm: the item-level stack reads LayerNorm(fusion + the options' rows)
+  (zero mean, unit variance per position at init); the paper's model has no such parameters,
+  and the option's other parameters are the paper's."""
+  plain, normed = _paper_and_option(item_input_norm=True)
+  assert plain.item_input_norm is None
+  flat = lambda m: {path: v[...] for path, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  paper, option = flat(plain), flat(normed)
+  assert {path[0] for path in set(option) - set(paper)} == {'item_input_norm'}
+  chex.assert_trees_all_equal(paper, {path: option[path] for path in paper})
+  normed.eval()
+  items, tokens, ts, mask = _full_mask_inputs()
+  h0 = normed.htfl(items, tokens)
+  tok = normed.token_stage(h0, ts, layers.block_causal_mask(mask))
+  fused = normed.fusion(tok.reshape(*tok.shape[:2], -1))
+  centred = fused - fused.mean(-1, keepdims=True)
+  by_hand = centred / jnp.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-6)
+  expected = normed.encode_item_level(by_hand, ts, mask)
+  np.testing.assert_allclose(normed.encode_tokens(h0, ts, mask)[0], expected, atol=1e-4)
+  unnormed = normed.encode_item_level(fused, ts, mask)
+  assert float(jnp.abs(expected - unnormed).max()) > 1e-3
+
+
 def test_input_dropout_must_be_a_rate():
   with pytest.raises(ConfigError, match=r'model.input_dropout=1.0 must be in \[0, 1\)'):
     ModelConfig(input_dropout=1.0)
