@@ -410,7 +410,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument('--settle', type=int, default=3, metavar='ROUNDS',
                  help='time at most this many more rounds of --steps steps while the page faults '
                       'a step keep falling (by 10%% or more: the heap still growing), and report '
-                      'the last round; 0: one round (default: 3)'),
+                      'the last round; 0: one round (default: 3)')
   p.add_argument('--attention', type=_csv(str), default=['auto'],
                  help='attention of the causal blocks, comma-separated to compare in one run: '
                       + ', '.join(layers.ATTENTION_IMPLS))
