@@ -50,6 +50,9 @@ Chosen on validation (seed 0, best nDCG@10 / Recall@50; docs/results.md):
     the catalogue softmax or with PinnerFormer's item-level loss (mixed + log-Q), were lower at
     validation nDCG@10, Recall@50 and nDCG@50; early stopping on nDCG@50 picked the same
     checkpoint as on nDCG@10.
+  * Not taken (twenty-eighth session, 3 seeds, validation means against the file's 0.0734 /
+    0.4493 / 0.1382 at nDCG@10 / Recall@50 / nDCG@50): model.token_dropout=0.2 (the item level
+    keeping 0.5) 0.0712 / 0.4454 / 0.1358, model.item_input_norm 0.0705 / 0.4464 / 0.1342.
 At most 2,000 steps (36 epochs), early stopping ends it sooner; the 15-minute budget of a
 2-core CPU holds it (docs/results.md has the wall times). On an accelerator raise train.steps
 and let early stopping end the run. The baselines: use their own files
