@@ -285,7 +285,7 @@ def settle(run_round: Callable[[], float], first_faults: float, max_more: int) -
 
 
 def _time_steps(step, state, batches, steps: int, warmup: int,
-                settle_rounds: int = 0) -> dict[str, Any]:
+                settle_rounds: int) -> dict[str, Any]:
   """`warmup` untimed steps, then rounds of `steps` timed steps until the page faults a step
   stop falling (`settle`, at most 1 + `settle_rounds` rounds). Of the last round: the mean step
   time and the process's page faults and kernel CPU share; the peak resident memory so far and

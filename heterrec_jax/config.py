@@ -152,6 +152,11 @@ class ModelConfig:
   # the next-item query of SASRec, and the heads learn from there).
   head_init: str = 'lecun'
 
+  @property
+  def token_level_dropout(self) -> float:
+    """The token-level blocks' rate: `token_dropout`, or `dropout` where it is negative."""
+    return self.dropout if self.token_dropout < 0 else self.token_dropout
+
   def __post_init__(self):
     _check_in('model.name', self.name, MODEL_NAMES)
     _check_in('model.variant', self.variant, VARIANTS)

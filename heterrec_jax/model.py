@@ -237,13 +237,11 @@ def resolve_token_kinds(schema: Schema, model_cfg: ModelConfig,
                for n in chosen)
 
 
-def _stack(cfg: ModelConfig, d: int, n_blocks: int, dtype, rngs: nnx.Rngs,
-           dropout: float | None = None) -> layers.CausalStack:
-  """`n_blocks` causal blocks of width `d` at `dropout` (None: `cfg.dropout`)."""
+def _stack(cfg: ModelConfig, d: int, n_blocks: int, dropout: float, dtype,
+           rngs: nnx.Rngs) -> layers.CausalStack:
   return layers.CausalStack(d, n_blocks, heads=cfg.heads, ffn_mult=cfg.ffn_mult,
-                            dropout=cfg.dropout if dropout is None else dropout,
-                            time_buckets=cfg.time_buckets, dtype=dtype, rngs=rngs,
-                            std=cfg.linear_std,
+                            dropout=dropout, time_buckets=cfg.time_buckets, dtype=dtype,
+                            rngs=rngs, std=cfg.linear_std,
                             attention_dropout=cfg.attention_dropout)
 
 
@@ -270,17 +268,16 @@ class HeterRec(nnx.Module):
     self.token_kinds = resolve_token_kinds(schema, cfg, loss_cfg)
     self.htfl = TokenEmbedder(schema, cfg, embeddings, dtype=dtype, rngs=rngs)
     if cfg.variant == 'no_hct':
-      self.flat_stage = _stack(cfg, cfg.d_f, cfg.n1 + cfg.n2, dtype, rngs)
+      self.flat_stage = _stack(cfg, cfg.d_f, cfg.n1 + cfg.n2, cfg.dropout, dtype, rngs)
       self.flat_out = layers.dense(cfg.d_f, cfg.d_k, ('embed', 'mlp'), dtype, rngs,
                                    std=cfg.linear_std)
     else:
       self.token_stage = (None if cfg.variant == 'no_htfl'
-                          else _stack(cfg, cfg.d_f, cfg.n1, dtype, rngs,
-                                      dropout=cfg.token_dropout if cfg.token_dropout >= 0
-                                      else None))
+                          else _stack(cfg, cfg.d_f, cfg.n1, cfg.token_level_dropout, dtype,
+                                      rngs))
       self.fusion = layers.Mlp(k * cfg.d_f, cfg.d_k, cfg.d_k, dtype=dtype, rngs=rngs,
                                std=cfg.linear_std)
-      self.item_stage = _stack(cfg, cfg.d_k, cfg.n2, dtype, rngs)
+      self.item_stage = _stack(cfg, cfg.d_k, cfg.n2, cfg.dropout, dtype, rngs)
     self.item_tower = ItemTower(k, cfg, dtype=dtype, rngs=rngs)
     identity = cfg.head_init == 'identity'
     self.heads = StackedHeads((loss_cfg.n_step,), cfg.d_k, dtype=dtype, rngs=rngs,
