@@ -47,6 +47,12 @@ session: one item-level block on Toys"):
     higher on all three, seed 1 level (-0.5%, +1.3%, +0.6%); a third seed, run after the
     choice, level too (three-seed means +0.7%, +2.7%, +1.4%). The breadth is where HeterRec
     trails SASRec on Toys.
+  * Not taken (twenty-ninth session; validation against the file's seeds, docs/results.md
+    "Twenty-ninth session"): model.n2=2, loss.label_smoothing=0.5, loss.w_tok=0.3 and 1.0 and
+    optim.lr=2e-3 (seed 0 each) raised Recall@50 by 1.1-2.4% and lowered nDCG@10 by 0.7-9.3%;
+    model.v_features=false, with or without model.item_id_input, was lower on all three;
+    model.dropout=0.3 over two seeds: nDCG@10 +2.3%, Recall@50 -0.3%, nDCG@50 +1.2% (not higher
+    on all three).
 Width and dropout are SPEC section 10's defaults (d_f = d_k = 64, dropout 0.2): start a new
 sparse dataset here, a dense one at configs/ml100k.py, and choose on its validation split. At
 most 6,000 steps (18 epochs); both seeds of the file now run to 6,000 or near it (best steps
