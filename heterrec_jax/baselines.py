@@ -156,8 +156,8 @@ RECBOLE_LN_EPS = 1e-12
 
 
 def _recbole_linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], dtype,
-                    rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(
+                    rngs: nnx.Rngs) -> layers.Dense:
+  return layers.Dense(
       d_in, d_out, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
       kernel_init=nnx.with_partitioning(nnx.initializers.normal(RECBOLE_INIT_STD), axes),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)))

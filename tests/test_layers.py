@@ -227,3 +227,29 @@ class ModuleTest(chex.TestCase):
     y = layers.l2_normalize(x)
     assert y.dtype == jnp.float32
     np.testing.assert_allclose(y, [[0.6, 0.8], [0.0, 0.0]], atol=1e-6)
+
+
+def test_dense_equals_nnx_linear_bitwise_forward_and_gradients():
+  """`layers.Dense` flattens its input to 2-d for speed; on 1-d to 4-d inputs it has the same
+  parameters as `nnx.Linear` and the same values, forward and gradients, to the bit (XLA CPU)."""
+  with nnx.use_eager_sharding(False):
+    ours = layers.dense(16, 24, ('embed', 'mlp'), jnp.float32, nnx.Rngs(3))
+    ref = nnx.Linear(16, 24, rngs=nnx.Rngs(0))
+  nnx.update(ref, nnx.state(ours, nnx.Param))
+  assert jax.tree.map(jnp.shape, nnx.state(ours)) == jax.tree.map(jnp.shape, nnx.state(ref))
+  rng = np.random.default_rng(11)
+  for shape in [(16,), (5, 16), (3, 7, 16), (2, 3, 5, 16)]:
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    cos = jnp.asarray(rng.normal(size=shape[:-1] + (24,)).astype(np.float32))
+
+    def grads(module):
+      graph, params = nnx.split(module)
+      loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graph, p)(x)) * cos)
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    (value, (d_params, d_x)), (value_ref, (d_params_ref, d_x_ref)) = grads(ours), grads(ref)
+    assert ours(x).shape == shape[:-1] + (24,)
+    np.testing.assert_array_equal(ours(x), ref(x))
+    np.testing.assert_array_equal(value, value_ref)
+    np.testing.assert_array_equal(d_x, d_x_ref)
+    chex.assert_trees_all_equal(d_params, d_params_ref)
