@@ -183,11 +183,13 @@ def causal_attention(q_BxTxKxHxD: jax.Array, k_BxTxKxHxD: jax.Array, v_BxTxKxHxD
 class Dense(nnx.Linear):
   """`nnx.Linear` computed on its input flattened to `[N, d_in]` (a free reshape).
 
-  The same parameters, checkpoints and values as `nnx.Linear` (bitwise, forward and gradients:
-  `tests/test_layers.py`), but the kernel's gradient is one matmul contracting one axis of N
-  rows: on a `[B, T, K, d]` input `nnx.Linear`'s contracts B, T and K at once, which XLA's CPU
-  backend ran 2.8x (d_out = d) to 3.6x (d_out = 4d) slower, forward and backward together, than
-  the flattened form at the paper's token level (docs/benchmarks.md, thirtieth session).
+  The same parameters and checkpoints as `nnx.Linear`, and the same values (bitwise on its own,
+  forward and gradients: `tests/test_layers.py`; inside a compiled step XLA may fuse it with
+  its neighbours differently, so a training run's figures can move by float32 rounding), but
+  the kernel's gradient is one matmul contracting one axis of N rows: on a `[B, T, K, d]`
+  input `nnx.Linear`'s contracts B, T and K at once, which XLA's CPU backend ran 2.8x
+  (d_out = d) to 3.6x (d_out = 4d) slower, forward and backward together, than the flattened
+  form at the paper's token level (docs/benchmarks.md, thirtieth session).
   """
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
