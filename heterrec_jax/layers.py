@@ -187,9 +187,9 @@ class Dense(nnx.Linear):
   forward and gradients: `tests/test_layers.py`; inside a compiled step XLA may fuse it with
   its neighbours differently, so a training run's figures can move by float32 rounding), but
   the kernel's gradient is one matmul contracting one axis of N rows: on a `[B, T, K, d]`
-  input `nnx.Linear`'s contracts B, T and K at once, which XLA's CPU backend ran 2.8x
-  (d_out = d) to 3.6x (d_out = 4d) slower, forward and backward together, than the flattened
-  form at the paper's token level (docs/benchmarks.md, thirtieth session).
+  input `nnx.Linear`'s contracts B, T and K at once, a form XLA's CPU backend runs as a slow
+  generic dot. The paper's-width train step is 12% faster with it (`bench train`,
+  docs/benchmarks.md, thirtieth session).
   """
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
