@@ -186,9 +186,10 @@ class Dense(nnx.Linear):
   The same parameters and checkpoints as `nnx.Linear`, and the same values (bitwise on its own,
   forward and gradients: `tests/test_layers.py`; inside a compiled step XLA may fuse it with
   its neighbours differently, so a training run's figures can move by float32 rounding), but
-  the kernel's gradient is one matmul contracting one axis of N rows: on a `[B, T, K, d]`
-  input `nnx.Linear`'s contracts B, T and K at once, a form XLA's CPU backend runs as a slow
-  generic dot. The paper's-width train step is 12% faster with it (`bench train`,
+  the kernel's gradient is one matmul over the N rows of both operands as they lie: on a
+  `[B, T, K, d]` input XLA's CPU backend computes `nnx.Linear`'s from a transposed copy of the
+  output gradient (an `[N, d_out]` buffer and a copying pass per layer;
+  `tests/test_layers.py`). The paper's-width train step is 12% faster with it (`bench train`,
   docs/benchmarks.md, thirtieth session).
   """
 

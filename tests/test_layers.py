@@ -253,3 +253,24 @@ def test_dense_equals_nnx_linear_bitwise_forward_and_gradients():
     np.testing.assert_array_equal(value, value_ref)
     np.testing.assert_array_equal(d_x, d_x_ref)
     chex.assert_trees_all_equal(d_params, d_params_ref)
+
+
+
+def _gradient_temp_bytes(module, x) -> int:
+  """Temporaries of the compiled gradient (parameters and input) of `sum(module(x) ** 2)`."""
+  graph, params = nnx.split(module)
+  loss = lambda p, x: jnp.sum(nnx.merge(graph, p)(x) ** 2)
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return step.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_dense_gradient_holds_no_transposed_copy_where_nnx_linear_does():
+  """Why `Dense` exists: on a `[B, T, K, d]` input XLA's CPU backend computes `nnx.Linear`'s
+  kernel gradient from a transposed copy of the output gradient (one more `[N, d_out]` float32
+  buffer, N = B*T*K, and its copying pass); `Dense`'s compiled gradient holds none."""
+  with nnx.use_eager_sharding(False):
+    ours = layers.dense(16, 64, ('embed', 'mlp'), jnp.float32, nnx.Rngs(0))
+    ref = nnx.Linear(16, 64, rngs=nnx.Rngs(0))
+  x = jnp.ones((4, 8, 6, 16))
+  one_buffer = 4 * 8 * 6 * 64 * 4
+  assert _gradient_temp_bytes(ref, x) - _gradient_temp_bytes(ours, x) >= one_buffer
