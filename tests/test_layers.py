@@ -255,7 +255,6 @@ def test_dense_equals_nnx_linear_bitwise_forward_and_gradients():
     chex.assert_trees_all_equal(d_params, d_params_ref)
 
 
-
 def _gradient_temp_bytes(module, x) -> int:
   """Temporaries of the compiled gradient (parameters and input) of `sum(module(x) ** 2)`."""
   graph, params = nnx.split(module)
