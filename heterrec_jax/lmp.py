@@ -241,7 +241,14 @@ def catalogue_logsumexp(q_xBxTxD: jax.Array, vectors_CxD: jax.Array, tau: float,
   """
   if (key_C is None) != (query_key_xBxT is None):
     raise ValueError('catalogue_logsumexp needs both key_C and query_key_xBxT, or neither')
-  return _catalogue_lse(q_xBxTxD, vectors_CxD, log_weight_C, key_C, query_key_xBxT, tau, rows)
+  # The queries are flattened batch-major (`[B, ..., T]`): a batch sharded over devices stays
+  # sharded, where flattening `[N, B, T]` would gather the whole batch onto every device and
+  # repeat the catalogue's softmax there (with one leading step the two orders are the same).
+  q_BxxTxD = jnp.moveaxis(q_xBxTxD, -3, 0)
+  query_key_BxxT = None if query_key_xBxT is None else jnp.moveaxis(query_key_xBxT, -2, 0)
+  lse_BxxT = _catalogue_lse(q_BxxTxD, vectors_CxD, log_weight_C, key_C, query_key_BxxT, tau,
+                            rows)
+  return jnp.moveaxis(lse_BxxT, 0, -2)
 
 
 def _chunk_logits(q_MxD, v_RxD, real_R, log_weight_R, key_R, query_key_M, tau):

@@ -406,6 +406,25 @@ def test_catalogue_logsumexp_on_8_devices_equals_the_full_one():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_catalogue_logsumexp_keeps_a_sharded_batch_sharded():
+  """With N = 2 steps and the batch sharded over 8 devices, the compiled forward and backward
+  gather nothing: each device reduces the catalogue for its own queries (flattening `[N, B, T]`
+  step-major gathered the whole batch onto every device and repeated the softmax there)."""
+  q = jnp.zeros((N, 8, T, D), jnp.float32)
+  v = jnp.zeros((N_ITEMS, D), jnp.float32)
+  mesh = sharding.make_mesh(MeshConfig(data=8, model=1))
+  steps_first = NamedSharding(mesh, P(None, 'data'))
+  step = jax.jit(jax.value_and_grad(
+      lambda q, v: jnp.sum(lmp.catalogue_logsumexp(q, v, 0.3, 4)), argnums=(0, 1)))
+  hlo = step.lower(jax.device_put(q, steps_first),
+                   jax.device_put(v, NamedSharding(mesh, P()))).compile().as_text()
+  assert N > 1
+  assert 'all-gather' not in hlo and 'all-to-all' not in hlo
+  lse = jax.jit(lambda q, v: lmp.catalogue_logsumexp(q, v, 0.3, 4))(
+      jax.device_put(q, steps_first), v)
+  assert lse.sharding.is_equivalent_to(steps_first, lse.ndim)
+
+
 def test_catalogue_logsumexp_never_holds_the_whole_logits_matrix():
   """Forward and backward in chunks of 64 rows of a 4,096-row catalogue hold less than ONE
   `[queries, catalogue]` float32 logits matrix in temporaries (the one-pass form holds more)."""
