@@ -224,23 +224,37 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
   if block_items is not None and block_items < 1:
     raise ConfigError(f'--block-items={block_items} must be >= 1')
   allocator = host_allocator.configure(cfg.train.host_allocator)  # before JAX's backend starts
+  sharding.configure_cpu_devices(cfg)
   dataset = run_lib.load_dataset(cfg, workdir, progress=False)
-  tstate = run_lib.build_run(cfg, dataset, sharding.make_mesh(cfg.mesh))
+  mesh = sharding.make_mesh(cfg.mesh)
+  run_lib.check_batch_sizes(cfg, mesh)
+  tstate = run_lib.build_run(cfg, dataset, mesh)
   data_iter = train_lib.train_iterator(cfg, tstate)
-  batches = [sharding.global_batch(next(data_iter), tstate.mesh) for _ in range(2)]
+  host_batches = [next(data_iter) for _ in range(2)]
+  batches = [sharding.global_batch(b, tstate.mesh) for b in host_batches]
   with layers.attention_impl(attention, block_items):
     step = train_lib.make_train_step(tstate, batches[0])
     t_compile = time.perf_counter()
     xla_flops, peak = compiled_costs(step, tstate.state, batches[0])
     compile_s = time.perf_counter() - t_compile
   dense_flops, dense_peak = xla_flops, peak
+  whole_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=1))
   if attention != 'dense' or cfg.train.microbatches > 1:
     # XLA counts a loop body once: the FLOPs are the dense, whole-batch program's.
-    whole = dataclasses.replace(tstate, cfg=dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, microbatches=1)))
+    whole = dataclasses.replace(tstate, cfg=whole_cfg)
     with layers.attention_impl('dense'):
       dense_flops, dense_peak = compiled_costs(train_lib.make_train_step(whole, batches[0]),
                                                tstate.state, batches[0])
+  if mesh.size > 1:
+    # A sharded program's count is one device's part (with what it repeats of the others'):
+    # the FLOPs of the step are those of the same program on one device.
+    one = run_lib.build_run(whole_cfg, dataset, sharding.make_mesh(
+        dataclasses.replace(cfg.mesh, data=1, model=1), jax.devices()[:1]))
+    one_batch = sharding.global_batch(host_batches[0], one.mesh)
+    with layers.attention_impl('dense'):
+      dense_flops, _ = compiled_costs(train_lib.make_train_step(one, one_batch), one.state,
+                                      one_batch)
+    del one
   with layers.attention_impl(attention, block_items):
     timed = _time_steps(step, tstate.state, batches, steps, warmup, settle_rounds)
     if trace_dir is not None:

@@ -385,6 +385,14 @@ class TrainConfig:
   # JAX can only run on the CPU, else 'system'. Set as the run starts, before JAX's backend;
   # Linux with glibc only. No effect on the numbers.
   host_allocator: str = 'auto'
+  # XLA devices a CPU-only host is split into (sharding.configure_cpu_devices; the mesh's
+  # "data" axis takes them, one part of each batch per device): 1 keeps the process's devices;
+  # 0 takes one per core the process may run on (at most, and a count that divides both batch
+  # sizes). XLA's CPU runtime runs a batched matmul of small matrices (the token level's
+  # attention at d_head 32) on one thread; split in N devices, N such parts run side by side.
+  # Set as the run starts, before JAX's backend; the gradient is then summed over devices, so
+  # figures move by float32 rounding. No effect where an accelerator is present.
+  cpu_devices: int = 1
 
   def __post_init__(self):
     _check_positive('train.steps', self.steps)
@@ -399,6 +407,7 @@ class TrainConfig:
     _check_positive('train.seed', self.seed, allow_zero=True)
     _check_in('train.early_stop_metric', self.early_stop_metric, METRIC_NAMES)
     _check_in('train.host_allocator', self.host_allocator, HOST_ALLOCATORS)
+    _check_positive('train.cpu_devices', self.cpu_devices, allow_zero=True)
 
 
 HOST_ALLOCATORS = ('auto', 'system', 'reuse')
@@ -562,7 +571,8 @@ DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent.parent / 'configs' 
 # its update stay, only the parts' draws of negatives and dropout differ.)
 RESUMABLE_CHANGES = ('train.steps', 'train.eval_every', 'train.patience', 'train.log_every',
                      'train.checkpoint_every', 'train.keep_checkpoints', 'train.compile_cache_dir',
-                     'train.microbatches', 'train.host_allocator', 'eval.', 'data.workers')
+                     'train.microbatches', 'train.host_allocator', 'train.cpu_devices', 'eval.',
+                     'data.workers')
 
 
 def save_config(cfg: Config, workdir: pathlib.Path) -> None:

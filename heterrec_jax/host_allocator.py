@@ -108,13 +108,14 @@ def _why_not(libc: ctypes.CDLL | None) -> str:
   """Why 'reuse' cannot be applied now ('' when it can)."""
   if libc is None:
     return 'it needs Linux with glibc'
-  if _backend_started():
+  if backend_started():
     return ("JAX's backend already started in this process (it must be set before the "
             'first JAX computation or jax.devices())')
   return ''
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
+  """Whether JAX's backend has started in this process (`jax.devices()` or a computation ran)."""
   if 'jax' not in sys.modules:
     return False
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top

@@ -8,6 +8,7 @@ first (`nnx.eval_shape`) and then created already sharded by a jitted constructo
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -15,7 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from heterrec_jax.config import ConfigError, MeshConfig
+from heterrec_jax import host_allocator
+from heterrec_jax.config import Config, ConfigError, MeshConfig
 
 AXES = ('data', 'model')
 
@@ -33,6 +35,43 @@ def maybe_initialize_distributed() -> None:
                 and ',' in os.environ['TPU_WORKER_HOSTNAMES'])
   if multi_host:
     jax.distributed.initialize()
+
+
+def cpu_devices_for(cfg: Config, cores: int | None = None) -> int:
+  """The XLA devices `train.cpu_devices` asks for: itself when >= 1; for 0 the largest count
+  up to `cores` (default: the cores this process may run on) that the mesh resolves to and
+  whose "data" axis divides both batch sizes and leaves `train.microbatches` dividing each
+  device's part of the batch (1 when none does)."""
+  if cfg.train.cpu_devices:
+    return cfg.train.cpu_devices
+  if cores is None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+  def fits(n):
+    try:
+      data, _ = mesh_shape(cfg.mesh, n)
+    except ConfigError:
+      return False
+    per_device, rest = divmod(cfg.train.batch_size, data)
+    return not rest and not cfg.eval.batch_size % data and not per_device % cfg.train.microbatches
+
+  return max([n for n in range(1, (cores or 1) + 1) if fits(n)], default=1)
+
+
+def configure_cpu_devices(cfg: Config) -> None:
+  """Splits a CPU-only host into `cpu_devices_for(cfg)` XLA devices (`jax_num_cpu_devices`)
+  when that is not 1. Must run before JAX's backend starts: afterwards a different count warns
+  and changes nothing. Where an accelerator may be present it does nothing."""
+  n = cpu_devices_for(cfg)
+  if n == 1 or not host_allocator.cpu_only():
+    return
+  if host_allocator.backend_started():
+    if jax.device_count() != n:
+      print(f'warning: train.cpu_devices={cfg.train.cpu_devices} ({n} devices) not applied: '
+            f"JAX's backend already started in this process with {jax.device_count()} (it must "
+            'be set before the first JAX computation or jax.devices())', file=sys.stderr)
+    return
+  jax.config.update('jax_num_cpu_devices', n)
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int]:

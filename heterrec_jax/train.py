@@ -263,6 +263,7 @@ class Trainer:
   def __init__(self, cfg: Config, workdir: pathlib.Path, progress: bool = True):
     self.cfg, self.workdir, self.progress = cfg, workdir, progress
     host_allocator.configure(cfg.train.host_allocator)  # before anything starts JAX's backend
+    sharding.configure_cpu_devices(cfg)
     workdir_lib.check_is_folder(workdir)
     created = not workdir.exists()
     self.preemption = _Preemption()  # from here on SIGTERM only sets a flag
@@ -462,8 +463,8 @@ def train(cfg: Config, workdir: pathlib.Path, progress: bool = True,
 def training_summary(cfg: Config, trainer: Trainer, seconds: float) -> dict[str, Any]:
   """Steps, epochs (global batches x batch size / training examples per epoch), the best
   validated step, whether early stopping ended the run, this process's wall time (a resumed
-  run: its last attempt only), the learning-rate cuts of `optim.schedule='plateau'` and the
-  host allocator it ran with (host_allocator.py)."""
+  run: its last attempt only), the learning-rate cuts of `optim.schedule='plateau'`, the
+  host allocator it ran with (host_allocator.py) and its devices (`train.cpu_devices`)."""
   d, rec = cfg.data, trainer.record
   per_epoch = pipeline.windows_per_epoch(trainer.run.dataset, d.max_len,
                                          horizon(cfg.model.name, cfg.loss), d.window, d.stride)
@@ -471,7 +472,8 @@ def training_summary(cfg: Config, trainer: Trainer, seconds: float) -> dict[str,
   return {'steps': rec.step, 'epochs': epochs(rec.step), 'best_step': rec.best_step,
           'best_epoch': epochs(max(rec.best_step, 0)), 'stopped_early': rec.stopped_early,
           'examples_per_epoch': per_epoch, 'wall_seconds': round(seconds, 1),
-          'lr_cuts': rec.lr_cuts, 'host_allocator': host_allocator.in_effect()}
+          'lr_cuts': rec.lr_cuts, 'host_allocator': host_allocator.in_effect(),
+          'devices': jax.device_count()}
 
 
 def results_table(cfg: Config, out: dict[str, Any]) -> str:

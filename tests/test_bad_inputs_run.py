@@ -111,6 +111,7 @@ TRAIN_OVERRIDES = [
     ('model.v_features=false', 'model.v_features=False leaves V empty'),
     ('train.host_allocator=jemalloc',
      "train.host_allocator='jemalloc' is not allowed; use one of ('auto', 'system', 'reuse')"),
+    ('train.cpu_devices=-2', 'train.cpu_devices=-2 is not allowed; it must be >= 0'),
 ]
 
 

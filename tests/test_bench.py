@@ -37,6 +37,9 @@ def test_bench_train_reports_cost_memory_and_host_overhead(tiny_data, capsys):
   assert result['system_cpu_fraction'] is None or 0.0 <= result['system_cpu_fraction'] <= 1.0
   assert result['attention'] == 'auto' and result['compute_dtype'] == 'float32'
   assert result['dense_peak_memory_bytes'] > 0 and result['xla_flops_per_step'] > 0
+  # on the suite's 8 devices XLA counts one device's part; flops_per_step is the whole step's
+  assert result['devices'] == 8
+  assert result['flops_per_step'] > 4 * result['xla_flops_per_step']
   # a Python process with JAX holds 100s of MB: KiB read as bytes (or the reverse) is 1024x off
   assert 50e6 < result['peak_resident_bytes'] < 64e9
   assert result['host_allocator'] in ('system', 'reuse')
