@@ -19,15 +19,18 @@ with `taskset -c 0` to measure the per-core rate.
 synthetic data prepared into a temporary folder) on two fixed batches, after compiling it and
 `--warmup` untimed steps, in rounds of `--steps` steps until the step's host memory has reached
 its steady size: the first round that takes no page faults, or not 10% fewer a step than the
-round before (a heap that stays put, or an allocator that faults the same pages every step),
-at most 1 + `--settle` rounds; the figures are the last round's, and `warmup_steps` in the JSON
+round before while the process's peak resident memory grew by less than half of what it faulted
+in (a heap that stays put, or an allocator that faults the same pages every step; not a heap
+still growing, as one shared by several CPU devices does for tens of steps), at most 1 +
+`--settle` rounds; the figures are the last round's, and `warmup_steps` in the JSON
 counts the steps run before it. It prints, last, one JSON object with `compile_s` (lowering and
 compiling the train step; served from JAX's persistent cache when `JAX_COMPILATION_CACHE_DIR`
 is set and holds it, named in `compilation_cache`), `step_time_s`,
 `sequences_per_s`, `tokens_per_s` (B x T x K tokens of the token level), `flops_per_step` (XLA's
 cost analysis of the compiled step), `matmul_ceiling_flops_per_s` (a 2048 x 2048 float32 matmul
 timed in the same run, best of 5), `fraction_of_ceiling` and `peak_memory_bytes` (arguments +
-outputs + temporaries - donated aliases, from XLA's memory analysis of the compiled step), and,
+outputs + temporaries - donated aliases, from XLA's memory analysis of the compiled step; per
+device), and,
 from the process's resource usage over the timed steps, `minor_page_faults_per_step` and
 `system_cpu_fraction` (kernel CPU time / all CPU time): on a CPU host, high values mean the
 allocator hands the step's large buffers back to the kernel and faults them in again every step.
@@ -41,7 +44,9 @@ It adds `attention` (the causal blocks' attention, `layers.attention_impl`), `bl
 `peak_resident_bytes` (the process's peak resident memory after the timed steps, compilation
 included; in a sweep, of every run so far: what 'reuse' trades for its speed). XLA
 counts a loop body once, so `flops_per_step` and `fraction_of_ceiling` are always those of the
-dense, whole-batch program: comparable across attentions, block sizes and microbatches.
+dense, whole-batch program: comparable across attentions, block sizes and microbatches; and it
+counts one device's part of a sharded program, so on several devices (`devices`; on a CPU host
+`train.cpu_devices`) they are those of the same program on one device: the whole step's.
 
 Comma-separated `--attention`, `--block-items`, `--max-len`, `--dtypes` and `--microbatches` run
 every combination in one process (each run's JSON on its own line, then a table of step time and
@@ -283,17 +288,20 @@ def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int
   return result
 
 
-def settle(run_round: Callable[[], float], first_faults: float, max_more: int) -> int:
-  """How many rounds `run_round` (which times one and returns its page faults a step) is called
-  for after a warm-up that took `first_faults` a step: until a round takes none, or not 10% fewer
-  than the round (or warm-up) before it, i.e. until the process's heap has reached its steady
-  size, whether that faults nothing a step ('reuse') or the same every step ('system'); at most
-  1 + `max_more` rounds."""
+def settle(run_round: Callable[[], tuple[float, bool]], first_faults: float,
+           max_more: int) -> int:
+  """How many rounds `run_round` (which times one and returns its page faults a step and
+  whether the process's heap grew by most of what it faulted in) is called for after a warm-up
+  that took `first_faults` a step: until a round takes none, or not 10% fewer than the round (or
+  warm-up) before it without growing, i.e. until the process's heap has reached its steady
+  size, whether that faults nothing a step ('reuse') or the same pages every step ('system'; a
+  heap still growing at a steady rate, as 'reuse' does for a while on several CPU devices,
+  faults new pages: it goes on); at most 1 + `max_more` rounds."""
   previous, rounds = first_faults, 0
   while True:
-    faults = run_round()
+    faults, growing = run_round()
     rounds += 1
-    if rounds > max_more or faults == 0 or faults >= 0.9 * previous:
+    if rounds > max_more or faults == 0 or (faults >= 0.9 * previous and not growing):
       return rounds
     previous = faults
 
@@ -312,7 +320,7 @@ def _time_steps(step, state, batches, steps: int, warmup: int,
   rss_unit = 1 if sys.platform == 'darwin' else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
   last: dict[str, Any] = {}
 
-  def run_round() -> float:
+  def run_round() -> tuple[float, bool]:
     nonlocal state
     usage0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     state, aux = _steps(step, state, batches, steps)
@@ -325,7 +333,9 @@ def _time_steps(step, state, batches, steps: int, warmup: int,
         'minor_page_faults_per_step': (usage1.ru_minflt - usage0.ru_minflt) / steps,
         'system_cpu_fraction': (usage1.ru_stime - usage0.ru_stime) / cpu if cpu else None,
         'peak_resident_bytes': usage1.ru_maxrss * rss_unit})
-    return last['minor_page_faults_per_step']
+    faulted = (usage1.ru_minflt - usage0.ru_minflt) * resource.getpagesize()
+    grown = (usage1.ru_maxrss - usage0.ru_maxrss) * rss_unit
+    return last['minor_page_faults_per_step'], faulted > 0 and grown > faulted / 2
 
   rounds = settle(run_round, warmup_faults, settle_rounds)
   return {**last, 'warmup_steps': warmup + (rounds - 1) * steps, 'state': state}

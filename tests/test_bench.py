@@ -60,9 +60,11 @@ def test_bench_train_settle_zero_times_one_round(tiny_data, capsys):
     ([1e5, 1e4, 1e3, 1e2, 10, 1], 1e6, 3, 4),   # still falling: the cap, 1 + 3 rounds
     ([1e5, 1e4], 1e6, 0, 1),                    # --settle 0: one round
     ([5.0, 4.6, 4.0, 0.0], 10.0, 5, 2),         # 4.6 >= 0.9 x 5: not 10% fewer
+    ([(3e4, True), (3e4, True), 0], 3e4, 3, 3),  # a heap growing steadily: on until it stops
+    ([(3e4, True)] * 6, 3e4, 3, 4),             # ... or the cap
 ])
 def test_settle_stops_when_the_page_faults_stop_falling(faults, first, max_more, rounds):
-  calls = iter(faults)
+  calls = iter(f if isinstance(f, tuple) else (f, False) for f in faults)
   assert bench.settle(lambda: next(calls), first, max_more) == rounds
 
 
