@@ -3,7 +3,7 @@
     python -m heterrec_jax.bench data --input DIR [--max-len 200] [--n-step 3] \\
         [--batch-size 128] [--batches 200] [--warmup 10] [--window last|random] [--workers 0]
 
-    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] [--settle 3] \\
+    python -m heterrec_jax.bench train --config FILE [--steps 10] [--warmup 2] [--settle 6] \\
         [--attention auto[,dense,blockwise]] [--block-items 32[,64]] [--max-len 128,256,512] \\
         [--dtypes float32,bfloat16] [--microbatches 1,4] [--profile] [--trace DIR] [key=value ...]
 
@@ -214,7 +214,7 @@ def compiled_costs(step, state, batch) -> tuple[float | None, int | None]:
 def bench_train(cfg: Config, workdir: pathlib.Path, steps: int = 10, warmup: int = 2,
                 attention: str = 'auto', profile: bool = False,
                 block_items: int | None = None,
-                trace_dir: pathlib.Path | None = None, settle_rounds: int = 3) -> dict[str, Any]:
+                trace_dir: pathlib.Path | None = None, settle_rounds: int = 6) -> dict[str, Any]:
   """Times `steps` train steps of `cfg` after compiling the step and `warmup` untimed steps, in
   rounds until the page faults a step stop falling (`settle`: at most 1 + `settle_rounds`
   rounds, the last one reported), the causal blocks' attention traced as `attention`
@@ -431,10 +431,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument('--config', default=DEFAULT_CONFIG, help='a config file')
   p.add_argument('--steps', type=int, default=10, help='steps timed')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after the compilation')
-  p.add_argument('--settle', type=int, default=3, metavar='ROUNDS',
+  p.add_argument('--settle', type=int, default=6, metavar='ROUNDS',
                  help='time at most this many more rounds of --steps steps while the page faults '
-                      'a step keep falling (by 10%% or more: the heap still growing), and report '
-                      'the last round; 0: one round (default: 3)')
+                      'a step keep falling (by 10%% or more) or the heap keeps growing, and '
+                      'report the last round; 0: one round (default: 6)')
   p.add_argument('--attention', type=_csv(str), default=['auto'],
                  help='attention of the causal blocks, comma-separated to compare in one run: '
                       + ', '.join(layers.ATTENTION_IMPLS))

@@ -43,8 +43,8 @@ def test_bench_train_reports_cost_memory_and_host_overhead(tiny_data, capsys):
   # a Python process with JAX holds 100s of MB: KiB read as bytes (or the reverse) is 1024x off
   assert 50e6 < result['peak_resident_bytes'] < 64e9
   assert result['host_allocator'] in ('system', 'reuse')
-  # one warm-up step, then rounds of 2 until the page faults stop falling (at most 1 + 3)
-  assert result['warmup_steps'] in (1, 3, 5, 7)
+  # one warm-up step, then rounds of 2 until the page faults stop falling (at most 1 + 6)
+  assert result['warmup_steps'] in (1, 3, 5, 7, 9, 11, 13)
 
 
 def test_bench_train_settle_zero_times_one_round(tiny_data, capsys):
