@@ -50,12 +50,13 @@ print(jax.device_count())
 """
 
 
-def _fresh(args, **env):
+def _fresh(args, check=True, **env) -> subprocess.CompletedProcess:
+  """`python ARGS` in a fresh process without the suite's 8 fake devices."""
   env = {**os.environ, 'PYTHONPATH': str(ROOT), **env}
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace('--xla_force_host_platform_device_count=8', '')
   return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=600, check=True).stdout
+                        text=True, timeout=600, check=check)
 
 
 @pytest.mark.parametrize('override, platforms, want', [
@@ -64,7 +65,7 @@ def _fresh(args, **env):
     ('train.cpu_devices=2', 'cuda,cpu', '1'),     # an accelerator may be present: unchanged
 ])
 def test_a_fresh_process_gets_the_devices(override, platforms, want):
-  assert _fresh(['-c', PROGRAM, override], JAX_PLATFORMS=platforms).split()[-1] == want
+  assert _fresh(['-c', PROGRAM, override], JAX_PLATFORMS=platforms).stdout.split()[-1] == want
 
 
 def test_train_runs_data_parallel_on_two_cpu_devices(tmp_path):
@@ -84,3 +85,15 @@ def test_after_the_backend_started_a_different_count_warns(capsys):
   assert 'train.cpu_devices=2 (2 devices) not applied' in capsys.readouterr().err
   sharding.configure_cpu_devices(tiny('train.cpu_devices=8'))   # the count it has: quiet
   assert capsys.readouterr().err == ''
+
+
+def test_a_count_that_does_not_divide_the_batch_is_one_clear_error(tmp_path):
+  """train.cpu_devices=3 with batches of 16: one error naming the field, no traceback, and no
+  workdir left behind."""
+  workdir = tmp_path / 'run'
+  done = _fresh(['-m', 'heterrec_jax.train', '--config', TINY, '--workdir', str(workdir),
+                 'train.cpu_devices=3'], check=False, JAX_PLATFORMS='cpu')
+  assert done.returncode == 2, done.stderr
+  assert 'train.batch_size=16 must divide by the 3 devices' in done.stderr
+  assert 'Traceback' not in done.stderr
+  assert not workdir.exists()
