@@ -54,7 +54,8 @@ def _fresh(args, check=True, **env) -> subprocess.CompletedProcess:
   """`python ARGS` in a fresh process without the suite's 8 fake devices."""
   env = {**os.environ, 'PYTHONPATH': str(ROOT), **env}
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
-  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace('--xla_force_host_platform_device_count=8', '')
+  fake_devices = '--xla_force_host_platform_device_count=8'
+  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(fake_devices, '')
   return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=600, check=check)
 
