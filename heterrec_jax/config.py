@@ -55,6 +55,10 @@ class DataConfig:
   # last S inputs only, so every target has >= max_len - S events of context, at max_len / S
   # times the compute per epoch (RecBole trains every target with its full context, S = 1).
   stride: int = 0
+  # 'all' windows: move the windows' grid each epoch (offsets 0..S-1 in turn, a seeded order),
+  # so each epoch reads a target with another context (every length in [T - S, T)); every
+  # target is still counted once an epoch. False: the same windows every epoch.
+  jitter: bool = False
   # Seed of the shuffling and of random windows.
   seed: int = 0
   # Built-in synthetic data: number of users, items and latent topics, and the generator seed.
@@ -71,6 +75,8 @@ class DataConfig:
       raise ConfigError(f'data.stride={self.stride} must be in [0, data.max_len={self.max_len}] '
                         '(0: data.max_len)')
     _check_in('data.window', self.window, ('all', 'last', 'random'))
+    if self.jitter and self.window != 'all':
+      raise ConfigError(f"data.jitter=True needs data.window='all', not {self.window!r}")
     _check_positive('data.workers', self.workers, allow_zero=True)
     _check_positive('data.seed', self.seed, allow_zero=True)
     _check_positive('data.synthetic_seed', self.synthetic_seed, allow_zero=True)

@@ -195,7 +195,7 @@ def train_iterator(cfg: Config, run: run_lib.Run):
   dataset = pipeline.train_dataset(
       run.dataset, max_len=cfg.data.max_len, horizon=horizon(cfg.model.name, cfg.loss),
       batch_size=per_process_batch(cfg), seed=cfg.data.seed, window=cfg.data.window,
-      stride=cfg.data.stride,
+      stride=cfg.data.stride, jitter=cfg.data.jitter,
       process_index=jax.process_index(), process_count=jax.process_count(),
       workers=cfg.data.workers)
   return iter(dataset)
@@ -467,7 +467,8 @@ def training_summary(cfg: Config, trainer: Trainer, seconds: float) -> dict[str,
   host allocator it ran with (host_allocator.py) and its devices (`train.cpu_devices`)."""
   d, rec = cfg.data, trainer.record
   per_epoch = pipeline.windows_per_epoch(trainer.run.dataset, d.max_len,
-                                         horizon(cfg.model.name, cfg.loss), d.window, d.stride)
+                                         horizon(cfg.model.name, cfg.loss), d.window, d.stride,
+                                         d.jitter)
   epochs = lambda step: round(step * cfg.train.batch_size / per_epoch, 3)
   return {'steps': rec.step, 'epochs': epochs(rec.step), 'best_step': rec.best_step,
           'best_epoch': epochs(max(rec.best_step, 0)), 'stopped_early': rec.stopped_early,

@@ -44,6 +44,7 @@ def test_an_override_given_twice_takes_its_last_value():
     (['model=3', 'model.n1=2'], "'model' is a group"),
     (['model.n1=2', 'model=3'], "'model' is a group"),
     (['model.n1=2', 'model.n1.x=3'], "'model.n1' has no sub-field 'x'"),
+    (['data.jitter=true', 'data.window=last'], "data.jitter=True needs data.window='all'"),
 ])
 def test_a_field_and_its_group_together_is_an_error(overrides, fragment):
   with pytest.raises(ConfigError, match=re.escape(fragment)):

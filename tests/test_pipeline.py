@@ -180,13 +180,13 @@ def test_shuffled_users_epochs():
   np.testing.assert_array_equal(stream, [one(s)[0] for s in range(21)])
 
 
-@pytest.mark.parametrize('window', pipeline.WINDOWS)
-def test_checkpoint_resume(loo, window):
-  it = iter(train_ds(loo, window=window))
+@pytest.mark.parametrize('window,jitter', [(w, False) for w in pipeline.WINDOWS] + [('all', True)])
+def test_checkpoint_resume(loo, window, jitter):
+  it = iter(train_ds(loo, window=window, jitter=jitter, stride=2 if jitter else 0))
   take(it, 5)
   state = it.get_state()
   want = take(it, 9)  # crosses an epoch boundary
-  again = iter(train_ds(loo, window=window))
+  again = iter(train_ds(loo, window=window, jitter=jitter, stride=2 if jitter else 0))
   again.set_state(state)
   assert_same_batches(take(again, 9), want)
 
@@ -281,14 +281,17 @@ def ref_coverage_targets(ds, horizon):
   return sorted((u, e) for u, lo, end in ref_train_users(ds) for e in range(lo + first, end))
 
 
-@pytest.mark.parametrize('horizon,stride', [(0, 0), (1, 0), (3, 0), (1, 2), (0, 1), (3, 4)])
-def test_all_windows_cover_every_target_once(dataset, horizon, stride):
+@pytest.mark.parametrize('horizon,stride,offset', [(0, 0, 0), (1, 0, 0), (3, 0, 0), (1, 2, 0),
+                                                   (0, 1, 0), (3, 4, 0), (1, 0, 5), (0, 0, 2),
+                                                   (1, 2, 1), (3, 4, 3), (0, 4, 1)])
+def test_all_windows_cover_every_target_once(dataset, horizon, stride, offset):
   """One epoch of 'all' windows: every training target counted exactly once (a window counts
   its queries from `count_from` on), inputs right-aligned (the last input column of every
   window is a real event), rows equal to a slow reference; with a stride S < T every counted
-  target but a user's first T has >= T - S events of context in its window."""
+  target but a user's first T has >= T - S events of context in its window; the same for a
+  grid moved by an offset (`data.jitter`)."""
   split = splits.dataset_split(dataset)
-  coverage = pipeline.coverage_windows(split, MAX_LEN, horizon, stride)
+  coverage = pipeline.coverage_windows(split, MAX_LEN, horizon, stride, offset)
   user_E, start_E, count_from_E = coverage
   length = MAX_LEN + horizon
   got = []
@@ -330,3 +333,51 @@ def test_all_windows_one_epoch_in_the_stream(loo):
   assert sorted(rows(batches[1])) == want  # the second epoch: the same windows, another order
   assert rows(batches[1]) != rows(batches[0])
   assert pipeline.windows_per_epoch(loo, MAX_LEN, N_STEP, 'all') == n
+
+
+def test_jitter_takes_every_grid_once_a_round(loo):
+  """`jitter`: one round of S epochs (batch 1) is the windows of the grids of offsets
+  0..S-1, each exactly once; the grids differ, so targets are read with other contexts."""
+  stride, horizon = 3, 1
+  split = splits.dataset_split(loo)
+  grids = [pipeline.coverage_windows(split, MAX_LEN, horizon, stride, o) for o in range(stride)]
+  sizes = [len(g[0]) for g in grids]
+  assert len(set(sizes)) > 1  # the offsets give epochs of different sizes
+  gather = pipeline.CoverageWindows(loo, split, tuple(np.concatenate(p) for p in zip(*grids)),
+                                    MAX_LEN + horizon)
+  want = sorted(rows(gather(np.arange(sum(sizes)))))
+  assert sorted(rows(gather(np.arange(sizes[0])))) != sorted(
+      rows(gather(np.arange(sizes[0], sizes[0] + sizes[1]))))
+  it = iter(train_ds(loo, window='all', horizon=horizon, stride=stride, batch_size=1,
+                     jitter=True))
+  got = sorted(r for b in take(it, sum(sizes)) for r in rows(b))
+  assert got == want
+  mean = pipeline.windows_per_epoch(loo, MAX_LEN, horizon, 'all', stride, jitter=True)
+  assert mean == round(np.mean(sizes))
+
+
+def test_shuffled_examples_over_several_blocks():
+  """Blocks of examples (`jitter`'s grids): each epoch is a permutation of one block, every
+  block once in a round, the rounds in the same block order; the stream does not depend on
+  the batch size."""
+  blocks = [np.arange(5), np.arange(5, 8), np.arange(8, 15)]
+  one = pipeline.ShuffledExamples(blocks, 1, seed=4)
+  stream = [int(one(s)[0]) for s in range(2 * 15)]
+  epochs, pos = [], 0
+  while pos < len(stream):
+    block = next(b for b in blocks if stream[pos] in b)
+    epochs.append(stream[pos:pos + len(block)])
+    assert sorted(epochs[-1]) == block.tolist()
+    pos += len(block)
+  which = [next(i for i, b in enumerate(blocks) if e[0] in b) for e in epochs]
+  assert sorted(which[:3]) == [0, 1, 2] and which[3:] == which[:3]
+  assert epochs[3:] != epochs[:3]  # each epoch its own order
+  big = pipeline.ShuffledExamples(blocks, 7, seed=4)
+  np.testing.assert_array_equal(np.concatenate([big(s) for s in range(3)]), stream[:21])
+
+
+def test_jitter_needs_all_windows(loo):
+  with pytest.raises(ConfigError, match="jitter=True needs window='all'"):
+    train_ds(loo, window='last', jitter=True)
+  with pytest.raises(ConfigError, match=r'offset=3 must be in \[0, stride=3\)'):
+    pipeline.coverage_windows(splits.dataset_split(loo), MAX_LEN, 1, 3, 3)

@@ -77,31 +77,38 @@ class _Reloadable:
     self.__dict__.update(state)
 
 
-def coverage_windows(split: splits.Split, max_len: int, horizon: int,
-                     stride: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def coverage_windows(split: splits.Split, max_len: int, horizon: int, stride: int = 0,
+                     offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(user `[E]`, first event index `[E]`, first counted query position `[E]`) of the 'all'
-  windows of every training user, `stride` S (0: S = max_len = T) apart.
+  windows of every training user, `stride` S (0: S = max_len = T) apart, the grid moved by
+  `offset` o (0 <= o < S) targets.
 
   A window of user u starting at event s covers events [s, s + T + h), real where inside the
   training part [start_u, end_u). Its query at input position t predicts event s + t + 1
-  (h >= 1; for h = 0, Cloze, the input event s + t itself). Window k = 0, 1, ... from the end
-  starts at end_u - T - min(h, 1) - k S and counts its queries t >= T - S: targets
-  (end_u - (k+1) S, end_u - k S] shifted by min(h, 1); the earliest window counts all its
-  queries (t >= 0). So every training target is counted in exactly one window, and with S < T
-  each one has at least T - S events of context (RecBole's one-prefix-per-target protocol is
-  S = 1). The first events of a window may precede start_u.
+  (h >= 1; for h = 0, Cloze, the input event s + t itself). The most recent window starts at
+  end_u - T - min(h, 1) and counts its last S - o queries (t >= T - S + o); window k = 1, 2,
+  ... starts S - o + (k-1) S events earlier and counts its last S queries; the earliest window
+  counts all its queries (t >= 0). So every training target is counted in exactly one window,
+  and with S < T each one has at least T - S events of context (RecBole's one-prefix-per-target
+  protocol is S = 1). Offsets 0..S-1 give each target every context length in [T - S, T)
+  (`data.jitter` takes them in turn, one an epoch). The first events of a window may precede
+  start_u.
   """
   stride = stride or max_len
+  if not 0 <= offset < stride:
+    raise ConfigError(f'offset={offset} must be in [0, stride={stride})')
   users = splits.train_users(split)
   start_U, end_U = split.train_start[users], split.train_end[users]
-  shift = min(horizon, 1)
+  shift, last = min(horizon, 1), stride - offset
   targets_U = end_U - start_U - shift
-  count_U = 1 + -(-np.maximum(targets_U - max_len, 0) // stride)
+  count_U = np.where(targets_U <= max_len, 1,
+                     2 + -(-np.maximum(targets_U - last - max_len, 0) // stride))
   user_E = np.repeat(users, count_U)
   k_E = np.arange(count_U.sum()) - np.repeat(np.cumsum(count_U) - count_U, count_U)
-  start_E = np.repeat(end_U, count_U) - max_len - shift - k_E * stride
+  back_E = np.where(k_E > 0, last + (k_E - 1) * stride, 0)
+  start_E = np.repeat(end_U, count_U) - max_len - shift - back_E
   earliest_E = k_E == np.repeat(count_U - 1, count_U)
-  count_from_E = np.where(earliest_E, 0, max_len - stride)
+  count_from_E = np.where(earliest_E, 0, np.where(k_E > 0, max_len - stride, max_len - last))
   return user_E.astype(np.int64), start_E.astype(np.int64), count_from_E.astype(np.int32)
 
 
@@ -161,57 +168,74 @@ class TrainWindows(_Reloadable):
 class ShuffledExamples:
   """Grain transform: a batch number -> the example ids `[B]` (users or windows) of that batch.
 
-  The stream of examples is epoch after epoch of `users`, each epoch in its own seeded order
-  (a permutation from `(seed, epoch)`); batch `i` is positions `[i * B, (i + 1) * B)` of that
-  stream, so epochs run into each other and no batch is short. The order of the current
-  epochs is cached, so a batch costs O(B), not O(n_users).
+  The stream of examples is epoch after epoch, each epoch in its own seeded order (a
+  permutation from `(seed, epoch)`); batch `i` is positions `[i * B, (i + 1) * B)` of that
+  stream, so epochs run into each other and no batch is short. `examples` is one array (every
+  epoch the same examples) or a list of arrays, one epoch's examples each (`data.jitter`'s
+  grids), which the epochs take in turn in a seeded order, every one once in each round of
+  `len(examples)` epochs. The order of the current epochs is cached, so a batch costs O(B),
+  not O(n_examples).
   """
 
-  def __init__(self, users: np.ndarray, batch_size: int, seed: int):
-    self.users, self.batch_size, self.seed = users, batch_size, seed
+  def __init__(self, examples: np.ndarray | list[np.ndarray], batch_size: int, seed: int):
+    self.blocks = list(examples) if isinstance(examples, (list, tuple)) else [examples]
+    self.batch_size, self.seed = batch_size, seed
+    rng = np.random.default_rng([seed, len(self.blocks), 1])
+    self.cycle = rng.permutation(len(self.blocks)) if len(self.blocks) > 1 else np.zeros(1, int)
+    self.ends = np.cumsum([len(self.blocks[b]) for b in self.cycle])  # of each round's epochs
     self._orders: dict[int, np.ndarray] = {}
 
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, '_orders': {}}  # workers build their own cache
 
   def order(self, epoch: int) -> np.ndarray:
-    """The users in the order of `epoch`."""
+    """The examples of `epoch` in their order."""
     if epoch not in self._orders:
       if len(self._orders) >= 4:
         self._orders.pop(min(self._orders))
+      block = self.blocks[self.cycle[epoch % len(self.cycle)]]
       rng = np.random.default_rng([self.seed, epoch])
-      self._orders[epoch] = self.users[rng.permutation(len(self.users))]
+      self._orders[epoch] = block[rng.permutation(len(block))]
     return self._orders[epoch]
 
   def __call__(self, step: int) -> np.ndarray:
-    n = len(self.users)
     pos_B = int(step) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-    epoch_B, index_B = np.divmod(pos_B, n)
-    users_B = np.empty(self.batch_size, np.int64)
+    round_B, in_round_B = np.divmod(pos_B, self.ends[-1])
+    k_B = np.searchsorted(self.ends, in_round_B, side='right')
+    epoch_B = round_B * len(self.cycle) + k_B
+    index_B = in_round_B - np.concatenate([[0], self.ends])[k_B]
+    examples_B = np.empty(self.batch_size, np.int64)
     for epoch in range(int(epoch_B[0]), int(epoch_B[-1]) + 1):
       rows = epoch_B == epoch
-      users_B[rows] = self.order(epoch)[index_B[rows]]
-    return users_B
+      examples_B[rows] = self.order(epoch)[index_B[rows]]
+    return examples_B
 
 
 def windows_per_epoch(dataset: Dataset, max_len: int, horizon: int, window: str,
-                      stride: int = 0) -> int:
-  """Training examples in one epoch (all processes): 'all' windows, else training users."""
+                      stride: int = 0, jitter: bool = False) -> int:
+  """Training examples in one epoch (all processes): 'all' windows (with `jitter`, the mean
+  over its grids, rounded), else training users."""
   split = splits.dataset_split(dataset)
   if window == 'all':
-    return len(coverage_windows(split, max_len, horizon, stride)[0])
+    offsets = range(stride or max_len) if jitter else [0]
+    return round(np.mean([len(coverage_windows(split, max_len, horizon, stride, o)[0])
+                          for o in offsets]))
   return len(splits.train_users(split))
 
 
 def train_dataset(dataset: Dataset, *, max_len: int, horizon: int, batch_size: int, seed: int,
-                  window: str = 'all', stride: int = 0, process_index: int = 0,
-                  process_count: int = 1, workers: int = 0) -> grain.IterDataset:
+                  window: str = 'all', stride: int = 0, jitter: bool = False,
+                  process_index: int = 0, process_count: int = 1,
+                  workers: int = 0) -> grain.IterDataset:
   """The endless, shuffled training batches of this process (`batch_size` rows each), windows
   of `max_len + horizon` events (module docstring).
 
   The examples ('all': the coverage windows; 'last'/'random': the users with a training
   window, `splits.train_users`) are sharded `[process_index::process_count]` and streamed
-  epoch after epoch, each epoch in its own order (`ShuffledExamples`). `window='random'` draws
+  epoch after epoch, each epoch in its own order (`ShuffledExamples`). `jitter` ('all' only)
+  moves the windows' grid each epoch: epoch after epoch takes the grids of offsets 0..S-1
+  (`coverage_windows`) in a seeded order, so a target is read with a different context in
+  each, and each epoch still counts every target once. `window='random'` draws
   each window's end from a generator seeded by `seed` and the batch number (reproducible,
   different in every epoch). `workers > 0` builds batches in that many background processes;
   the batches are the same as with 0.
@@ -219,18 +243,24 @@ def train_dataset(dataset: Dataset, *, max_len: int, horizon: int, batch_size: i
   _check_train_args(max_len, horizon, batch_size, window, process_index, process_count, workers)
   if not 0 <= seed < 2**32:
     raise ConfigError(f'seed={seed} must be in [0, 2**32)')
+  if jitter and window != 'all':
+    raise ConfigError(f"jitter=True needs window='all', not {window!r}")
   split = splits.dataset_split(dataset)
   length = max_len + horizon
   if window == 'all':
     if not 0 <= stride <= max_len:
       raise ConfigError(f'stride={stride} must be in [0, max_len={max_len}] (0: max_len)')
-    coverage = coverage_windows(split, max_len, horizon, stride)
-    examples = np.arange(len(coverage[0]))[process_index::process_count]
+    grids = [coverage_windows(split, max_len, horizon, stride, o)
+             for o in (range(stride or max_len) if jitter else [0])]
+    coverage = tuple(np.concatenate(parts) for parts in zip(*grids))
+    firsts = np.cumsum([0] + [len(grid[0]) for grid in grids])
+    examples = [np.arange(lo, hi)[process_index::process_count]
+                for lo, hi in zip(firsts[:-1], firsts[1:])]
     gather = CoverageWindows(dataset, split, coverage, length)
   else:
-    examples = splits.train_users(split)[process_index::process_count]
+    examples = [splits.train_users(split)[process_index::process_count]]
     gather = TrainWindows(dataset, split, length)
-  if not len(examples):
+  if not all(len(block) for block in examples):
     raise DatasetError(f'{dataset.path}: no training window for process {process_index} of '
                        f'{process_count} (users need >= {splits.MIN_TRAIN_EVENTS} training events)')
   ds = grain.MapDataset.range(_ENDLESS).seed(seed).map(ShuffledExamples(examples, batch_size, seed))
