@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from heterrec_jax import layers, model
+from heterrec_jax import layers, model, seen
 from heterrec_jax.config import ConfigError, LossConfig, ModelConfig, horizon
 from heterrec_jax.data.dataset import Schema
 
@@ -243,6 +243,12 @@ class _Baseline(nnx.Module):
     self.cosine = loss_cfg.scoring == 'cosine'
     with nnx.use_eager_sharding(False):
       self._build(schema, model_cfg, jnp.dtype(model_cfg.compute_dtype), rngs, max_len)
+      # Only when on: a model without it keeps the state (and checkpoints) it always had.
+      self.seen = seen.SeenBias() if model_cfg.seen_bias else None
+
+  def seen_weights(self) -> jax.Array | None:
+    """The seen-item offsets `[seen.BUCKETS]` (`model.seen_bias`), None when off."""
+    return None if self.seen is None else self.seen()
 
   def normalize(self, x: jax.Array) -> jax.Array:
     """L2-normalised under cosine scoring, raw under 'dot'; float32 either way."""
@@ -260,7 +266,10 @@ class _Baseline(nnx.Module):
     user_BxTxD = self.user_outputs(*(batch[k][:, :t]
                                      for k in ('items', 'tokens', 'timestamps', 'mask')))
     targets_BxWxD, _ = self.encode_items(batch['items'], batch['tokens'])
-    return {'queries': self.normalize(user_BxTxD), 'targets': targets_BxWxD}
+    out = {'queries': self.normalize(user_BxTxD), 'targets': targets_BxWxD}
+    if self.seen is not None:
+      out['seen_bias'] = self.seen()
+    return out
 
   def user_vector(self, items_BxT: jax.Array, tokens_BxTxS: jax.Array, timestamps_BxT: jax.Array,
                   mask_BxT: jax.Array) -> jax.Array:

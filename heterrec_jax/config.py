@@ -157,6 +157,11 @@ class ModelConfig:
   # `linear_std` applies) or 'identity' (kernel I, bias 0: each step's query starts as U itself,
   # the next-item query of SASRec, and the heads learn from there).
   head_init: str = 'lecun'
+  # Any model but BERT4Rec (off = the paper and the reference baselines): a learned score
+  # offset for the items of the query's own input, by how recently it read them (`seen.py`):
+  # negative where users rarely come back to an item, positive where they often do. Needs
+  # loss.negatives='all'; evaluation adds it to the inputs' scores.
+  seen_bias: bool = False
 
   @property
   def token_level_dropout(self) -> float:
@@ -459,6 +464,10 @@ class Config:
                           'which only HeterRec with model.item_id_vector=true (or item_id_input) '
                           f'has; this config has model.name={m.name!r}, item_id_vector='
                           f'{m.item_id_vector}, item_id_input={m.item_id_input}')
+    if m.seen_bias and (m.name == 'bert4rec' or self.loss.negatives != 'all'):
+      raise ConfigError("model.seen_bias=True needs loss.negatives='all' (the whole catalogue's "
+                        f'softmax) and a next-item model; this config has model.name={m.name!r}, '
+                        f'loss.negatives={self.loss.negatives!r}')
     if self.loss.label_smoothing and m.name == 'bert4rec' and self.loss.name != 'default':
       raise ConfigError(f'loss.label_smoothing={self.loss.label_smoothing} smooths BERT4Rec\'s '
                         "full Cloze softmax (loss.name='default'); its in-batch loss "

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from heterrec_jax import averaging, metrics, retrieval, sharding
+from heterrec_jax import averaging, metrics, retrieval, seen, sharding
 from heterrec_jax.config import Config, ConfigError
 from heterrec_jax.data import pipeline, splits
 from heterrec_jax.data.dataset import Dataset, DatasetError
@@ -70,11 +70,14 @@ def _batch_ranks(graphdef, exclude_history, mesh, state, items_NxD, batch) -> ja
   model = nnx.merge(graphdef, state)
   user_BxD = model.user_vector(batch['items'], batch['tokens'], batch['timestamps'],
                                batch['mask']).astype(jnp.float32)
+  w_K = model.seen_weights()
+  seen_BxT = None if w_K is None else seen.last_query_offsets(w_K, batch['items'],
+                                                             batch['mask'])
   if mesh is not None and mesh.shape['model'] > 1:
     return retrieval.sharded_target_ranks(mesh, user_BxD, items_NxD, batch['target'],
-                                          batch['items'], exclude_history)
+                                          batch['items'], exclude_history, seen_BxT=seen_BxT)
   return retrieval.target_ranks(user_BxD, items_NxD, batch['target'], batch['items'],
-                                exclude_history)
+                                exclude_history, seen_BxT)
 
 
 _rank_step = jax.jit(_batch_ranks, static_argnums=(0, 1, 2))

@@ -33,6 +33,9 @@ class RetrievalModel(Protocol):
                    tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """(item vectors `[..., d]`, per-token vectors `[..., K, d_f]` or None)."""
 
+  def seen_weights(self) -> jax.Array | None:
+    """The seen-item offsets `[seen.BUCKETS]` (`model.seen_bias`, `seen.py`), None when off."""
+
   def train(self, **attributes) -> None:
     """Training mode (dropout, Cloze masking on)."""
 

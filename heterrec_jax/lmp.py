@@ -63,7 +63,7 @@ import numpy as np
 
 from heterrec_jax.config import LossConfig
 from heterrec_jax.layers import NEG_INF
-from heterrec_jax import negatives as negatives_lib
+from heterrec_jax import negatives as negatives_lib, seen
 from heterrec_jax.negatives import Negatives
 
 @dataclasses.dataclass(frozen=True)
@@ -348,16 +348,31 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
                      keys: tuple[jax.Array, ...], mask_BxW: jax.Array, cfg: LossConfig,
                      shared: Shared | None,
                      pos_log_q_BxW: jax.Array | None = None,
-                     count_from_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     count_from_B: jax.Array | None = None,
+                     seen_bias: tuple[jax.Array, jax.Array] | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
   """The step losses `[N]` of one level (the items or one token kind) and the fraction of
   valid positions each step counted `[N]` (1 where the gate is off). Queries at input
-  positions before `count_from_B` (a window's context, `pipeline`) are not counted."""
+  positions before `count_from_B` (a window's context, `pipeline`) are not counted.
+  `seen_bias` (w `[BUCKETS]`, the window's items `[B, W]`; the item level over the whole
+  catalogue only): the seen-item term of `seen.py` on the logits."""
   n, b, t, _ = queries_NxBxTxD.shape
   whole = shared is not None and shared.whole_catalogue
   if whole:  # the catalogue's logits are reduced in chunks, never held at once
     pos_NxBxT = jnp.einsum('nbtd,nbtd->nbt', queries_NxBxTxD, _shifted(targets_BxWxD, n, t))
   else:
     pos_NxBxT, neg_NxBxTxC = lmp_step_logits(queries_NxBxTxD, targets_BxWxD, shared)
+  if seen_bias is not None:
+    if not whole or shared.key is not None:
+      raise ValueError("the seen-item term needs the item level over the whole catalogue "
+                       "(loss.negatives='all')")
+    w_K, items_BxW = seen_bias
+    offset_BxTxJ, seen_BxTxJ = seen.input_offsets(w_K, items_BxW[:, :t], mask_BxW[:, :t])
+    hit_NxBxTxJ = seen_BxTxJ[None] & (items_BxW[None, :, None, :t]
+                                      == _shifted(items_BxW, n, t)[..., None])
+    # The positive's raw score gets tau * w (every logit is divided by tau below).
+    pos_NxBxT = pos_NxBxT + cfg.tau * jnp.sum(jnp.where(hit_NxBxTxJ, offset_BxTxJ[None], 0.0),
+                                              axis=-1)
   valid_NxBxT = counted_queries(mask_BxW, t, count_from_B)[None] & _shifted(mask_BxW, n, t)
   counted_NxBxT = valid_NxBxT
   if cfg.gate and n > 1:
@@ -369,6 +384,10 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
     rows = max(1, cfg.logits_budget_mb * 2**20 // (4 * n * b * t))
     if shared.key is None:
       lse_NxBxT = catalogue_logsumexp(queries_NxBxTxD, shared.vectors, cfg.tau, rows)
+      if seen_bias is not None:  # the inputs' logits: 'all' has item i in row i - 1
+        v_BxJxD = shared.vectors[jnp.maximum(items_BxW[:, :t] - 1, 0)]
+        s_NxBxTxJ = jnp.einsum('nbtd,bjd->nbtj', queries_NxBxTxD, v_BxJxD) / cfg.tau
+        lse_NxBxT = seen.biased_logsumexp(lse_NxBxT, s_NxBxTxJ, offset_BxTxJ, seen_BxTxJ)
     else:  # the positive's own token is skipped among the candidates and counted once
       others_NxBxT = catalogue_logsumexp(queries_NxBxTxD, shared.vectors, cfg.tau, rows,
                                          shared.log_weight, shared.key,
@@ -377,6 +396,9 @@ def lmp_level_losses(queries_NxBxTxD: jax.Array, targets_BxWxD: jax.Array,
     target_NxBxT = pos_NxBxT
     if cfg.label_smoothing:  # eps on the mean logit (lmp_loss gives it to the item level only)
       mean_NxBxT = jnp.einsum('nbtd,d->nbt', queries_NxBxTxD, jnp.mean(shared.vectors, axis=0))
+      if seen_bias is not None:  # the mean logit over the catalogue includes the offsets
+        c = shared.vectors.shape[0]
+        mean_NxBxT = mean_NxBxT + cfg.tau * jnp.sum(offset_BxTxJ, axis=-1) / c
       target_NxBxT = (1.0 - cfg.label_smoothing) * pos_NxBxT + cfg.label_smoothing * mean_NxBxT
     losses_N = catalogue_step_loss(target_NxBxT, lse_NxBxT, counted_NxBxT, cfg.tau,
                                    cfg.null_logit_c)
@@ -442,8 +464,10 @@ def lmp_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], token_c
     elif is_whole_catalogue(negatives):
       shared = dataclasses.replace(shared, whole_catalogue=True)
   count_from_B = batch.get('count_from')
+  seen_bias = None if 'seen_bias' not in outputs else (outputs['seen_bias'], batch['items'])
   item_steps, fractions = lmp_level_losses(f32('queries'), f32('targets'), (item_key_BxWx1,),
-                                           mask_BxW, cfg, shared, pos_log_q, count_from_B)
+                                           mask_BxW, cfg, shared, pos_log_q, count_from_B,
+                                           seen_bias)
   token_steps = jnp.zeros_like(item_steps)
   queries_NxSxBxTxD, targets_SxBxWxD = f32('token_queries'), f32('token_targets')
   if token_draw is not None:

@@ -54,13 +54,17 @@ def _one_step(cfg: LossConfig) -> LossConfig:
 
 
 def _multi_step(queries_BxTxD: jax.Array, targets: jax.Array, batch: dict[str, jax.Array],
-                cfg: LossConfig, negatives, cat) -> tuple[jax.Array, jax.Array]:
+                cfg: LossConfig, negatives, cat,
+                seen_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """(pooled loss over the steps, per-step losses `[N]`): LMP's item level with the same
-  query at every step, each step weighted by its number of valid pairs."""
+  query at every step, each step weighted by its number of valid pairs; `seen_bias`: the
+  model's seen-item offsets (`seen.py`) or None."""
   n = cfg.n_step
   queries_NxBxTxD = jnp.broadcast_to(queries_BxTxD, (n, *queries_BxTxD.shape))
   outputs = {'queries': queries_NxBxTxD, 'targets': targets,
              'token_queries': jnp.zeros((n, 0, 1, 1, 1)), 'token_targets': jnp.zeros((0, 1, 1, 1))}
+  if seen_bias is not None:
+    outputs['seen_bias'] = seen_bias
   _, aux = lmp.lmp_loss(outputs, batch, (), cfg, negatives, cat)
   steps_N = jnp.stack([aux[f'item_loss_step{i}'] for i in range(1, n + 1)])
   mask_BxW = batch['mask'].astype(bool)
@@ -135,7 +139,7 @@ def make(cfg: Config, model: RetrievalModel, item_tokens: np.ndarray,
       negatives, cat = draw(cfg.loss, model, batch, rng)
       loss_cfg = dataclasses.replace(cfg.loss, gate=False, null_logit_c=0.0, w_tok=0.0)
       loss, _ = _multi_step(outputs['queries'], outputs['targets'], batch, loss_cfg, negatives,
-                            cat)
+                            cat, outputs.get('seen_bias'))
       return loss, {'dense_all_action_loss': loss}
     return dense_all_action
 
@@ -150,6 +154,6 @@ def make(cfg: Config, model: RetrievalModel, item_tokens: np.ndarray,
     t = queries_BxTxD.shape[1]
     one = {**batch, **{k: batch[k][:, :t + 1] for k in ('items', 'tokens', 'mask')}}
     loss, _ = _multi_step(queries_BxTxD, outputs['targets'][:, :t + 1], one, loss_cfg, negatives,
-                          cat)
+                          cat, outputs.get('seen_bias'))
     return loss, {'softmax_loss': loss}
   return next_item

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from heterrec_jax import layers
+from heterrec_jax import layers, seen
 from heterrec_jax.config import ConfigError, LossConfig, ModelConfig, horizon
 from heterrec_jax.data.dataset import Feature, Schema
 
@@ -317,6 +317,7 @@ class HeterRec(nnx.Module):
     self.positions = (nnx.Param(init(rngs.params(), (max_len, cfg.d_k), jnp.float32))
                       if cfg.item_positions else None)
     # Only when on: a model without it keeps the state (and checkpoints) it always had.
+    self.seen = seen.SeenBias() if cfg.seen_bias else None
     self.input_drop = (nnx.Dropout(cfg.input_dropout, rngs=rngs) if cfg.input_dropout
                        else None)
     self.item_input_norm = (layers.layer_norm(cfg.d_k, jnp.dtype(cfg.compute_dtype), rngs)
@@ -433,8 +434,15 @@ class HeterRec(nnx.Module):
     else:
       token_queries = jnp.zeros((self.n_step, 0, b, t, d_f), jnp.float32)
       token_targets = jnp.zeros((0, b, w, d_f), jnp.float32)
-    return {'queries': self.step_queries(user_BxTxDk), 'targets': targets_BxWxDk,
-            'token_queries': token_queries, 'token_targets': token_targets}
+    out = {'queries': self.step_queries(user_BxTxDk), 'targets': targets_BxWxDk,
+           'token_queries': token_queries, 'token_targets': token_targets}
+    if self.seen is not None:
+      out['seen_bias'] = self.seen()
+    return out
+
+  def seen_weights(self) -> jax.Array | None:
+    """The seen-item offsets `[seen.BUCKETS]` (`model.seen_bias`), None when off."""
+    return None if self.seen is None else self.seen()
 
   def user_vector(self, items_BxT: jax.Array, tokens_BxTxS: jax.Array, timestamps_BxT: jax.Array,
                   mask_BxT: jax.Array) -> jax.Array:

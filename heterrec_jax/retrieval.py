@@ -3,6 +3,8 @@
 Candidate rules, shared by every function here:
   * score(user, item) = <user, item>, accumulated in float32;
   * item 0 is the padding item and is never a candidate (score -inf);
+  * with seen-item offsets (`seen.py`, `model.seen_bias`), `<user, item> + w` for the items of
+    the user's input (each once, at its latest occurrence; `seen.last_query_offsets`);
   * with `exclude_history`, the non-zero items of the user's input sequence are removed
     (score -inf) EXCEPT the target itself, which stays a candidate (HSTU-style exclusion: a
     repeated purchase can still be hit). Off by default (RecBole-style; repeats are real).
@@ -46,14 +48,25 @@ def _history_mask(history_BxT: jax.Array, target_B: jax.Array, offset: jax.Array
 
 def _scores(user_BxD: jax.Array, items_nxD: jax.Array, offset: jax.Array | int, n_items: int,
             target_B: jax.Array, history_BxT: jax.Array | None,
-            exclude_history: bool) -> jax.Array:
+            exclude_history: bool, seen_BxT: tuple[jax.Array, jax.Array] | None = None
+            ) -> jax.Array:
   """Scores of items `offset .. offset + n - 1` (float32), -inf where not a candidate.
 
   `n_items` is the true corpus size (padding id 0 included); rows at ids >= n_items are padding
-  rows added for sharding and are never candidates either.
+  rows added for sharding and are never candidates either. `seen_BxT`: (item ids, offsets) of
+  `seen.last_query_offsets` (id 0: none), added to those items' scores.
   """
   scores_Bxn = jnp.einsum('bd,nd->bn', user_BxD, items_nxD,
                           preferred_element_type=jnp.float32)
+  if seen_BxT is not None:
+    ids_BxT, offsets_BxT = seen_BxT
+    n_local = items_nxD.shape[0]
+    local_BxT = ids_BxT - offset
+    local_BxT = jnp.where((ids_BxT > 0) & (local_BxT >= 0) & (local_BxT < n_local), local_BxT,
+                          n_local)  # out of range: dropped by the scatter
+    rows_BxT = jnp.broadcast_to(jnp.arange(ids_BxT.shape[0])[:, None], ids_BxT.shape)
+    scores_Bxn = scores_Bxn.at[rows_BxT, local_BxT].add(offsets_BxT.astype(jnp.float32),
+                                                        mode='drop')
   ids_n = offset + jnp.arange(items_nxD.shape[0])
   candidate_n = (ids_n > 0) & (ids_n < n_items)
   scores_Bxn = jnp.where(candidate_n[None, :], scores_Bxn, -jnp.inf)
@@ -93,7 +106,8 @@ def _rank(ahead_B: jax.Array, score_B: jax.Array, non_finite_B: jax.Array) -> ja
 
 def target_ranks(user_BxD: jax.Array, items_NxD: jax.Array, target_B: jax.Array,
                  history_BxT: jax.Array | None = None,
-                 exclude_history: bool = False) -> jax.Array:
+                 exclude_history: bool = False,
+                 seen_BxT: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """0-based rank of each target among all candidate items (int32 `[B]`).
 
   Args:
@@ -102,13 +116,14 @@ def target_ranks(user_BxD: jax.Array, items_NxD: jax.Array, target_B: jax.Array,
     target_B: the held-out item id of each user.
     history_BxT: the input item ids (0 = padding); used only with `exclude_history`.
     exclude_history: remove the history items other than the target from the candidates.
+    seen_BxT: (item ids, offsets) added to those items' scores (`seen.last_query_offsets`).
   Returns:
     rank_B: the number of other candidates scored >= the target (ties count against the
       target), or NO_RANK (-1) where a score is NaN or +inf.
   """
   target_B = jnp.asarray(target_B)
   scores_BxN = _scores(user_BxD, items_NxD, 0, items_NxD.shape[0], target_B, history_BxT,
-                       exclude_history)
+                       exclude_history, seen_BxT)
   score_B = _target_score(scores_BxN, target_B, 0)
   return _rank(_count_ahead(scores_BxN, score_B), score_B, _count_non_finite(scores_BxN))
 
@@ -127,7 +142,8 @@ def _check_k(k: int, n_items: int) -> None:
 
 def top_k(user_BxD: jax.Array, items_NxD: jax.Array, k: int,
           history_BxT: jax.Array | None = None, exclude_history: bool = False,
-          target_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+          target_B: jax.Array | None = None,
+          seen_BxT: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
   """The k best candidates of each user: `(scores_Bxk, ids_Bxk)`, best first.
 
   Same candidate rules as `target_ranks`; `target_B` (optional) keeps each user's target a
@@ -136,7 +152,7 @@ def top_k(user_BxD: jax.Array, items_NxD: jax.Array, k: int,
   _check_k(k, items_NxD.shape[0])
   target_B = jnp.zeros(user_BxD.shape[:1], jnp.int32) if target_B is None else target_B
   scores_BxN = _scores(user_BxD, items_NxD, 0, items_NxD.shape[0], jnp.asarray(target_B),
-                       history_BxT, exclude_history)
+                       history_BxT, exclude_history, seen_BxT)
   return _top_k_of(scores_BxN, None, k)
 
 
@@ -150,33 +166,39 @@ def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
 
 
 def _sharded_inputs(mesh: Mesh, item_axis: str, user_axis: str | None, user_BxD, items_NxD,
-                    target_B, history_BxT):
+                    target_B, history_BxT, seen_BxT=None):
   """Pads users to the user-axis size and items to the item-axis size (padding rows are never
-  candidates: their ids are >= N); a missing target/history becomes zeros."""
+  candidates: their ids are >= N); a missing target/history/seen offset becomes zeros."""
   n_users = user_BxD.shape[0]
   target_B = jnp.zeros((n_users,), jnp.int32) if target_B is None else jnp.asarray(target_B)
   history_BxT = (jnp.zeros((n_users, 1), jnp.int32) if history_BxT is None
                  else jnp.asarray(history_BxT))
+  seen_ids_BxT, seen_offsets_BxT = ((jnp.zeros((n_users, 1), jnp.int32),
+                                     jnp.zeros((n_users, 1), jnp.float32))
+                                    if seen_BxT is None else seen_BxT)
   user_mult = 1 if user_axis is None else mesh.shape[user_axis]
-  user_BxD, target_B, history_BxT = (_pad_rows(jnp.asarray(x), user_mult)
-                                     for x in (user_BxD, target_B, history_BxT))
-  return user_BxD, _pad_rows(jnp.asarray(items_NxD), mesh.shape[item_axis]), target_B, history_BxT
+  per_user = (_pad_rows(jnp.asarray(x), user_mult)
+              for x in (user_BxD, target_B, history_BxT, seen_ids_BxT, seen_offsets_BxT))
+  user_BxD, target_B, history_BxT, seen_ids_BxT, seen_offsets_BxT = per_user
+  return (user_BxD, _pad_rows(jnp.asarray(items_NxD), mesh.shape[item_axis]), target_B,
+          history_BxT, seen_ids_BxT, seen_offsets_BxT)
 
 
-def _local(item_axis, n_items, exclude_history, user_bxD, items_nxD, target_b, history_bxT):
+def _local(item_axis, n_items, exclude_history, user_bxD, items_nxD, target_b, history_bxT,
+           seen_ids_bxT, seen_offsets_bxT):
   """Inside shard_map: this shard's id offset and the scores of its items."""
   offset = jax.lax.axis_index(item_axis) * items_nxD.shape[0]
   scores_bxn = _scores(user_bxD, items_nxD, offset, n_items, target_b, history_bxT,
-                       exclude_history)
+                       exclude_history, (seen_ids_bxT, seen_offsets_bxT))
   return offset, scores_bxn
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _sharded_top_k(mesh, item_axis, user_axis, k, exclude_history, n_items, user_BxD,
-                   items_NxD, target_B, history_BxT):
-  def shard(user_bxD, items_nxD, target_b, history_bxT):
+                   items_NxD, target_B, history_BxT, seen_ids_BxT, seen_offsets_BxT):
+  def shard(user_bxD, items_nxD, target_b, history_bxT, seen_ids_bxT, seen_offsets_bxT):
     offset, scores_bxn = _local(item_axis, n_items, exclude_history, user_bxD, items_nxD,
-                                target_b, history_bxT)
+                                target_b, history_bxT, seen_ids_bxT, seen_offsets_bxT)
     values_bxk, index_bxk = jax.lax.top_k(scores_bxn, min(k, items_nxD.shape[0]))
     ids_bxk = (index_bxk + offset).astype(jnp.int32)
     # Shards are concatenated in order, so equal scores still come out lower id first.
@@ -185,34 +207,40 @@ def _sharded_top_k(mesh, item_axis, user_axis, k, exclude_history, n_items, user
     return _top_k_of(all_values, all_ids, k)
 
   users, items = P(user_axis, None), P(item_axis, None)
-  return jax.shard_map(shard, mesh=mesh, in_specs=(users, items, P(user_axis), users),
+  return jax.shard_map(shard, mesh=mesh,
+                       in_specs=(users, items, P(user_axis), users, users, users),
                        # all_gather's result is equal on every item shard, but the varying-axes
                        # check cannot infer it (no public all_gather_invariant): check off.
                        out_specs=(users, users), check_vma=False)(
-                           user_BxD, items_NxD, target_B, history_BxT)
+                           user_BxD, items_NxD, target_B, history_BxT, seen_ids_BxT,
+                           seen_offsets_BxT)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _sharded_ranks(mesh, item_axis, user_axis, exclude_history, n_items, user_BxD, items_NxD,
-                   target_B, history_BxT):
-  def shard(user_bxD, items_nxD, target_b, history_bxT):
+                   target_B, history_BxT, seen_ids_BxT, seen_offsets_BxT):
+  def shard(user_bxD, items_nxD, target_b, history_bxT, seen_ids_bxT, seen_offsets_bxT):
     offset, scores_bxn = _local(item_axis, n_items, exclude_history, user_bxD, items_nxD,
-                                target_b, history_bxT)
+                                target_b, history_bxT, seen_ids_bxT, seen_offsets_bxT)
     # Only the shard holding the target has its score; every other shard contributes -inf.
     score_b = jax.lax.pmax(_target_score(scores_bxn, target_b, offset), item_axis)
     ahead_b = jax.lax.psum(_count_ahead(scores_bxn, score_b), item_axis)
     return _rank(ahead_b, score_b, jax.lax.psum(_count_non_finite(scores_bxn), item_axis))
 
   users = P(user_axis, None)
-  return jax.shard_map(shard, mesh=mesh, in_specs=(users, P(item_axis, None), P(user_axis), users),
+  return jax.shard_map(shard, mesh=mesh,
+                       in_specs=(users, P(item_axis, None), P(user_axis), users, users, users),
                        out_specs=P(user_axis))(
-                           user_BxD, items_NxD, target_B, history_BxT)
+                           user_BxD, items_NxD, target_B, history_BxT, seen_ids_BxT,
+                           seen_offsets_BxT)
 
 
 def sharded_top_k(mesh: Mesh, user_BxD: jax.Array, items_NxD: jax.Array, k: int,
                   history_BxT: jax.Array | None = None, exclude_history: bool = False,
                   target_B: jax.Array | None = None, *, item_axis: str = 'model',
-                  user_axis: str | None = 'data') -> tuple[jax.Array, jax.Array]:
+                  user_axis: str | None = 'data',
+                  seen_BxT: tuple[jax.Array, jax.Array] | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
   """`top_k` with the item vectors sharded over `item_axis` and users over `user_axis`.
 
   Any item count and user count work: both are padded to a multiple of their axis size (padded
@@ -220,7 +248,8 @@ def sharded_top_k(mesh: Mesh, user_BxD: jax.Array, items_NxD: jax.Array, k: int,
   `top_k`'s (up to float rounding of the per-shard matmuls).
   """
   _check_k(k, items_NxD.shape[0])
-  args = _sharded_inputs(mesh, item_axis, user_axis, user_BxD, items_NxD, target_B, history_BxT)
+  args = _sharded_inputs(mesh, item_axis, user_axis, user_BxD, items_NxD, target_B, history_BxT,
+                         seen_BxT)
   values_Bxk, ids_Bxk = _sharded_top_k(mesh, item_axis, user_axis, k, exclude_history,
                                        items_NxD.shape[0], *args)
   return values_Bxk[:user_BxD.shape[0]], ids_Bxk[:user_BxD.shape[0]]
@@ -229,10 +258,12 @@ def sharded_top_k(mesh: Mesh, user_BxD: jax.Array, items_NxD: jax.Array, k: int,
 def sharded_target_ranks(mesh: Mesh, user_BxD: jax.Array, items_NxD: jax.Array,
                          target_B: jax.Array, history_BxT: jax.Array | None = None,
                          exclude_history: bool = False, *, item_axis: str = 'model',
-                         user_axis: str | None = 'data') -> jax.Array:
+                         user_axis: str | None = 'data',
+                         seen_BxT: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """`target_ranks` with the item vectors sharded over `item_axis`, users over `user_axis`:
   per-shard counts of the candidates ahead of the target, summed over the shards."""
-  args = _sharded_inputs(mesh, item_axis, user_axis, user_BxD, items_NxD, target_B, history_BxT)
+  args = _sharded_inputs(mesh, item_axis, user_axis, user_BxD, items_NxD, target_B, history_BxT,
+                         seen_BxT)
   rank_B = _sharded_ranks(mesh, item_axis, user_axis, exclude_history, items_NxD.shape[0], *args)
   return rank_B[:user_BxD.shape[0]]
 
