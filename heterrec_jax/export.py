@@ -11,10 +11,12 @@ DIR2 receives
   user_tower.jaxexport the jitted user tower (`jax.export`, parameters inside), called as
                        f(items[B,T] int32, tokens[B,T,S] int32, timestamps[B,T] int32, mask[B,T] bool)
                        -> [B, d_k]; load with `jax.export.deserialize(bytes).call(...)`
-  manifest.json        shapes, dtypes, where the run came from, and `scoring`
+  manifest.json        shapes, dtypes, where the run came from, `scoring`, and `seen_offsets`
 A user's score for an item is the inner product of their rows under either scoring, so an ANN
 index over this export is a maximum-inner-product index; a cosine index ranks a 'dot' model's
-items differently from its evaluation.
+items differently from its evaluation. A model trained with `model.seen_bias` adds its
+`seen_offsets` to the items of the user's own input (`seen.py`): apply them to the index's
+candidates after the search (null: no such model).
 
 DIR2 must be a new or empty folder, or an earlier export (it holds manifest.json), which is
 replaced; a file, the workdir itself, a folder holding the workdir, or any other non-empty
@@ -104,9 +106,15 @@ def export_run(workdir: pathlib.Path, output: pathlib.Path, which: str = 'best',
     raise evaluate_lib.NonFiniteScores(f'the {which} state of {workdir} gives NaN or infinite '
                                        'vectors: its training diverged; nothing was written')
   keys = (dataset.path / 'item_keys.txt').read_text().splitlines()[1:]
+  w_K = nnx.merge(graphdef, state).seen_weights()
+  score = 'inner product of user and item rows'
+  if w_K is not None:
+    score += (' + seen_offsets[min(floor(log2(d)), len - 1)] for an item the user read d >= 1 '
+              'events back (its latest occurrence among the T inputs; model.seen_bias)')
   manifest = {'workdir': str(workdir), 'checkpoint': which, 'n_items': len(keys),
               'n_users': n_users, 'd_k': int(items.shape[1]), 'max_len': t, 'n_sub': s,
-              'scoring': cfg.loss.scoring, 'score': 'inner product of user and item rows',
+              'scoring': cfg.loss.scoring, 'score': score,
+              'seen_offsets': None if w_K is None else np.asarray(w_K).round(6).tolist(),
               'dataset_fingerprint': dataset.fingerprint()}
   files = {'item_embeddings.npy': np.asarray(items)[1:], 'user_embeddings.npy': users,
            'item_keys.txt': ''.join(f'{k}\n' for k in keys),

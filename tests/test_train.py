@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from heterrec_jax import averaging, run as run_lib, sharding, train as train_lib
-from heterrec_jax import evaluate as evaluate_lib, export as export_lib
+from heterrec_jax import evaluate as evaluate_lib, export as export_lib, seen
 from heterrec_jax.config import ConfigError, MeshConfig, apply_overrides, load_config
 from heterrec_jax.data import pipeline
 from heterrec_jax.experiments import cli as experiments_cli
@@ -403,6 +403,19 @@ def test_export_of_a_dot_scoring_run_keeps_the_scored_vectors(tiny, tmp_path):
                                      cfg.eval.item_batch_size)
   np.testing.assert_allclose(items, np.asarray(scored)[1:], rtol=1e-5, atol=1e-6)
   assert np.abs(np.linalg.norm(items, axis=1) - 1.0).max() > 1e-2
+
+
+def test_a_seen_bias_run_learns_its_offsets_and_exports_them(tiny, tmp_path):
+  """model.seen_bias end to end: the offsets train (they move from 0), the run evaluates,
+  and the export's manifest carries them beside the vectors."""
+  cfg, _ = tiny
+  cfg = apply_overrides(cfg, ['model.seen_bias=true', 'loss.negatives=all', 'train.steps=3',
+                              'train.eval_every=0', 'train.checkpoint_every=100'])
+  assert train_lib.train(cfg, tmp_path / 'run', progress=False)['status'] == 'done'
+  manifest = export_lib.export_run(tmp_path / 'run', tmp_path / 'export', 'latest')
+  w_K = np.asarray(manifest['seen_offsets'])
+  assert w_K.shape == (seen.BUCKETS,) and np.abs(w_K).max() > 0
+  assert 'seen_offsets' in manifest['score']
 
 
 def _plateau_reference(scores, patience, cuts, factor):
