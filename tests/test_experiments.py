@@ -106,12 +106,12 @@ def test_ablation_plan_sets_the_variant(tmp_path):
 
 def test_option_ablation_rows_switch_one_option_of_the_config_off(tmp_path):
   rc = ex.main(['compare', '--config', 'configs/ml100k.py', '--variants',
-                'full,no_id_vector,no_positions,no_smoothing', '--seeds', '1',
+                'full,no_id_vector,no_positions,no_smoothing,no_seen_bias', '--seeds', '1',
                 '--out', str(tmp_path), '--plan-only', 'train.steps=7'])
   assert rc == 0
   off = {'full': [], 'no_id_vector': ['model.item_id_vector=false'],
          'no_positions': ['model.item_positions=false'],
-         'no_smoothing': ['loss.label_smoothing=0']}
+         'no_smoothing': ['loss.label_smoothing=0'], 'no_seen_bias': ['model.seen_bias=false']}
   expected = [_train_command('configs/ml100k.py', tmp_path / 'runs' / f'heterrec-{v}-seed0',
                              ['model.name=heterrec', 'model.variant=full', *o, 'train.seed=0',
                               'train.steps=7'])
@@ -119,6 +119,7 @@ def test_option_ablation_rows_switch_one_option_of_the_config_off(tmp_path):
   assert _plan(tmp_path) == expected
   base = load_config(str(ROOT / 'configs' / 'ml100k.py'))
   assert base.model.item_id_vector and base.model.item_positions and base.loss.label_smoothing
+  assert base.model.seen_bias
   configs = {v: apply_overrides(base, _overrides_of(line)) for v, line in zip(off, expected)}
   for v, cfg in configs.items():  # each row differs from the full model in its option alone
     changed = {f'{group}.{name}'

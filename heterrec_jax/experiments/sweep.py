@@ -23,12 +23,13 @@ DISPLAY = {'heterrec': 'HeterRec (ours)', 'sasrec': 'SASRec', 'bert4rec': 'BERT4
            'full': 'HeterRec', 'no_htfl': 'w/o HTFL', 'no_mfk': '— w/o MFK',
            'no_hct': 'w/o HCT', 'no_lmp': 'w/o LMP', 'no_tlmp': 'w/o t-LMP',
            'no_id_vector': 'w/o free vector', 'no_positions': 'w/o item positions',
-           'no_smoothing': 'w/o label smoothing'}
+           'no_smoothing': 'w/o label smoothing', 'no_seen_bias': 'w/o seen-item term'}
 # Ablation rows beside the paper's variants: the full model with one option that the config turns
 # on switched off (issue 11: every kept change has its own row). Row -> (field, value when off).
 OPTION_ABLATIONS = {'no_id_vector': ('model.item_id_vector', 'false'),
                     'no_positions': ('model.item_positions', 'false'),
-                    'no_smoothing': ('loss.label_smoothing', '0')}
+                    'no_smoothing': ('loss.label_smoothing', '0'),
+                    'no_seen_bias': ('model.seen_bias', 'false')}
 # Config groups --tune may choose per row (not the data, budget or selection metric).
 TUNABLE = ('model.', 'loss.', 'optim.')
 
