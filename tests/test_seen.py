@@ -239,7 +239,7 @@ def test_evaluation_uses_the_models_offsets():
   vectors, _ = model.encode_items(jnp.arange(39, dtype=jnp.int32), None)
   graphdef, state = nnx.split(model)
   before = evaluate._batch_ranks(graphdef, False, None, state, vectors, batch)
-  model.seen.w[...] = jnp.full((seen.BUCKETS,), -1e4)
+  model.seen.theta[...] = jnp.full((seen.BUCKETS,), -1e4 / seen.SCALE)
   graphdef, state = nnx.split(model)
   after = evaluate._batch_ranks(graphdef, False, None, state, vectors, batch)
   # 38 candidates; the target is one of the 3 / 4 penalised inputs: at least 35 / 34 ahead.
