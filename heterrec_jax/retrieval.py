@@ -34,16 +34,22 @@ from jax.sharding import Mesh, PartitionSpec as P
 NO_RANK = -1  # the rank of a row whose scores are not finite: an error, never a rank
 
 
+def _local_cells(ids_BxT: jax.Array, keep_BxT: jax.Array, offset: jax.Array | int,
+                 n_local: int) -> tuple[jax.Array, jax.Array]:
+  """(row, local column) of each kept item id `[B, T]` among items `offset ..
+  offset + n_local - 1`; ids elsewhere get column n_local, which a `mode='drop'` scatter skips."""
+  local_BxT = ids_BxT - offset
+  keep_BxT = keep_BxT & (ids_BxT != 0) & (local_BxT >= 0) & (local_BxT < n_local)
+  rows_BxT = jnp.broadcast_to(jnp.arange(ids_BxT.shape[0])[:, None], ids_BxT.shape)
+  return rows_BxT, jnp.where(keep_BxT, local_BxT, n_local)
+
+
 def _history_mask(history_BxT: jax.Array, target_B: jax.Array, offset: jax.Array | int,
                   n_local: int) -> jax.Array:
   """True at local column j when item `offset + j` is in the history and is not the target."""
-  local_BxT = history_BxT - offset
-  keep_BxT = ((history_BxT != 0) & (history_BxT != target_B[:, None])
-              & (local_BxT >= 0) & (local_BxT < n_local))
-  local_BxT = jnp.where(keep_BxT, local_BxT, n_local)  # out of range: dropped by the scatter
-  rows_BxT = jnp.broadcast_to(jnp.arange(history_BxT.shape[0])[:, None], history_BxT.shape)
+  cells = _local_cells(history_BxT, history_BxT != target_B[:, None], offset, n_local)
   mask_Bxn = jnp.zeros((history_BxT.shape[0], n_local), bool)
-  return mask_Bxn.at[rows_BxT, local_BxT].set(True, mode='drop')
+  return mask_Bxn.at[cells].set(True, mode='drop')
 
 
 def _scores(user_BxD: jax.Array, items_nxD: jax.Array, offset: jax.Array | int, n_items: int,
@@ -60,13 +66,8 @@ def _scores(user_BxD: jax.Array, items_nxD: jax.Array, offset: jax.Array | int, 
                           preferred_element_type=jnp.float32)
   if seen_BxT is not None:
     ids_BxT, offsets_BxT = seen_BxT
-    n_local = items_nxD.shape[0]
-    local_BxT = ids_BxT - offset
-    local_BxT = jnp.where((ids_BxT > 0) & (local_BxT >= 0) & (local_BxT < n_local), local_BxT,
-                          n_local)  # out of range: dropped by the scatter
-    rows_BxT = jnp.broadcast_to(jnp.arange(ids_BxT.shape[0])[:, None], ids_BxT.shape)
-    scores_Bxn = scores_Bxn.at[rows_BxT, local_BxT].add(offsets_BxT.astype(jnp.float32),
-                                                        mode='drop')
+    cells = _local_cells(ids_BxT, ids_BxT > 0, offset, items_nxD.shape[0])
+    scores_Bxn = scores_Bxn.at[cells].add(offsets_BxT.astype(jnp.float32), mode='drop')
   ids_n = offset + jnp.arange(items_nxD.shape[0])
   candidate_n = (ids_n > 0) & (ids_n < n_items)
   scores_Bxn = jnp.where(candidate_n[None, :], scores_Bxn, -jnp.inf)
