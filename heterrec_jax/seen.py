@@ -70,8 +70,10 @@ def query_history(items_BxT: jax.Array, mask_BxT: jax.Array) -> tuple[jax.Array,
   return counted_BxTxJ, jnp.broadcast_to(bucket(q_T1 - j_1T + 1), counted_BxTxJ.shape)
 
 
-def input_offsets(w_K: jax.Array, items_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
-  """`[B, T, T]` float32: w of input j for the query at t where j counts, else 0."""
+def input_offsets(w_K: jax.Array, items_BxT: jax.Array,
+                  mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(offsets `[B, T, T]` float32: w of input j for the query at t where j counts, else 0;
+  counted `[B, T, T]` bool, `query_history`'s)."""
   counted_BxTxJ, bucket_BxTxJ = query_history(items_BxT, mask_BxT)
   return jnp.where(counted_BxTxJ, w_K[bucket_BxTxJ], 0.0), counted_BxTxJ
 
