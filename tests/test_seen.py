@@ -193,7 +193,7 @@ def test_seen_bias_needs_the_whole_catalogue_and_a_next_item_model(overrides):
     apply_overrides(Config(), overrides)
 
 
-@pytest.mark.parametrize('name', ('heterrec', 'sasrec', 'hstu', 'pinnerformer'))
+@pytest.mark.parametrize('name', ('heterrec', 'sasrec'))  # the baselines share _Baseline's code
 def test_models_carry_the_offsets_only_when_on(name):
   """With model.seen_bias the model holds w (zeros at start), puts it in its training outputs
   and `seen_weights()`; without it neither (a model's state and checkpoints stay as before)."""

@@ -389,13 +389,18 @@ def test_train_end_to_end_writes_results_and_exports(tiny, tmp_path, capsys):
 
 def test_export_of_a_dot_scoring_run_keeps_the_scored_vectors(tiny, tmp_path):
   """Under loss.scoring='dot' the exported item rows are the raw V the evaluation ranks with
-  (a normalised export would rank items by cosine, not by the model's score)."""
+  (a normalised export would rank items by cosine, not by the model's score). The run has
+  model.seen_bias too: its offsets train (they move from 0) and the manifest carries them."""
   cfg, _ = tiny
   cfg = apply_overrides(cfg, ['loss.scoring=dot', 'loss.tau=1.0', 'train.steps=2',
-                              'train.eval_every=0', 'train.checkpoint_every=100'])
+                              'train.eval_every=0', 'train.checkpoint_every=100',
+                              'model.seen_bias=true', 'loss.negatives=all'])
   assert train_lib.train(cfg, tmp_path / 'run', progress=False)['status'] == 'done'
   manifest = export_lib.export_run(tmp_path / 'run', tmp_path / 'export', 'latest')
   assert manifest['scoring'] == 'dot'
+  w_K = np.asarray(manifest['seen_offsets'])
+  assert w_K.shape == (seen.BUCKETS,) and np.abs(w_K).max() > 0
+  assert 'seen_offsets' in manifest['score']
   items = np.load(tmp_path / 'export' / 'item_embeddings.npy')
   run = run_lib.restore_run(tmp_path / 'run', 'latest')
   scored = evaluate_lib.item_vectors(evaluate_lib.eval_graphdef(run),
@@ -403,19 +408,6 @@ def test_export_of_a_dot_scoring_run_keeps_the_scored_vectors(tiny, tmp_path):
                                      cfg.eval.item_batch_size)
   np.testing.assert_allclose(items, np.asarray(scored)[1:], rtol=1e-5, atol=1e-6)
   assert np.abs(np.linalg.norm(items, axis=1) - 1.0).max() > 1e-2
-
-
-def test_a_seen_bias_run_learns_its_offsets_and_exports_them(tiny, tmp_path):
-  """model.seen_bias end to end: the offsets train (they move from 0), the run evaluates,
-  and the export's manifest carries them beside the vectors."""
-  cfg, _ = tiny
-  cfg = apply_overrides(cfg, ['model.seen_bias=true', 'loss.negatives=all', 'train.steps=3',
-                              'train.eval_every=0', 'train.checkpoint_every=100'])
-  assert train_lib.train(cfg, tmp_path / 'run', progress=False)['status'] == 'done'
-  manifest = export_lib.export_run(tmp_path / 'run', tmp_path / 'export', 'latest')
-  w_K = np.asarray(manifest['seen_offsets'])
-  assert w_K.shape == (seen.BUCKETS,) and np.abs(w_K).max() > 0
-  assert 'seen_offsets' in manifest['score']
 
 
 def _plateau_reference(scores, patience, cuts, factor):
