@@ -112,6 +112,14 @@ def coverage_windows(split: splits.Split, max_len: int, horizon: int, stride: in
   return user_E.astype(np.int64), start_E.astype(np.int64), count_from_E.astype(np.int32)
 
 
+def coverage_grids(split: splits.Split, max_len: int, horizon: int, stride: int = 0,
+                   jitter: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """The 'all' windows of every grid an epoch may take: offset 0 alone, or with `jitter`
+  offsets 0..S-1 (`coverage_windows`)."""
+  offsets = range(stride or max_len) if jitter else [0]
+  return [coverage_windows(split, max_len, horizon, stride, o) for o in offsets]
+
+
 def spans(dataset: Dataset, first_B: np.ndarray, lo_B: np.ndarray, hi_B: np.ndarray,
           length: int) -> Batch:
   """Events [first_B, first_B + length), real (mask True) where inside [lo_B, hi_B).
@@ -180,8 +188,7 @@ class ShuffledExamples:
   def __init__(self, examples: np.ndarray | list[np.ndarray], batch_size: int, seed: int):
     self.blocks = list(examples) if isinstance(examples, (list, tuple)) else [examples]
     self.batch_size, self.seed = batch_size, seed
-    rng = np.random.default_rng([seed, len(self.blocks), 1])
-    self.cycle = rng.permutation(len(self.blocks)) if len(self.blocks) > 1 else np.zeros(1, int)
+    self.cycle = np.random.default_rng([seed, len(self.blocks), 1]).permutation(len(self.blocks))
     self.ends = np.cumsum([len(self.blocks[b]) for b in self.cycle])  # of each round's epochs
     self._orders: dict[int, np.ndarray] = {}
 
@@ -217,9 +224,8 @@ def windows_per_epoch(dataset: Dataset, max_len: int, horizon: int, window: str,
   over its grids, rounded), else training users."""
   split = splits.dataset_split(dataset)
   if window == 'all':
-    offsets = range(stride or max_len) if jitter else [0]
-    return round(np.mean([len(coverage_windows(split, max_len, horizon, stride, o)[0])
-                          for o in offsets]))
+    grids = coverage_grids(split, max_len, horizon, stride, jitter)
+    return round(np.mean([len(grid[0]) for grid in grids]))
   return len(splits.train_users(split))
 
 
@@ -250,8 +256,7 @@ def train_dataset(dataset: Dataset, *, max_len: int, horizon: int, batch_size: i
   if window == 'all':
     if not 0 <= stride <= max_len:
       raise ConfigError(f'stride={stride} must be in [0, max_len={max_len}] (0: max_len)')
-    grids = [coverage_windows(split, max_len, horizon, stride, o)
-             for o in (range(stride or max_len) if jitter else [0])]
+    grids = coverage_grids(split, max_len, horizon, stride, jitter)
     coverage = tuple(np.concatenate(parts) for parts in zip(*grids))
     firsts = np.cumsum([0] + [len(grid[0]) for grid in grids])
     examples = [np.arange(lo, hi)[process_index::process_count]
