@@ -79,8 +79,10 @@ Chosen on validation (seed 0, best nDCG@10 / Recall@50; docs/results.md):
   * Not taken (thirty-fifth session, seed 0 against the file's seed 0 run on the same machine,
     0.1167 / 0.5196 / 0.1828): the tied id input (model.item_id_input), w_tok 0, attention
     dropout 0.2, lr 5e-4, label smoothing 0.2, weight decay 0.1, d_f 64, patience 10 with 4,000
-    steps, and SASRec's training settings together (label smoothing 0.3, dropout 0.5, patience
-    10, 4,000 steps): none higher at all three columns (docs/results.md, "Thirty-fifth session").
+    steps, SASRec's training settings together (label smoothing 0.3, dropout 0.5, patience 10,
+    4,000 steps), token-level dropout 0.7: none higher at all three columns (docs/results.md,
+    "Thirty-fifth session"). Input dropout 0.2 with a 4,000-step cap was higher at all three on
+    seed 0 (+1.6% / +0.8% / +0.9%); its seeds 1 and 2 decide (same section).
 At most 3,000 steps (54 epochs), early stopping ends it sooner; the 15-minute budget of a
 2-core CPU holds it (docs/results.md has the wall times). On an accelerator raise train.steps
 and let early stopping end the run. The baselines: use their own files
