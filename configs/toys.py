@@ -23,7 +23,8 @@ session: one item-level block on Toys"):
     nDCG@10 +4.4% (0.0530 against 0.0507), Recall@50 +1.9%, nDCG@50 +3.3%, each seed higher
     on each. configs/toys_sasrec.py has it too (tenth session).
   * model.input_dropout = 0.2 (fifteenth session, two seeds; "Fifteenth session" in
-    docs/results.md): dropout on the stacks' inputs, as SASRec drops its input embeddings.
+    docs/results.md; configs/ml100k.py took the same value in the thirty-fifth session):
+    dropout on the stacks' inputs, as SASRec drops its input embeddings.
     Without it HeterRec's validation Recall@50 peaks near step 1,500 and falls while nDCG@10
     still rises (best 2,600, early stop 3,100); with it the model learns more slowly and
     further: best step 4,900 on both seeds, validation nDCG@10 +2.8% (0.0545 against 0.0530),

@@ -115,8 +115,7 @@ def test_paper_config_is_the_papers_setting():
 
 @pytest.mark.parametrize('toys, base, changed', [
     ('toys', 'ml100k', {'data': ('path', 'max_len', 'stride'),
-                        'model': ('d_f', 'n2', 'dropout', 'input_dropout',
-                                  'attention_dropout'),
+                        'model': ('d_f', 'n2', 'dropout', 'attention_dropout'),
                         'loss': ('token_negatives', 'label_smoothing'),
                         'optim': ('weight_decay',),
                         'train': ('steps',)}),
