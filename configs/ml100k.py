@@ -61,9 +61,9 @@ Chosen on validation (seed 0, best nDCG@10 / Recall@50; docs/results.md):
     (ml-100k users rate a movie once, so an input is never the next item). It is not a
     HeterRec component: SASRec with the same term gains as much (validation +73% / +16% /
     +41%) and stays ahead of HeterRec (docs/results.md); the baselines' files keep their
-    reference form. `model.seen_bias=false model.dropout=0.5 model.input_dropout=0 train.steps=2000`
-    is the file before; Table 2's "w/o seen-item term" (thirty-third session: Table 2 with the term, 3
-    seeds, on the file's dropout 0.5).
+    reference form. `model.seen_bias=false model.dropout=0.5 model.input_dropout=0
+    train.steps=2000` is the file before; Table 2's "w/o seen-item term" (thirty-third session:
+    Table 2 with the term, 3 seeds, on the file's dropout 0.5).
   * With the term (thirty-third session, seed 0, validation nDCG@10 / Recall@50 / nDCG@50
     against the file's 0.1102 / 0.5164 / 0.1772): patience 10 with at most 3,000 steps 0.1170 /
     0.5069 / 0.1800 (lower at Recall@50), label smoothing 0.3 0.1051 / 0.5016 / 0.1718: not
